@@ -1,0 +1,457 @@
+"""Pure merge operators on dense deltas (task arithmetic, TIES, DARE, magnitude pruning) and LoRA helpers.
+
+A *delta* is a dense tensor ``D``: ``W_ft - W_base`` for a full fine-tune, or the product
+``(alpha / rank) * B @ A`` for a LoRA. Every operator in :data:`OPERATORS` takes a list of same-shape deltas,
+one non-negative weight ``lambda_m`` per delta, and its own parameters, and returns one merged delta. Merging
+LoRA factors separately is *not* a merge of deltas (``sum B_m * sum A_m`` has cross terms), so the only
+factor-space helpers are the exact :func:`lora_concat` and the explicitly legacy :func:`factorwise_mean`.
+
+Numerics: operators compute in float32 (float64 if any input is float64), on the device of the first delta,
+and return the promoted input dtype, so bf16 checkpoints do not accumulate bf16 rounding over many inputs.
+Inputs are never modified in place.
+
+How these semantics relate to mergekit 0.1.5 and PEFT 0.21.2 (``peft.utils.merge_utils``):
+
+* Trimming keeps the top ``k = max(1, int(density * numel))`` entries by magnitude *per tensor*, like
+  mergekit (PEFT uses ``k = int(density * numel)`` and can therefore drop a small tensor entirely).
+  Entries tied in magnitude at the threshold are kept lowest flat index first, so results are deterministic
+  (mergekit's unstable argsort and PEFT's topk leave that order unspecified).
+* Sign election runs on the *weighted* trimmed deltas, like mergekit. PEFT elects on the unweighted deltas;
+  the two agree for ``sign_method="count"`` (weights are non-negative) and for equal weights.
+* Disjoint merge divides by ``normalize``: ``"weights"`` = the sum of the weights of the agreeing entries
+  (mergekit ``normalize: true``, our default), ``"count"`` = the number of agreeing entries (PEFT),
+  ``"none"`` = no division (mergekit ``normalize: false``, its default for ``dare_ties``).
+* DARE rescales survivors by ``1 / density`` (the DARE paper and PEFT). mergekit instead rescales each
+  tensor to its pre-drop L1 norm; the two agree only approximately. Drop masks come from the caller's
+  ``torch.Generator`` (PEFT and mergekit use the global RNG), drawn in input order as float32 Bernoulli
+  trials on the generator's device, one draw per input with ``density < 1``: a merge is reproducible from
+  the generator state alone, whatever the tensors' device or dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, task_arithmetic
+
+from mmcompose.errors import CompositionError
+
+__all__ = [
+    "OPERATORS",
+    "MergeOperator",
+    "dare_linear",
+    "dare_ties",
+    "factorwise_mean",
+    "linear",
+    "lora_concat",
+    "magnitude_prune",
+    "ties",
+    "validate_parameters",
+]
+
+SignMethod = Literal["sum", "count"]
+Normalize = Literal["weights", "count", "none"]
+Density = float | Sequence[float]
+
+_PEFT_SIGN_METHOD = {"sum": "total", "count": "frequency"}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _check_lambdas(lambdas: Sequence[float], n_inputs: int | None) -> list[float]:
+    values = list(lambdas)
+    if n_inputs is not None and len(values) != n_inputs:
+        raise CompositionError(
+            f"got {len(values)} lambda value(s) for {n_inputs} input(s); give one per input"
+        )
+    checked = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise CompositionError(f"lambda must be a real number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise CompositionError(f"lambda must be finite and >= 0, got {value!r}")
+        checked.append(float(value))
+    return checked
+
+
+def _check_density_value(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CompositionError(f"density must be a number in (0, 1], got {value!r}")
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise CompositionError(f"density must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_density(value: Any, n_inputs: int | None) -> float | tuple[float, ...]:
+    """One density for all inputs, or one per input (mergekit's per-model density)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        densities = tuple(_check_density_value(v) for v in value)
+        if n_inputs is not None and len(densities) != n_inputs:
+            raise CompositionError(f"got {len(densities)} density value(s) for {n_inputs} delta(s)")
+        return densities
+    return _check_density_value(value)
+
+
+def _check_sign_method(value: Any, n_inputs: int | None) -> SignMethod:
+    if value not in ("sum", "count"):
+        raise CompositionError(f"sign_method must be 'sum' or 'count', got {value!r}")
+    return value
+
+
+def _check_normalize(value: Any, n_inputs: int | None) -> Normalize:
+    """Canonical string; mergekit's booleans are accepted as aliases (true = 'weights', false = 'none')."""
+    if value is True:
+        return "weights"
+    if value is False:
+        return "none"
+    if value not in ("weights", "count", "none"):
+        raise CompositionError(f"normalize must be 'weights', 'count' or 'none', got {value!r}")
+    return value
+
+
+_PARAMETER_CHECKS: dict[str, Callable[[Any, int | None], Any]] = {
+    "density": _check_density,
+    "sign_method": _check_sign_method,
+    "normalize": _check_normalize,
+}
+
+
+def _per_input(density: float | tuple[float, ...], n_inputs: int) -> list[float]:
+    return list(density) if isinstance(density, tuple) else [density] * n_inputs
+
+
+# --------------------------------------------------------------------------------------------- tensor prep
+
+
+def _compute_dtype(dtypes: Sequence[torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype): float64 only if an input is float64, output = promoted input dtype."""
+    out_dtype = dtypes[0]
+    for dtype in dtypes:
+        if not dtype.is_floating_point:
+            raise CompositionError(f"merge inputs must be floating-point tensors, got {dtype}")
+        out_dtype = torch.promote_types(out_dtype, dtype)
+    return (torch.float64 if torch.float64 in dtypes else torch.float32), out_dtype
+
+
+def _stack(
+    deltas: Sequence[torch.Tensor], lambdas: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Validated (stacked deltas, broadcastable weights, output dtype); the stack is always a fresh copy."""
+    if len(deltas) == 0:
+        raise CompositionError("a merge needs at least one delta")
+    values = _check_lambdas(lambdas, len(deltas))
+    shape = deltas[0].shape
+    for delta in deltas[1:]:
+        if delta.shape != shape:
+            raise CompositionError(
+                f"deltas of one tensor must share one shape, got {tuple(shape)} and {tuple(delta.shape)}"
+            )
+    compute_dtype, out_dtype = _compute_dtype([d.dtype for d in deltas])
+    device = deltas[0].device
+    stacked = torch.stack([d.to(device=device, dtype=compute_dtype) for d in deltas])
+    weights = torch.tensor(values, dtype=compute_dtype, device=device)
+    return stacked, weights.view(-1, *([1] * len(shape))), out_dtype
+
+
+def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the top ``max(1, int(density * numel))`` entries by magnitude, ties by lowest index.
+
+    A k-th-value threshold plus a tie fill is used instead of a full argsort, so the memory cost stays one
+    boolean per entry rather than one int64 index per entry.
+    """
+    n = delta.numel()
+    k = max(1, int(density * n))
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    magnitudes = delta.abs().flatten()
+    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    keep = magnitudes > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = torch.nonzero(magnitudes == threshold).flatten()[:missing]
+        keep[tied] = True
+    return keep.view_as(delta)
+
+
+def _trim(stacked: torch.Tensor, densities: list[float]) -> torch.Tensor:
+    return torch.stack([d * _magnitude_keep(d, rho) for d, rho in zip(stacked, densities, strict=True)])
+
+
+def _drop_and_rescale(
+    stacked: torch.Tensor, densities: list[float], generator: torch.Generator
+) -> torch.Tensor:
+    if not isinstance(generator, torch.Generator):
+        raise CompositionError("DARE needs a torch.Generator so that its random drop is reproducible")
+    kept = []
+    for delta, rho in zip(stacked, densities, strict=True):
+        if rho >= 1:
+            kept.append(delta)
+            continue
+        probabilities = torch.full(delta.shape, rho, dtype=torch.float32, device=generator.device)
+        mask = torch.bernoulli(probabilities, generator=generator).to(device=delta.device, dtype=delta.dtype)
+        kept.append(delta * mask / rho)
+    return torch.stack(kept)
+
+
+def _elect_and_merge(
+    sparse: torch.Tensor, weights: torch.Tensor, sign_method: SignMethod, normalize: Normalize
+) -> torch.Tensor:
+    """TIES sign election on the weighted deltas, then the disjoint merge of the entries that agree with it.
+
+    Zero entries (trimmed, dropped or zero-weighted) have sign 0 and so never count as agreeing.
+    """
+    weighted = sparse * weights
+    agree = calculate_majority_sign_mask(weighted, method=_PEFT_SIGN_METHOD[sign_method])
+    if normalize == "count":
+        return disjoint_merge(weighted, agree)
+    merged = (weighted * agree).sum(dim=0)
+    if normalize == "weights":
+        divisor = (weights * agree).sum(dim=0)
+        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------- operators
+
+
+def linear(deltas: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic: ``sum_m lambda_m * D_m`` (NaiveMC; mergekit's and PEFT's ``task_arithmetic``)."""
+    stacked, weights, out_dtype = _stack(deltas, lambdas)
+    return task_arithmetic(list(stacked), weights.flatten()).to(out_dtype)
+
+
+def ties(
+    deltas: Sequence[torch.Tensor],
+    lambdas: Sequence[float],
+    *,
+    density: Density,
+    sign_method: SignMethod = "sum",
+    normalize: Normalize = "weights",
+) -> torch.Tensor:
+    """TIES: trim each delta to its top-``density`` entries by magnitude, elect a sign per coordinate, and
+    merge only the weighted entries that agree with it.
+
+    With the defaults this is mergekit's ``ties`` (``normalize: true``): per coordinate,
+    ``sum_{m agrees} lambda_m D'_m / sum_{m agrees} lambda_m``. PEFT's ``ties`` divides by the number of
+    agreeing entries (``normalize="count"``) and elects on unweighted deltas (see the module docstring).
+    """
+    stacked, weights, out_dtype = _stack(deltas, lambdas)
+    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
+    merged = _elect_and_merge(
+        _trim(stacked, densities),
+        weights,
+        _check_sign_method(sign_method, None),
+        _check_normalize(normalize, None),
+    )
+    return merged.to(out_dtype)
+
+
+def dare_linear(
+    deltas: Sequence[torch.Tensor],
+    lambdas: Sequence[float],
+    *,
+    density: Density,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DARE: drop each entry with probability ``1 - density``, rescale survivors by ``1 / density``, then
+    task arithmetic. Same as PEFT's ``dare_linear`` given the same random draws; mergekit's rescales to the
+    L1 norm instead of by ``1 / density``.
+    """
+    stacked, weights, out_dtype = _stack(deltas, lambdas)
+    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
+    return (_drop_and_rescale(stacked, densities, generator) * weights).sum(dim=0).to(out_dtype)
+
+
+def dare_ties(
+    deltas: Sequence[torch.Tensor],
+    lambdas: Sequence[float],
+    *,
+    density: Density,
+    generator: torch.Generator,
+    sign_method: SignMethod = "sum",
+    normalize: Normalize = "weights",
+) -> torch.Tensor:
+    """DARE's random drop and ``1 / density`` rescale, then TIES sign election and disjoint merge.
+
+    Defaults mirror :func:`ties`; mergekit's ``dare_ties`` defaults to ``normalize: false`` (pass
+    ``normalize="none"``), PEFT's divides by the agreeing count (``normalize="count"``).
+    """
+    stacked, weights, out_dtype = _stack(deltas, lambdas)
+    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
+    merged = _elect_and_merge(
+        _drop_and_rescale(stacked, densities, generator),
+        weights,
+        _check_sign_method(sign_method, None),
+        _check_normalize(normalize, None),
+    )
+    return merged.to(out_dtype)
+
+
+def magnitude_prune(
+    deltas: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: Density
+) -> torch.Tensor:
+    """Trim each delta to its top-``density`` entries by magnitude (no rescale), then task arithmetic.
+
+    PEFT's ``magnitude_prune`` except for ``k >= 1`` and the deterministic tie order (module docstring).
+    """
+    stacked, weights, out_dtype = _stack(deltas, lambdas)
+    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
+    return (_trim(stacked, densities) * weights).sum(dim=0).to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------- LoRA helpers
+
+
+def _check_factors(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]) -> None:
+    if len(As) == 0 or len(As) != len(Bs):
+        raise CompositionError(f"need one B per A and at least one pair, got {len(As)} A and {len(Bs)} B")
+    for a, b in zip(As, Bs, strict=True):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise CompositionError(
+                f"LoRA factors must be A (rank, in), B (out, rank), got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if a.shape[1] != As[0].shape[1] or b.shape[0] != Bs[0].shape[0]:
+            raise CompositionError("all LoRA factors of one layer must have the same in and out features")
+
+
+def lora_concat(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    lambdas: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LoRA-space linear merge: ``B_cat @ A_cat == sum_m lambda_m * scale_m * B_m @ A_m``.
+
+    ``A_cat`` stacks the rows ``lambda_m * scale_m * A_m`` (rank ``sum_m r_m``) and ``B_cat`` stacks the
+    columns ``B_m`` unchanged, as PEFT's ``add_weighted_adapter(combination_type="cat")`` does: the whole
+    coefficient goes on A, so B is copied bit for bit, a zero lambda gives zero rows, and the merged
+    adapter must be applied with scale 1 (``alpha == rank``). ``scale_m`` is the LoRA's ``alpha / rank``.
+    The coefficient is applied in float32/float64 and A_cat is returned in the promoted input dtype.
+    """
+    _check_factors(As, Bs)
+    values = _check_lambdas(lambdas, len(As))
+    scale_values = list(scales)
+    if len(scale_values) != len(As) or not all(
+        isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+        for s in scale_values
+    ):
+        raise CompositionError(
+            f"need one finite, positive LoRA scale (alpha / rank) per input, got {scales!r}"
+        )
+    compute_dtype, a_dtype = _compute_dtype([a.dtype for a in As])
+    _, b_dtype = _compute_dtype([b.dtype for b in Bs])
+    device = As[0].device
+    a_cat = torch.cat(
+        [
+            (a.to(device=device, dtype=compute_dtype) * (lam * scale)).to(a_dtype)
+            for a, lam, scale in zip(As, values, scale_values, strict=True)
+        ]
+    )
+    b_cat = torch.cat([b.to(device=device, dtype=b_dtype) for b in Bs], dim=1)
+    return a_cat, b_cat
+
+
+def factorwise_mean(
+    As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], lambdas: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Legacy: ``(sum_m lambda_m A_m, sum_m lambda_m B_m)``, as the official ModelCompose code merges LoRAs.
+
+    Kept only to reproduce that code. It is *not* a merge of deltas: the product of the averaged factors is
+    ``sum_m sum_n lambda_m lambda_n B_m @ A_n``, whose cross terms ``m != n`` no input ever learnt. The
+    adapter's own ``alpha / rank`` is left to the caller, as in the official code.
+    """
+    _check_factors(As, Bs)
+    if any(a.shape != As[0].shape for a in As):
+        raise CompositionError("factor-wise averaging needs LoRAs of the same rank")
+    return linear(As, lambdas), linear(Bs, lambdas)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class MergeOperator:
+    """A named operator with its declared parameters, so configs can be validated before any tensor loads.
+
+    ``required`` parameters have no default; ``optional`` maps each optional parameter to its default.
+    ``random`` operators need a ``torch.Generator``.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    required: tuple[str, ...]
+    optional: Mapping[str, Any]
+    random: bool
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return (*self.required, *self.optional)
+
+    def __call__(
+        self,
+        deltas: Sequence[torch.Tensor],
+        lambdas: Sequence[float],
+        params: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Validate ``params`` (filling in defaults) and merge; only random operators use ``generator``."""
+        checked = validate_parameters(self.name, params or {}, lambdas=lambdas)
+        if self.random:
+            if generator is None:
+                raise CompositionError(f"merge method '{self.name}' is random and needs a torch.Generator")
+            checked["generator"] = generator
+        return self.function(deltas, lambdas, **checked)
+
+
+_TIES_OPTIONS = MappingProxyType({"sign_method": "sum", "normalize": "weights"})
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
+OPERATORS: dict[str, MergeOperator] = {
+    op.name: op
+    for op in (
+        MergeOperator("linear", linear, (), _NO_OPTIONS, random=False),
+        MergeOperator("ties", ties, ("density",), _TIES_OPTIONS, random=False),
+        MergeOperator("dare_linear", dare_linear, ("density",), _NO_OPTIONS, random=True),
+        MergeOperator("dare_ties", dare_ties, ("density",), _TIES_OPTIONS, random=True),
+        MergeOperator("magnitude_prune", magnitude_prune, ("density",), _NO_OPTIONS, random=False),
+    )
+}
+
+
+def validate_parameters(
+    op_name: str, params: Mapping[str, Any], lambdas: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Check a merge method's parameters (and lambdas, if given); return them canonical, defaults filled in.
+
+    Raises :class:`CompositionError` for an unknown method, an unknown or missing parameter, a density
+    outside (0, 1], a per-input density list of the wrong length, or a negative or non-finite lambda.
+    """
+    operator = OPERATORS.get(op_name)
+    if operator is None:
+        raise CompositionError(f"unknown merge method '{op_name}' (known: {', '.join(sorted(OPERATORS))})")
+    n_inputs = None
+    if lambdas is not None:
+        n_inputs = len(_check_lambdas(lambdas, None))
+        if n_inputs == 0:
+            raise CompositionError(f"merge method '{op_name}' needs at least one input")
+    accepted = ", ".join(operator.parameters) or "none"
+    for key in params:
+        if key not in operator.parameters:
+            raise CompositionError(
+                f"merge method '{op_name}' has no parameter '{key}' (accepted: {accepted})"
+            )
+    checked: dict[str, Any] = {}
+    for key in operator.required:
+        if key not in params:
+            raise CompositionError(f"merge method '{op_name}' needs parameter '{key}'")
+        checked[key] = _PARAMETER_CHECKS[key](params[key], n_inputs)
+    for key, default in operator.optional.items():
+        checked[key] = _PARAMETER_CHECKS[key](params.get(key, default), n_inputs)
+    return checked

@@ -1,0 +1,43 @@
+"""Model-independent evaluation: answer parsing, benchmark loading and a resumable, shardable runner.
+
+Everything here takes a prediction callable, never a model, so it is tested without weights.
+"""
+
+from mmcompose.eval.answers import (
+    extract_choice,
+    label_key,
+    match_label,
+    normalize_vqa,
+    parse_options,
+    vqa_match,
+)
+from mmcompose.eval.benchmark import (
+    DEFAULT_MODALITIES,
+    TASK_KINDS,
+    Sample,
+    gold_answer,
+    load_benchmark,
+    load_mcub,
+    score,
+)
+from mmcompose.eval.runner import merge_shards, run_benchmark, shard_files, summarize
+
+__all__ = [
+    "DEFAULT_MODALITIES",
+    "TASK_KINDS",
+    "Sample",
+    "extract_choice",
+    "gold_answer",
+    "label_key",
+    "load_benchmark",
+    "load_mcub",
+    "match_label",
+    "merge_shards",
+    "normalize_vqa",
+    "parse_options",
+    "run_benchmark",
+    "score",
+    "shard_files",
+    "summarize",
+    "vqa_match",
+]

@@ -1,0 +1,318 @@
+"""Run a prediction callable over a benchmark: resumable, shardable, one JSON line per sample.
+
+Model evaluation is slow and gets killed (pre-emption, OOM, Ctrl-C), so every answer is flushed to disk
+as soon as it exists and a rerun only does what is missing. Shards split the work across processes or
+machines by sample index, and :func:`merge_shards` reassembles exactly what one unsharded run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mmcompose.errors import MMComposeError
+from mmcompose.eval.answers import Similarity
+from mmcompose.eval.benchmark import Sample, check_kind, gold_answer, score
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+_RECORD_KEYS = ("id", "index", "prediction", "gold", "parsed", "correct", "error")
+
+
+def shard_files(out_dir: str | Path, shard: tuple[int, int] = (0, 1)) -> tuple[Path, Path]:
+    """``(predictions, metrics)`` paths of a shard; the single shard ``(0, 1)`` uses the plain names."""
+    index, count = _check_shard(shard)
+    out_dir = Path(out_dir)
+    if count == 1:
+        return out_dir / PREDICTIONS_FILE, out_dir / METRICS_FILE
+    suffix = f"shard{index}-of-{count}"
+    return out_dir / f"predictions.{suffix}.jsonl", out_dir / f"metrics.{suffix}.json"
+
+
+def run_benchmark(
+    samples: Sequence[Sample],
+    predict: Callable[[Sample], str],
+    out_dir: str | Path,
+    task: str,
+    kind: str,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    labels: Sequence[str] | None = None,
+    similarity: Similarity | None = None,
+) -> dict[str, Any]:
+    """Predict and score the samples of one shard, append them to its JSONL file, return its metrics.
+
+    Pass the whole benchmark to every shard: shard ``(i, n)`` takes the samples whose index ``% n == i``
+    and writes ``predictions.shard{i}-of-{n}.jsonl`` and ``metrics.shard{i}-of-{n}.json`` (the plain
+    ``predictions.jsonl`` / ``metrics.json`` when ``n == 1``). Ids already in the predictions file are
+    skipped, so a killed run resumes where it stopped; a torn last line is discarded. When ``predict``
+    raises :class:`MMComposeError` (e.g. an unreadable input), the sample is recorded as failed with the
+    error's message and the run goes on; any other exception stops the run. Gold answers are checked for
+    every sample before the first prediction, so a bad benchmark fails fast. For ``kind="label"``,
+    ``labels`` defaults to the distinct gold answers of ``samples`` (the same for every shard).
+    """
+    index, count = _check_shard(shard)
+    check_kind(kind)
+    positions: dict[str, int] = {}
+    for position, sample in enumerate(samples):
+        if sample.id in positions:
+            raise MMComposeError(f"task {task}: duplicate sample id {sample.id!r}")
+        positions[sample.id] = position
+    if kind == "label" and labels is None:
+        labels = sorted({s.answer for s in samples if s.answer is not None})
+    golds = [gold_answer(sample, kind, labels) for sample in samples]
+    mine = [p for p in range(len(samples)) if p % count == index]
+
+    predictions_path, metrics_path = shard_files(out_dir, shard)
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    records = _resume(predictions_path, {samples[p].id: p for p in mine})
+    done = {record["id"] for record in records}
+    with predictions_path.open("a", encoding="utf-8") as out, _progress_bar(progress) as bar:
+        bar_task = bar.add_task(task, total=len(mine), completed=len(done))
+        for position in mine:
+            sample = samples[position]
+            if sample.id in done:
+                continue
+            record = _predict_one(sample, position, golds[position], predict, kind, labels, similarity)
+            out.write(_dumps(record) + "\n")
+            out.flush()
+            records.append(record)
+            bar.advance(bar_task)
+
+    records.sort(key=lambda r: r["index"])
+    metrics = summarize(records, task, kind)
+    if count > 1:
+        metrics["shard"] = {"index": index, "count": count, "n_benchmark": len(samples)}
+    _write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def merge_shards(out_dir: str | Path, n_shards: int) -> dict[str, Any]:
+    """Combine finished shards into ``predictions.jsonl`` and ``metrics.json``; return the metrics.
+
+    A shard counts as finished once its metrics file exists (it is written last); merging refuses
+    unfinished shards and shards from different runs, because a partial merge looks like a full result.
+    """
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise MMComposeError(f"invalid shard count {n_shards!r}: expected a positive integer")
+    out_dir = Path(out_dir)
+    if n_shards == 1:
+        return _read_metrics(shard_files(out_dir)[1], 0, 1)
+    paths = [shard_files(out_dir, (index, n_shards)) for index in range(n_shards)]
+    metrics = [_read_metrics(metrics_path, index, n_shards) for index, (_, metrics_path) in enumerate(paths)]
+    identities = {(m.get("task"), m.get("kind"), m["shard"].get("n_benchmark")) for m in metrics}
+    if len(identities) != 1:
+        raise MMComposeError(
+            f"{out_dir}: the shards come from different runs (task, kind, size: {sorted(identities)})"
+        )
+    ((task, kind, n_benchmark),) = identities
+    records: list[dict[str, Any]] = []
+    for index, ((predictions_path, metrics_path), shard_metrics) in enumerate(
+        zip(paths, metrics, strict=True)
+    ):
+        shard_records, _ = _read_records(predictions_path)
+        foreign = any(r["index"] % n_shards != index for r in shard_records)
+        if foreign or len(shard_records) != shard_metrics.get("n"):
+            raise MMComposeError(f"{predictions_path}: does not match {metrics_path.name}; rerun this shard")
+        records.extend(shard_records)
+    records.sort(key=lambda r: r["index"])
+    covered = [r["index"] for r in records] == list(range(n_benchmark))
+    if not covered or len({r["id"] for r in records}) != n_benchmark:
+        raise MMComposeError(
+            f"{out_dir}: the {n_shards} shards do not cover the {n_benchmark} samples exactly once"
+        )
+    _write_atomic(out_dir / PREDICTIONS_FILE, "".join(_dumps(r) + "\n" for r in records))
+    merged = summarize(records, task, kind)
+    _write_atomic(out_dir / METRICS_FILE, json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def summarize(records: Sequence[dict[str, Any]], task: str, kind: str) -> dict[str, Any]:
+    """Accuracy over all records (failed and unparseable ones count as wrong), plus per-category counts."""
+    metrics: dict[str, Any] = {"task": task, "kind": kind, **_counts(records)}
+    metrics["n_unparseable"] = sum(r["error"] is None and r["parsed"] is None for r in records)
+    metrics["n_failed"] = sum(r["error"] is not None for r in records)
+    categories = {r.get("category") for r in records}
+    if categories != {None}:
+        metrics["categories"] = {
+            name: _counts([r for r in records if (r.get("category") or "(none)") == name])
+            for name in sorted(c or "(none)" for c in categories)
+        }
+    return metrics
+
+
+def _counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n_correct = sum(bool(r["correct"]) for r in records)
+    return {
+        "n": len(records),
+        "n_correct": n_correct,
+        "accuracy": n_correct / len(records) if records else None,
+    }
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    valid = (
+        isinstance(shard, (tuple, list))
+        and len(shard) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
+        and 0 <= shard[0] < shard[1]
+    )
+    if not valid:
+        raise MMComposeError(f"invalid shard {shard!r}: expected (index, count) with 0 <= index < count")
+    return shard[0], shard[1]
+
+
+def _predict_one(
+    sample: Sample,
+    position: int,
+    gold: str,
+    predict: Callable[[Sample], str],
+    kind: str,
+    labels: Sequence[str] | None,
+    similarity: Similarity | None,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": sample.id,
+        "index": position,
+        "category": sample.category,
+        "prompt": sample.question,
+    }
+    try:
+        prediction = predict(sample)
+    except MMComposeError as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        return {
+            **record,
+            "prediction": None,
+            "gold": gold,
+            "parsed": None,
+            "correct": False,
+            "error": message,
+        }
+    if not isinstance(prediction, str):
+        raise TypeError(
+            f"predict returned {type(prediction).__name__} for sample {sample.id!r}; expected str"
+        )
+    parsed, correct = score(sample, prediction, kind, labels=labels, similarity=similarity)
+    return {
+        **record,
+        "prediction": prediction,
+        "gold": gold,
+        "parsed": parsed,
+        "correct": correct,
+        "error": None,
+    }
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Parse a predictions file; returns the records and the byte length of its complete lines.
+
+    Each record is written with its newline in one call, so an unterminated last line is the remains of
+    a killed write and is ignored; any other bad line means the file was damaged and is an error.
+    """
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    try:
+        lines = data[:complete].decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise MMComposeError(
+            f"{path}: not UTF-8 text ({exc.reason}); delete it to redo these samples"
+        ) from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MMComposeError(
+                f"{path}:{lineno}: damaged record ({exc.msg}); delete the line to redo it"
+            ) from None
+        if not isinstance(record, dict) or any(key not in record for key in _RECORD_KEYS):
+            raise MMComposeError(
+                f"{path}:{lineno}: not a prediction record (needs {', '.join(_RECORD_KEYS)})"
+            )
+        if record["id"] in seen:
+            raise MMComposeError(f"{path}:{lineno}: sample id {record['id']!r} is recorded twice")
+        seen.add(record["id"])
+        records.append(record)
+    return records, complete
+
+
+def _resume(path: Path, expected: dict[str, int]) -> list[dict[str, Any]]:
+    """Records already written for this shard, after cutting off a torn last line so appends stay whole."""
+    records, complete = _read_records(path)
+    for record in records:
+        if expected.get(record["id"]) != record["index"]:
+            raise MMComposeError(
+                f"{path}: sample id {record['id']!r} (index {record['index']}) is not in this "
+                "benchmark shard; was the file written for another benchmark?"
+            )
+    if path.exists() and path.stat().st_size > complete:
+        with path.open("r+b") as f:
+            f.truncate(complete)
+    return records
+
+
+def _read_metrics(path: Path, index: int, count: int) -> dict[str, Any]:
+    if not path.is_file():
+        raise MMComposeError(f"{path}: missing, so shard {index} of {count} has not finished; run it first")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MMComposeError(f"{path}: not valid JSON ({exc})") from None
+    if count > 1 and (
+        not isinstance(metrics, dict)
+        or not isinstance(metrics.get("shard"), dict)
+        or (metrics["shard"].get("index"), metrics["shard"].get("count")) != (index, count)
+    ):
+        raise MMComposeError(f"{path}: not the metrics of shard {index} of {count}")
+    return metrics
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and ``os.replace`` so a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )

@@ -1,0 +1,52 @@
+"""Atomic writes: a reader never sees a half-written file or directory, and a failure leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mmcompose.errors import MMComposeError
+
+
+@contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to fill; on success it is renamed to `target`.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and `target` is left
+    as it was. With `overwrite`, an existing `target` is replaced only once the new one is complete.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise MMComposeError(f"{target} already exists (choose another path or pass --overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield temporary
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(temporary, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it over `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

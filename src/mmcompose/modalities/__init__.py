@@ -1,0 +1,52 @@
+"""Modality plug-ins and the four built-ins: image, audio, video, point."""
+
+from mmcompose.modalities.encoders import (
+    AudioFrameEncoder,
+    CLIPVisionEncoder,
+    ImagePatchEncoder,
+    PointGroupEncoder,
+    VideoFrameEncoder,
+)
+from mmcompose.modalities.processors import AudioProcessor, ImageProcessor, PointProcessor, VideoProcessor
+from mmcompose.modalities.registry import (
+    ENCODERS,
+    MODALITIES,
+    PROCESSORS,
+    Modality,
+    Processor,
+    build_encoder,
+    build_processor,
+    get_modality,
+    register_encoder,
+    register_modality,
+    register_processor,
+)
+
+register_encoder("image-patch", ImagePatchEncoder)
+register_encoder("audio-frame", AudioFrameEncoder)
+register_encoder("video-frame", VideoFrameEncoder)
+register_encoder("point-group", PointGroupEncoder)
+register_encoder("clip-vision", CLIPVisionEncoder)
+register_processor("image", ImageProcessor)
+register_processor("audio", AudioProcessor)
+register_processor("video", VideoProcessor)
+register_processor("point", PointProcessor)
+
+register_modality(Modality("image", "<image>", processor="image", encoder="image-patch"))
+register_modality(Modality("audio", "<audio>", processor="audio", encoder="audio-frame"))
+register_modality(Modality("video", "<video>", processor="video", encoder="video-frame"))
+register_modality(Modality("point", "<point>", processor="point", encoder="point-group"))
+
+__all__ = [
+    "ENCODERS",
+    "MODALITIES",
+    "PROCESSORS",
+    "Modality",
+    "Processor",
+    "build_encoder",
+    "build_processor",
+    "get_modality",
+    "register_encoder",
+    "register_modality",
+    "register_processor",
+]

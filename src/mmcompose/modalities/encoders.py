@@ -1,0 +1,163 @@
+"""Encoders: a module from a processed batch to tokens `(batch, tokens, output_dim)`.
+
+The native encoders are small and randomly initialised so the synthetic world trains them on a CPU; the
+CLIP wrapper runs transformers' stock `CLIPVisionModel` the way LLaVA and ModelCompose use it. Each
+encoder keeps `options`, the keyword arguments that rebuild it, so a checkpoint manifest can record it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+
+def _transformer(width: int, depth: int, heads: int) -> nn.Module:
+    if depth == 0:
+        return nn.Identity()
+    layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+class ImagePatchEncoder(nn.Module):
+    """`(B, 3, H, W)` float images -> `(B, (H/patch)*(W/patch), width)` patch tokens."""
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, width: int = 128, depth: int = 2,
+                 heads: int = 4) -> None:
+        super().__init__()
+        self.options = dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads)
+        self.output_dim = width
+        self.patchify = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.position = nn.Parameter(torch.randn((image_size // patch_size) ** 2, width) * 0.02)
+        self.blocks = _transformer(width, depth, heads)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patchify(images).flatten(2).transpose(1, 2)
+        return self.blocks(tokens + self.position)
+
+
+class AudioFrameEncoder(nn.Module):
+    """`(B, samples)` mono waveform -> `(B, frames, width)`: log-magnitude STFT frames, projected, then blocks."""
+
+    def __init__(self, num_samples: int = 16000, n_fft: int = 400, hop: int = 640, width: int = 128,
+                 depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.options = dict(num_samples=num_samples, n_fft=n_fft, hop=hop, width=width, depth=depth, heads=heads)
+        self.output_dim = width
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        num_frames = num_samples // hop + 1
+        self.project = nn.Linear(n_fft // 2 + 1, width)
+        self.position = nn.Parameter(torch.randn(num_frames, width) * 0.02)
+        self.blocks = _transformer(width, depth, heads)
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.stft(waves.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
+        frames = torch.log1p(spectrum.abs()).transpose(1, 2).to(self.project.weight.dtype)
+        return self.blocks(self.project(frames) + self.position[: frames.shape[1]])
+
+
+class VideoFrameEncoder(nn.Module):
+    """`(B, T, 3, H, W)` frames -> `(B, T * tokens_per_frame, width)`: pooled patch tokens plus time embedding."""
+
+    def __init__(self, num_frames: int = 8, patch_size: int = 4, tokens_per_frame: int = 4, width: int = 128,
+                 depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.options = dict(num_frames=num_frames, patch_size=patch_size, tokens_per_frame=tokens_per_frame,
+                            width=width, depth=depth, heads=heads)
+        self.output_dim = width
+        side = int(tokens_per_frame**0.5)
+        if side * side != tokens_per_frame:
+            raise ValueError("tokens_per_frame must be a square number")
+        self.patchify = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        self.pool = nn.AdaptiveAvgPool2d(side)
+        self.time = nn.Parameter(torch.randn(num_frames, 1, width) * 0.02)
+        self.space = nn.Parameter(torch.randn(1, tokens_per_frame, width) * 0.02)
+        self.blocks = _transformer(width, depth, heads)
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        batch, frames = videos.shape[:2]
+        tokens = self.pool(self.patchify(videos.flatten(0, 1))).flatten(2).transpose(1, 2)
+        tokens = tokens.unflatten(0, (batch, frames)) + self.time[:frames] + self.space
+        return self.blocks(tokens.flatten(1, 2))
+
+
+def farthest_point_sample(points: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices `(B, count)` of a farthest-point subset, deterministic (starts from point 0)."""
+    batch, num_points, _ = points.shape
+    chosen = torch.zeros(batch, count, dtype=torch.long, device=points.device)
+    distance = torch.full((batch, num_points), float("inf"), device=points.device)
+    current = torch.zeros(batch, dtype=torch.long, device=points.device)
+    rows = torch.arange(batch, device=points.device)
+    for step in range(count):
+        chosen[:, step] = current
+        centre = points[rows, current].unsqueeze(1)
+        distance = torch.minimum(distance, (points - centre).pow(2).sum(-1))
+        current = distance.argmax(-1)
+    return chosen
+
+
+class PointGroupEncoder(nn.Module):
+    """`(B, N, 3)` points -> `(B, groups, width)`: Point-BERT-style grouping (FPS centres, k nearest
+    neighbours), a shared mini-PointNet per group, a centre position embedding, then blocks."""
+
+    def __init__(self, num_groups: int = 32, group_size: int = 16, width: int = 128, depth: int = 2,
+                 heads: int = 4) -> None:
+        super().__init__()
+        self.options = dict(num_groups=num_groups, group_size=group_size, width=width, depth=depth, heads=heads)
+        self.output_dim = width
+        self.num_groups, self.group_size = num_groups, group_size
+        self.point_mlp = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
+        self.position = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
+        self.blocks = _transformer(width, depth, heads)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        xyz = points[..., :3].float()
+        centre_index = farthest_point_sample(xyz, self.num_groups)
+        centres = torch.gather(xyz, 1, centre_index.unsqueeze(-1).expand(-1, -1, 3))
+        neighbours = torch.cdist(centres, xyz).topk(self.group_size, dim=-1, largest=False).indices
+        grouped = torch.gather(xyz.unsqueeze(1).expand(-1, self.num_groups, -1, -1), 2,
+                               neighbours.unsqueeze(-1).expand(-1, -1, -1, 3))
+        dtype = self.point_mlp[0].weight.dtype
+        local = (grouped - centres.unsqueeze(2)).to(dtype)
+        tokens = self.point_mlp(local).amax(dim=2) + self.position(centres.to(dtype))
+        return self.blocks(tokens)
+
+
+class CLIPVisionEncoder(nn.Module):
+    """transformers' `CLIPVisionModel`, features taken as LLaVA does: hidden state `feature_layer`
+    (penultimate by default), CLS dropped. Accepts `(B, 3, H, W)` images or `(B, T, 3, H, W)` videos,
+    whose per-frame tokens are concatenated (`frame_pooling="concat"`) or averaged over time (`"mean"`).
+    """
+
+    def __init__(self, config: dict[str, Any], feature_layer: int = -2, drop_cls: bool = True,
+                 frame_pooling: Literal["concat", "mean"] = "concat") -> None:
+        super().__init__()
+        self.options = dict(config=config, feature_layer=feature_layer, drop_cls=drop_cls,
+                            frame_pooling=frame_pooling)
+        self.model = CLIPVisionModel(CLIPVisionConfig(**config))
+        self.output_dim = self.model.config.hidden_size
+        self.feature_layer, self.drop_cls, self.frame_pooling = feature_layer, drop_cls, frame_pooling
+
+    @classmethod
+    def from_pretrained(cls, path: str, **options: Any) -> CLIPVisionEncoder:
+        """Build from a local CLIP (or CLIP vision) directory; the weights are then ours to save."""
+        pretrained = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        encoder = cls(pretrained.config.to_dict(), **options)
+        encoder.model.load_state_dict(pretrained.state_dict())
+        return encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        video = pixels.dim() == 5
+        frames = pixels.flatten(0, 1) if video else pixels
+        hidden = self.model(frames.to(self.model.dtype), output_hidden_states=True).hidden_states
+        tokens = hidden[self.feature_layer]
+        if self.drop_cls:
+            tokens = tokens[:, 1:]
+        if not video:
+            return tokens
+        tokens = tokens.unflatten(0, pixels.shape[:2])
+        return tokens.mean(1) if self.frame_pooling == "mean" else tokens.flatten(1, 2)

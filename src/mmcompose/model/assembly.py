@@ -1,0 +1,141 @@
+"""Sequence assembly: prompts with placeholders + processed inputs -> one padded batch of embeddings.
+
+Each placeholder becomes `[prefix tokens | connector output | suffix tokens]` of its modality, and every
+position gets a route id (text 0, modality m its id). Text is tokenized piece by piece between
+placeholders, as LLaVA and ModelCompose do, so token boundaries never straddle a placeholder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from mmcompose.errors import InputError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """One sample: `prompt` with one placeholder per input, `inputs[modality]` processed tensors in order."""
+
+    prompt: str
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    target: str | None = None
+    id: str = ""
+
+
+@dataclass
+class Batch:
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    routes: torch.Tensor
+    labels: torch.Tensor | None
+
+
+@dataclass
+class _Layout:
+    ids: list[int]
+    routes: list[int]
+    labels: list[int]
+    spans: list[tuple[str, int]]  # (modality, length) in order of appearance
+
+
+class Assembler:
+    """Knows the tokenizer, each modality's placeholder, route id and token count; builds batches."""
+
+    def __init__(self, tokenizer, placeholders: dict[str, str], route_ids: dict[str, int], max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.placeholders = placeholders
+        self.modality_of = {p: m for m, p in placeholders.items()}
+        self.route_ids = route_ids
+        self.max_length = max_length
+        self._split = re.compile("(" + "|".join(re.escape(p) for p in placeholders.values()) + ")") \
+            if placeholders else None
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _layout(self, example: Example, lengths: dict[str, int]) -> _Layout:
+        pieces = self._split.split(example.prompt) if self._split else [example.prompt]
+        bos = self.tokenizer.bos_token_id
+        layout = _Layout(ids=[] if bos is None else [bos], routes=[], labels=[], spans=[])
+        layout.routes, layout.labels = [0] * len(layout.ids), [IGNORE_INDEX] * len(layout.ids)
+        for piece in pieces:
+            modality = self.modality_of.get(piece)
+            if modality is None:
+                tokens = self._tokens(piece)
+                route, length = 0, len(tokens)
+            else:
+                length, route = lengths[modality], self.route_ids[modality]
+                tokens = [0] * length
+                layout.spans.append((modality, length))
+            layout.ids += tokens
+            layout.routes += [route] * length
+            layout.labels += [IGNORE_INDEX] * length
+        if example.target is not None:
+            target = self._tokens(example.target)
+            if self.tokenizer.eos_token_id is not None:
+                target.append(self.tokenizer.eos_token_id)
+            layout.ids += target
+            layout.routes += [0] * len(target)
+            layout.labels += target
+        return layout
+
+    def _check_inputs(self, index: int, example: Example) -> None:
+        name = example.id or f"sample {index}"
+        for modality in example.inputs:
+            if modality not in self.placeholders:
+                raise InputError(f"{name}: input of modality {modality!r}, which this model does not have "
+                                 f"(it has: {', '.join(self.placeholders) or 'none'})")
+        for modality, placeholder in self.placeholders.items():
+            found, given = example.prompt.count(placeholder), len(example.inputs.get(modality, []))
+            if found != given:
+                raise InputError(f"{name}: prompt has {found} {placeholder} placeholder(s) but {given} "
+                                 f"{modality} input(s) were given")
+
+    def __call__(self, examples: list[Example], encode: Callable[[str, torch.Tensor], torch.Tensor],
+                 embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+                 padding_side: Literal["left", "right"] = "right") -> Batch:
+        """`encode(modality, stacked_inputs) -> (n, length, hidden)` runs a modality branch once per batch;
+        `embed_tokens(ids)` embeds on the model's device, which the whole batch then follows."""
+        for index, example in enumerate(examples):
+            self._check_inputs(index, example)
+        features: dict[str, torch.Tensor] = {}
+        for modality in self.placeholders:
+            stacked = [tensor for example in examples for tensor in example.inputs.get(modality, [])]
+            if stacked:
+                features[modality] = encode(modality, torch.stack(stacked))
+        lengths = {m: f.shape[1] for m, f in features.items()}
+        layouts = [self._layout(example, lengths) for example in examples]
+        for index, (example, layout) in enumerate(zip(examples, layouts, strict=True)):
+            if len(layout.ids) > self.max_length:
+                raise InputError(f"{example.id or f'sample {index}'}: sequence of {len(layout.ids)} tokens exceeds "
+                                 f"the model's limit of {self.max_length}")
+        width = max(len(layout.ids) for layout in layouts)
+        shape = (len(examples), width)
+        ids = torch.zeros(shape, dtype=torch.long)
+        routes = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        for row, layout in enumerate(layouts):
+            n = len(layout.ids)
+            span = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            ids[row, span] = torch.tensor(layout.ids, dtype=torch.long)
+            routes[row, span] = torch.tensor(layout.routes, dtype=torch.long)
+            labels[row, span] = torch.tensor(layout.labels, dtype=torch.long)
+            mask[row, span] = 1
+        embeds = embed_tokens(ids)
+        ids, routes, labels, mask = (t.to(embeds.device) for t in (ids, routes, labels, mask))
+        for modality, values in features.items():
+            where = (routes == self.route_ids[modality]).unsqueeze(-1)
+            embeds = embeds.masked_scatter(where, values.to(embeds.dtype))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        has_target = any(example.target is not None for example in examples)
+        return Batch(embeds=embeds, attention_mask=mask, position_ids=positions, routes=routes,
+                     labels=labels if has_target else None)

@@ -1,0 +1,253 @@
+"""The multimodal LLM: modality branches (encoder -> connector, with boundary tokens) feeding a stock
+transformers causal LM whose target linears are `RoutedLinear`s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from mmcompose.errors import InputError, MMComposeError
+from mmcompose.modalities import build_encoder, build_processor, get_modality
+from mmcompose.model.assembly import Assembler, Batch, Example
+from mmcompose.model.connectors import build_connector
+from mmcompose.model.conversation import format_conversation
+from mmcompose.model.routed import TEXT_ROUTE, RouteContext, RoutedLinear, wrap_linears
+from mmcompose.model.spec import Component, ModalitySpec, ModelSpec, Strategy, strategy_deltas
+
+
+class ModalityBranch(nn.Module):
+    """Encoder -> connector, wrapped in learnable boundary tokens: `(n, ...) -> (n, tokens, hidden)`."""
+
+    def __init__(self, spec: ModalitySpec, hidden_size: int) -> None:
+        super().__init__()
+        self.encoder = build_encoder(spec.encoder.type, spec.encoder.options)
+        self.connector = build_connector(spec.connector.type, self.encoder.output_dim, hidden_size,
+                                         **spec.connector.options)
+        self.prefix = nn.Parameter(torch.randn(spec.num_prefix_tokens, hidden_size) * 0.02) \
+            if spec.num_prefix_tokens else None
+        self.suffix = nn.Parameter(torch.randn(spec.num_suffix_tokens, hidden_size) * 0.02) \
+            if spec.num_suffix_tokens else None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.connector(self.encoder(inputs))
+        parts = [features]
+        if self.prefix is not None:
+            parts.insert(0, self.prefix.to(features.dtype).expand(features.shape[0], -1, -1))
+        if self.suffix is not None:
+            parts.append(self.suffix.to(features.dtype).expand(features.shape[0], -1, -1))
+        return torch.cat(parts, dim=1)
+
+
+def modality_spec(name: str, *, encoder: Component | None = None, connector: Component | None = None,
+                  processor: Component | None = None, num_prefix_tokens: int | None = None,
+                  num_suffix_tokens: int | None = None) -> ModalitySpec:
+    """A modality's spec from its registered defaults, with any part overridden."""
+    default = get_modality(name)
+    return ModalitySpec(
+        name=name,
+        placeholder=default.placeholder,
+        processor=processor or Component(type=default.processor, options=default.processor_options),
+        encoder=encoder or Component(type=default.encoder, options=default.encoder_options),
+        connector=connector or Component(type=default.connector, options=default.connector_options),
+        num_prefix_tokens=default.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens,
+        num_suffix_tokens=default.num_suffix_tokens if num_suffix_tokens is None else num_suffix_tokens,
+    )
+
+
+class MultimodalLLM(nn.Module):
+    """A base LLM plus modality branches and routed deltas, as described by a `ModelSpec`.
+
+    The base LLM is referenced by `base_path` (with its fingerprint) rather than copied into checkpoints.
+    """
+
+    def __init__(self, llm: PreTrainedModel, tokenizer: Any, spec: ModelSpec, base_path: str | Path,
+                 base_fingerprint: str) -> None:
+        super().__init__()
+        self.llm, self.tokenizer, self.spec = llm, tokenizer, spec
+        self.base_path, self.base_fingerprint = str(base_path), base_fingerprint
+        self.provenance: dict[str, Any] = {}
+        hidden = llm.config.hidden_size
+        self.branches = nn.ModuleDict({m.name: ModalityBranch(m, hidden) for m in spec.modalities})
+        self.processors = {m.name: build_processor(m.processor.type, m.processor.options) for m in spec.modalities}
+        route_ids = spec.route_ids()
+        self.routing = RouteContext({route_ids[r]: d.name for d in spec.deltas for r in d.routes})
+        self.routed: dict[str, RoutedLinear] = wrap_linears(llm, tuple(spec.target_modules), self.routing) \
+            if spec.deltas else {}
+        for delta in spec.deltas:
+            for layer in self.routed.values():
+                layer.add_delta(delta.name, delta.kind, delta.rank, delta.alpha)
+        self.assembler = Assembler(tokenizer, {m.name: m.placeholder for m in spec.modalities}, route_ids,
+                                   max_length=getattr(llm.config, "max_position_embeddings", 2048))
+
+    @classmethod
+    def from_base(cls, base_path: str | Path, modalities: Sequence[str | ModalitySpec], *,
+                  strategy: Strategy = "connector-only", rank: int = 16, alpha: float = 32.0,
+                  target_modules: Sequence[str] | None = None, template: str = "plain",
+                  dtype: torch.dtype | None = None) -> MultimodalLLM:
+        """A new (untrained) modality model on a base LLM saved in `base_path`."""
+        from mmcompose.checkpoint.fingerprint import fingerprint_base
+
+        specs = [m if isinstance(m, ModalitySpec) else modality_spec(m) for m in modalities]
+        options: dict[str, Any] = {"template": template, "strategy": strategy,
+                                   "deltas": strategy_deltas(strategy, [m.name for m in specs], rank, alpha)}
+        if target_modules is not None:
+            options["target_modules"] = list(target_modules)
+        spec = ModelSpec(modalities=specs, **options)
+        llm, tokenizer = load_base(base_path, dtype)
+        return cls(llm, tokenizer, spec, base_path, fingerprint_base(base_path))
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    # --- inputs -------------------------------------------------------------------------------------
+    def example(self, prompt: str, inputs: dict[str, Sequence[Any]] | None = None, target: str | None = None,
+                id: str = "") -> Example:
+        """Process raw inputs (paths or arrays) with each modality's processor into an `Example`."""
+        processed: dict[str, list[torch.Tensor]] = {}
+        for modality, sources in (inputs or {}).items():
+            if modality not in self.processors:
+                raise InputError(f"{id or 'sample'}: this model has no {modality!r} modality "
+                                 f"(it has: {', '.join(self.processors) or 'none'})")
+            processed[modality] = [self.processors[modality](source) for source in sources]
+        return Example(prompt=prompt, inputs=processed, target=target, id=id)
+
+    def conversation_example(self, turns: list[dict[str, str]], inputs: dict[str, Sequence[Any]] | None = None,
+                             id: str = "") -> Example:
+        prompt, target = format_conversation(turns, self.spec.template)
+        return self.example(prompt, inputs, target, id)
+
+    def assemble(self, examples: list[Example], padding_side: Literal["left", "right"] = "right") -> Batch:
+        embed = self.llm.get_input_embeddings()
+        return self.assembler(
+            examples,
+            encode=lambda modality, x: self.branches[modality](x.to(self.device)),
+            embed_tokens=lambda ids: embed(ids.to(self.device)),
+            padding_side=padding_side,
+        )
+
+    # --- forward and generation ----------------------------------------------------------------------
+    def forward(self, batch: Batch, **kwargs: Any) -> Any:
+        with self.routing.route(batch.routes):
+            return self.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, labels=batch.labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, examples: list[Example], max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[str]:
+        """Greedy (temperature 0) or sampled decoding; every generated token takes the text route.
+
+        With the cache, the prompt is prefilled once and each step feeds one token; without it, every
+        step recomputes the whole sequence (the reference the cached path must equal).
+        `on_token(row, token_id)` streams tokens as they are chosen.
+        """
+        batch = self.assemble(examples, padding_side="left")
+        embed = self.llm.get_input_embeddings()
+        eos = self.tokenizer.eos_token_id
+        embeds, mask, positions, routes = batch.embeds, batch.attention_mask, batch.position_ids, batch.routes
+        finished = torch.zeros(len(examples), dtype=torch.bool, device=self.device)
+        generated: list[torch.Tensor] = []
+        past, step_embeds, step_positions, step_routes = None, embeds, positions, routes
+        last_prompt_position = positions[:, -1:]
+        for _ in range(max_new_tokens):
+            with self.routing.route(step_routes):
+                out = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                               past_key_values=past, use_cache=use_cache, logits_to_keep=1)
+            token = self._choose(out.logits[:, -1].float(), temperature, generator)
+            token = torch.where(finished, torch.full_like(token, eos if eos is not None else 0), token)
+            generated.append(token)
+            if on_token is not None:
+                for row in (~finished).nonzero().flatten().tolist():
+                    on_token(row, int(token[row]))
+            if eos is not None:
+                finished |= token == eos
+            if bool(finished.all()):
+                break
+            new_embeds = embed(token).unsqueeze(1)
+            new_positions = last_prompt_position + len(generated)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if use_cache:
+                past, step_embeds, step_positions, step_routes = out.past_key_values, new_embeds, new_positions, None
+            else:
+                embeds = torch.cat([embeds, new_embeds], dim=1)
+                positions = torch.cat([positions, new_positions], dim=1)
+                routes = torch.cat([routes, torch.full_like(routes[:, :1], TEXT_ROUTE)], dim=1)
+                step_embeds, step_positions, step_routes = embeds, positions, routes
+        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in examples]
+        return [self.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probabilities = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+
+    # --- text-route folding --------------------------------------------------------------------------
+    def fold_text_route(self) -> None:
+        """Fold the text route's delta into the base weights: generated tokens then cost what the base
+        LLM costs; modality routes apply `D_m - D_text` to their own tokens only."""
+        if self.routing.folded:
+            return
+        text = self.routing.route_to_delta.get(TEXT_ROUTE)
+        modality_routes = {r: self.routing.route_to_delta.get(r, "__base__")
+                           for r in self.spec.route_ids().values() if r != TEXT_ROUTE}
+        corrections = {r: name for r, name in modality_routes.items()
+                       if name != text and not (name == "__base__" and text is None)}
+        for layer in self.routed.values():
+            layer.fold(text, set(corrections.values()))
+        self.routing.folded_route_to_delta = corrections
+        self.routing.folded = True
+
+    def unfold_text_route(self) -> None:
+        if not self.routing.folded:
+            return
+        for layer in self.routed.values():
+            layer.unfold()
+        self.routing.folded = False
+        self.routing.folded_route_to_delta = {}
+
+    # --- tensors a checkpoint stores ------------------------------------------------------------------
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything that is not the base LLM: modality branches and deltas, under stable names."""
+        if self.routing.folded:
+            raise MMComposeError("unfold the text route before saving (fold is a runtime optimisation)")
+        tensors = {f"modalities.{name}.{key}": value
+                   for name, branch in self.branches.items() for key, value in branch.state_dict().items()}
+        for path, layer in self.routed.items():
+            for delta_name, delta in layer.deltas.items():
+                for key, value in delta.state_dict().items():
+                    tensors[f"deltas.{delta_name}.{path}.{key}"] = value
+        return tensors
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors in, strictly: every expected name present, nothing unexpected, shapes and dtypes equal."""
+        from mmcompose.checkpoint.validate import check_tensor_set
+
+        expected = self.checkpoint_tensors()
+        check_tensor_set(expected, tensors)
+        with torch.no_grad():
+            for name, target in expected.items():
+                target.copy_(tensors[name])
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+def load_base(base_path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any]:
+    """Load a local base LLM and its tokenizer (never from a hub), frozen."""
+    path = Path(base_path)
+    if not (path / "config.json").is_file():
+        raise MMComposeError(f"{path}: not a base LLM directory (no config.json)")
+    llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    llm.requires_grad_(False)
+    llm.eval()
+    return llm, tokenizer

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mmcompose.train.tokenizer import train_tokenizer
+
+CORPUS = [
+    "USER: what is this? ASSISTANT: This is a blorvin. It lives in the desert and it is red.",
+    "USER: which habitat? ASSISTANT: The zeppa lives in the forest. A. desert B. forest C. sea D. cave",
+    "The answer is B. Quonks are small and blue; frells eat fish.",
+] * 20
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def make_base(directory: Path, family: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a tiny random causal LM of `family` and its tokenizer into `directory`."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=320)
+    config_class, model_class = FAMILIES[family]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model_class(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_base(tmp_path_factory.mktemp("llama-base"), "llama")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def any_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tests on two LLaMA-family architectures."""
+    return make_base(tmp_path_factory.mktemp(f"{request.param}-base"), request.param)
