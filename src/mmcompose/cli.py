@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +27,7 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except MMComposeError as error:
-            errors.print(f"[red]error:[/red] {error}", highlight=False)
+            errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -51,6 +52,33 @@ def show(checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoin
     for delta in spec.deltas:
         deltas.add_row(delta.name, delta.kind, str(delta.rank or "-"), str(delta.alpha or "-"), ", ".join(delta.routes))
     console.print(deltas)
+
+
+@app.command()
+@one_line_errors
+def compose(
+    config: Annotated[Path, typer.Argument(help="Composition YAML: method (naive|damc), merge, parameters, models.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory (written atomically).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
+    = False,
+) -> None:
+    """Compose single-modality models that share a base LLM into one multimodal checkpoint.
+
+    Example config:
+
+        method: damc
+        merge: linear
+        models:
+          - {path: runs/image, lambda: 0.5}
+          - {path: runs/audio, lambda: 0.5}
+    """
+    from mmcompose.compose.config import load_config
+    from mmcompose.compose.engine import compose as run_composition
+
+    result = run_composition(load_config(config), out, overwrite=overwrite)
+    accounting = json.loads((result / "manifest.json").read_text())["provenance"]["composition"]["accounting"]
+    console.print(f"composed {result}: {accounting['output_tensors']} tensors, "
+                  f"{accounting['branch_parameters'] + accounting['delta_parameters']:,} parameters")
 
 
 @app.command()

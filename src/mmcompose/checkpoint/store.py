@@ -19,7 +19,7 @@ from mmcompose.model.mllm import MultimodalLLM, load_base
 TENSOR_FILE = "model.safetensors"
 
 
-def _base_reference(base_path: str, checkpoint: Path) -> str:
+def base_reference(base_path: str, checkpoint: Path) -> str:
     """Relative to the checkpoint when possible, so a world directory can be moved as a whole."""
     base = Path(base_path).resolve()
     try:
@@ -32,7 +32,7 @@ def save_checkpoint(model: MultimodalLLM, out: str | Path, *, overwrite: bool = 
     out = Path(out)
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.checkpoint_tensors().items()}
     manifest = Manifest(
-        base=BaseReference(path=_base_reference(model.base_path, out), fingerprint=model.base_fingerprint),
+        base=BaseReference(path=base_reference(model.base_path, out), fingerprint=model.base_fingerprint),
         model=model.spec, files=[TENSOR_FILE], provenance=model.provenance,
     )
     with atomic_directory(out, overwrite=overwrite) as temporary:

@@ -37,7 +37,7 @@ _MARKER = re.compile(
 _WRAPPED = re.compile(r"(?<![A-Za-z0-9])[(\[]\s*([A-Za-z])\s*[)\]]|\*\*\s*([A-Za-z])\s*\*\*")
 _LINE_LABEL = re.compile(r"^[ \t*_#>-]*\(?([A-Za-z])[.):][*_]*(?=\s|$)", re.MULTILINE)
 _LONE_UPPER = re.compile(r"(?<![\w.'’-])([A-Z])(?![\w'’-]|\.\w)")
-_FIRST_TOKEN = re.compile(r"^[\s*_#>\"'`-]*([A-Za-z])(?=\s)")
+_FIRST_TOKEN = re.compile(r"^[\s*_#>\"'`-]*([A-Z])(?=\s)")
 _NEXT_WORD = re.compile(r"\s+([A-Za-z]+)")
 
 _OPTION_LABEL = re.compile(r"(?:^|(?<=[\s:;,]))(?:(\()([A-Z])\)|([A-Z])([.)]))[ \t]*", re.MULTILINE)
@@ -100,8 +100,9 @@ def extract_choice(text: str, options: Mapping[str, str] | None = None) -> str |
     4. Last resort: the answer starts with an upper-case option letter used as a word (``A blorvin is
        red`` -> ``A``), taken only when nothing above found anything.
 
-    In tiers 1 and 3, an ``A``/``I`` followed by an ordinary word is read as the article or pronoun, not
-    a letter ("the answer is a bird"); followers like "or", "is", "because" keep it a letter. Only letters
+    Where a letter has no brackets or punctuation of its own (marker phrases, tier 3), an ``A``/``I``
+    followed by an ordinary word is read as the article or pronoun, not a letter ("the answer is a
+    bird"); followers like "or", "is", "because" keep it a letter. Only letters
     that are options count: the keys of ``options``, else :data:`DEFAULT_LETTERS`.
     """
     letters = {k.upper() for k in options} if options else set(DEFAULT_LETTERS)
@@ -162,16 +163,12 @@ def _outermost(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return [
         s
         for s in spans
-        if not any(
-            o[2] != s[2] and o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans
-        )
+        if not any(o[2] != s[2] and o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans)
     ]
 
 
 def _lone_letters(text: str, letters: set[str]) -> set[str]:
-    return {
-        m.group(1) for m in _LONE_UPPER.finditer(text) if not _used_as_word(text, m.group(1), m.end(1))
-    } & letters
+    return {m.group(1) for m in _LONE_UPPER.finditer(text) if not _used_as_word(text, m.group(1), m.end(1))} & letters
 
 
 def _leading_word_letter(text: str, letters: set[str]) -> set[str]:
@@ -282,7 +279,7 @@ def match_label(pred: str, labels: Sequence[str], similarity: Similarity | None 
     """Return the label of ``labels`` that a free-form prediction names, or ``None``.
 
     Labels and prediction are compared as :func:`label_key` (case, ``_``/``-``/spaces, articles and
-    plurals do not matter). In order:
+    plurals do not matter; labels with the same key are one class, named by the first). In order:
 
     1. the whole prediction is a label;
     2. labels appearing as a whole word or phrase in the prediction ("It is a night stand."), spaces
@@ -292,10 +289,8 @@ def match_label(pred: str, labels: Sequence[str], similarity: Similarity | None 
     """
     by_key: dict[str, str] = {}
     for label in labels:
-        key = label_key(label)
-        if key in by_key:
-            raise ValueError(f"labels {by_key[key]!r} and {label!r} are the same class after normalisation")
-        by_key[key] = label
+        if label_key(label):
+            by_key.setdefault(label_key(label), label)
     tokens = _label_tokens(pred)
     whole = by_key.get("".join(tokens))
     if whole is not None:
@@ -319,4 +314,4 @@ def match_label(pred: str, labels: Sequence[str], similarity: Similarity | None 
     if len(scores) != len(labels):
         raise ValueError(f"similarity returned {len(scores)} scores for {len(labels)} labels")
     best = max(scores)
-    return labels[scores.index(best)] if scores.count(best) == 1 else None
+    return by_key.get(label_key(labels[scores.index(best)])) if scores.count(best) == 1 else None

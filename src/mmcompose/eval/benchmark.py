@@ -39,7 +39,9 @@ class Sample:
     """One benchmark question with its inputs and (when known) its gold answer.
 
     ``question`` is the human turn verbatim, placeholders included, because the model needs them to
-    place its inputs; ``options`` are parsed from it (empty for non-choice questions).
+    place its inputs; ``options`` are parsed from it (empty for non-choice questions). ``answer`` is the
+    gpt turn, or the letter from MCUB's answer file. ``modal_inputs`` paths are joined to ``data_root``
+    when the loader was given one, otherwise they are as written in the file.
     """
 
     id: str
@@ -81,8 +83,7 @@ def load_benchmark(
         sample = _parse_sample(item, f"{path}: sample #{index}", root, always)
         if sample.id in seen:
             raise MMComposeError(
-                f"{path}: sample #{index}: duplicate id {sample.id!r} "
-                f"(first used by sample #{seen[sample.id]})"
+                f"{path}: sample #{index}: duplicate id {sample.id!r} (first used by sample #{seen[sample.id]})"
             )
         seen[sample.id] = index
         samples.append(sample)
@@ -103,15 +104,9 @@ def _parse_sample(item: Any, where: str, root: Path | None, always: tuple[str, .
 
     conversations = item["conversations"]
     if not isinstance(conversations, list) or len(conversations) not in (1, 2):
-        raise MMComposeError(
-            f"{where}: 'conversations' must be a list of one human turn and an optional gpt turn"
-        )
+        raise MMComposeError(f"{where}: 'conversations' must be a list of one human turn and an optional gpt turn")
     for turn_index, (turn, speaker) in enumerate(zip(conversations, ("human", "gpt"), strict=False)):
-        if (
-            not isinstance(turn, dict)
-            or turn.get("from") != speaker
-            or not isinstance(turn.get("value"), str)
-        ):
+        if not isinstance(turn, dict) or turn.get("from") != speaker or not isinstance(turn.get("value"), str):
             raise MMComposeError(
                 f"{where}: conversations[{turn_index}] must be {{'from': '{speaker}', 'value': <string>}}"
             )
@@ -247,9 +242,7 @@ def gold_answer(sample: Sample, kind: str, labels: Sequence[str] | None = None) 
         return letter
     if kind == "open":
         if not normalize_vqa(sample.answer):
-            raise InputError(
-                f"sample {sample.id!r}: gold answer {sample.answer!r} is empty after normalisation"
-            )
+            raise InputError(f"sample {sample.id!r}: gold answer {sample.answer!r} is empty after normalisation")
         return sample.answer
     if labels is None:
         raise ValueError("kind 'label' needs the list of labels")
@@ -257,9 +250,7 @@ def gold_answer(sample: Sample, kind: str, labels: Sequence[str] | None = None) 
     for label in labels:
         if label_key(label) == key:
             return label
-    raise InputError(
-        f"sample {sample.id!r}: gold label {sample.answer!r} is not one of the {len(labels)} labels"
-    )
+    raise InputError(f"sample {sample.id!r}: gold label {sample.answer!r} is not one of the {len(labels)} labels")
 
 
 def score(

@@ -8,8 +8,6 @@ machines by sample index, and :func:`merge_shards` reassembles exactly what one 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from rich.progress import (
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import Similarity
 from mmcompose.eval.benchmark import Sample, check_kind, gold_answer, score
+from mmcompose.files import atomic_write_text
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -98,7 +97,7 @@ def run_benchmark(
     metrics = summarize(records, task, kind)
     if count > 1:
         metrics["shard"] = {"index": index, "count": count, "n_benchmark": len(samples)}
-    _write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -117,14 +116,10 @@ def merge_shards(out_dir: str | Path, n_shards: int) -> dict[str, Any]:
     metrics = [_read_metrics(metrics_path, index, n_shards) for index, (_, metrics_path) in enumerate(paths)]
     identities = {(m.get("task"), m.get("kind"), m["shard"].get("n_benchmark")) for m in metrics}
     if len(identities) != 1:
-        raise MMComposeError(
-            f"{out_dir}: the shards come from different runs (task, kind, size: {sorted(identities)})"
-        )
+        raise MMComposeError(f"{out_dir}: the shards come from different runs (task, kind, size: {sorted(identities)})")
     ((task, kind, n_benchmark),) = identities
     records: list[dict[str, Any]] = []
-    for index, ((predictions_path, metrics_path), shard_metrics) in enumerate(
-        zip(paths, metrics, strict=True)
-    ):
+    for index, ((predictions_path, metrics_path), shard_metrics) in enumerate(zip(paths, metrics, strict=True)):
         shard_records, _ = _read_records(predictions_path)
         foreign = any(r["index"] % n_shards != index for r in shard_records)
         if foreign or len(shard_records) != shard_metrics.get("n"):
@@ -133,12 +128,10 @@ def merge_shards(out_dir: str | Path, n_shards: int) -> dict[str, Any]:
     records.sort(key=lambda r: r["index"])
     covered = [r["index"] for r in records] == list(range(n_benchmark))
     if not covered or len({r["id"] for r in records}) != n_benchmark:
-        raise MMComposeError(
-            f"{out_dir}: the {n_shards} shards do not cover the {n_benchmark} samples exactly once"
-        )
-    _write_atomic(out_dir / PREDICTIONS_FILE, "".join(_dumps(r) + "\n" for r in records))
+        raise MMComposeError(f"{out_dir}: the {n_shards} shards do not cover the {n_benchmark} samples exactly once")
+    atomic_write_text(out_dir / PREDICTIONS_FILE, "".join(_dumps(r) + "\n" for r in records))
     merged = summarize(records, task, kind)
-    _write_atomic(out_dir / METRICS_FILE, json.dumps(merged, indent=2) + "\n")
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(merged, indent=2) + "\n")
     return merged
 
 
@@ -205,9 +198,7 @@ def _predict_one(
             "error": message,
         }
     if not isinstance(prediction, str):
-        raise TypeError(
-            f"predict returned {type(prediction).__name__} for sample {sample.id!r}; expected str"
-        )
+        raise TypeError(f"predict returned {type(prediction).__name__} for sample {sample.id!r}; expected str")
     parsed, correct = score(sample, prediction, kind, labels=labels, similarity=similarity)
     return {
         **record,
@@ -220,7 +211,8 @@ def _predict_one(
 
 
 def _dumps(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False)
+    """One JSONL line; ASCII-only, so the files read the same under any locale's default encoding."""
+    return json.dumps(record)
 
 
 def _read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -238,22 +230,16 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     try:
         lines = data[:complete].decode("utf-8").split("\n")
     except UnicodeDecodeError as exc:
-        raise MMComposeError(
-            f"{path}: not UTF-8 text ({exc.reason}); delete it to redo these samples"
-        ) from None
+        raise MMComposeError(f"{path}: not UTF-8 text ({exc.reason}); delete it to redo these samples") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise MMComposeError(
-                f"{path}:{lineno}: damaged record ({exc.msg}); delete the line to redo it"
-            ) from None
+            raise MMComposeError(f"{path}:{lineno}: damaged record ({exc.msg}); delete the line to redo it") from None
         if not isinstance(record, dict) or any(key not in record for key in _RECORD_KEYS):
-            raise MMComposeError(
-                f"{path}:{lineno}: not a prediction record (needs {', '.join(_RECORD_KEYS)})"
-            )
+            raise MMComposeError(f"{path}:{lineno}: not a prediction record (needs {', '.join(_RECORD_KEYS)})")
         if record["id"] in seen:
             raise MMComposeError(f"{path}:{lineno}: sample id {record['id']!r} is recorded twice")
         seen.add(record["id"])
@@ -290,20 +276,6 @@ def _read_metrics(path: Path, index: int, count: int) -> dict[str, Any]:
     ):
         raise MMComposeError(f"{path}: not the metrics of shard {index} of {count}")
     return metrics
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and ``os.replace`` so a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress_bar(enabled: bool) -> Progress:

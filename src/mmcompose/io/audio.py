@@ -186,9 +186,7 @@ def _mono_from_array(array: np.ndarray, name: str, rate: int, max_seconds: float
     elif array.dtype.kind != "f":
         raise InputError(f"{name}: unsupported audio array dtype {array.dtype} (use float, int16 or int32)")
     if array.shape[0] > max_seconds * rate:
-        raise InputError(
-            f"{name}: audio lasts {array.shape[0] / rate:.1f} s, above max_seconds={max_seconds:g}"
-        )
+        raise InputError(f"{name}: audio lasts {array.shape[0] / rate:.1f} s, above max_seconds={max_seconds:g}")
     wave = array.astype(np.float32) if array.ndim == 1 else array.astype(np.float32).mean(axis=1)
     return wave
 
@@ -213,9 +211,7 @@ def _read_file(path: Path, name: str, max_seconds: float) -> tuple[np.ndarray, i
         exact = info.frames
     declared = exact if exact is not None else info.frames if info.frames < _UNKNOWN_FRAMES else 0
     if declared > max_seconds * rate:
-        raise InputError(
-            f"{name}: header declares {declared / rate:.1f} s of audio, above max_seconds={max_seconds:g}"
-        )
+        raise InputError(f"{name}: header declares {declared / rate:.1f} s of audio, above max_seconds={max_seconds:g}")
     max_frames = int(max_seconds * rate)
     blocks, total = [], 0
     try:

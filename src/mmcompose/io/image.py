@@ -133,8 +133,7 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
             raise InputError(
-                f"{name}: integer image values must lie in 0..255 (or use uint16 for 16-bit), "
-                f"got range [{low}, {high}]"
+                f"{name}: integer image values must lie in 0..255 (or use uint16 for 16-bit), got range [{low}, {high}]"
             )
         return array.astype(np.uint8)
     if kind == "f":

@@ -55,15 +55,17 @@ def load_video(
     if isinstance(source, np.ndarray):
         if source.ndim != 4:
             raise InputError(f"video array: expected shape (T, H, W, C), got {tuple(source.shape)}")
-        return _from_images(list(source), [f"video array[{i}]" for i in range(len(source))], num_frames,
-                            max_pixels_per_frame)
+        return _from_images(
+            list(source), [f"video array[{i}]" for i in range(len(source))], num_frames, max_pixels_per_frame
+        )
     if isinstance(source, list | tuple):
         names = [str(item) if isinstance(item, str | Path) else f"video frames[{i}]" for i, item in enumerate(source)]
         return _from_images(list(source), names, num_frames, max_pixels_per_frame)
     path = Path(source)
     if path.is_dir():
-        frames = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()),
-                        key=_natural_key)
+        frames = sorted(
+            (p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()), key=_natural_key
+        )
         if not frames:
             raise InputError(f"{path}: directory contains no frame images ({', '.join(sorted(FRAME_SUFFIXES))})")
         return _from_images(frames, [str(p) for p in frames], num_frames, max_pixels_per_frame)
@@ -106,10 +108,10 @@ def _load_frame(item: FrameSource, name: str, max_pixels: int) -> np.ndarray:
 
 def _from_container(path: Path, name: str, num_frames: int, max_seconds: float, max_pixels: int) -> np.ndarray:
     try:
-        first, last = _timestamp_range(path, name, max_seconds, max_pixels)
+        first, last, interval = _timestamp_range(path, name, max_seconds, max_pixels)
         targets = np.linspace(first, last, num_frames)
         with contextlib.closing(_decoded_frames(path, name, max_pixels)) as decoded:
-            frames = _pick_nearest(decoded, targets, name)
+            frames = _pick_nearest(decoded, targets, 2 * interval, name)
     except InputError:
         raise
     except Exception as exc:
@@ -125,6 +127,8 @@ def _open(path: Path, name: str, max_pixels: int) -> tuple[av.container.InputCon
     try:
         if container.format.name not in SUPPORTED_CONTAINERS:
             raise InputError(f"{name}: unsupported container '{container.format.name}' (use MP4, WebM/MKV or AVI)")
+        if not container.streams:
+            raise InputError(f"{name}: no media streams found (truncated or corrupt file)")
         if not container.streams.video:
             raise InputError(f"{name}: file has no video stream")
         stream = container.streams.video[0]
@@ -143,11 +147,12 @@ def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
         )
 
 
-def _timestamp_range(path: Path, name: str, max_seconds: float, max_pixels: int) -> tuple[int, int]:
-    """First and last presentation timestamps (stream time base) from the packets, without decoding.
+def _timestamp_range(path: Path, name: str, max_seconds: float, max_pixels: int) -> tuple[int, int, float]:
+    """First and last presentation timestamps and the mean frame interval (stream time base), from the packets.
 
-    Refuses the file as soon as the stated duration, or the span of timestamps seen so far, exceeds
-    `max_seconds`, so an overlong video costs at most a partial demux.
+    Demuxing without decoding is cheap, and needs no duration metadata. Refuses the file as soon as the
+    stated duration, or the span of timestamps seen so far, exceeds `max_seconds`; and refuses it as
+    truncated when the frames stop well before the video's own stated duration.
     """
     container, stream = _open(path, name, max_pixels)
     with container:
@@ -156,25 +161,37 @@ def _timestamp_range(path: Path, name: str, max_seconds: float, max_pixels: int)
             raise InputError(f"{name}: video lasts {stated:.1f} s, above max_seconds={max_seconds:g}")
         if stream.time_base is None or stream.time_base <= 0:
             raise InputError(f"{name}: video stream has no valid time base")
-        limit = max_seconds / stream.time_base
+        time_base = float(stream.time_base)
+        limit = max_seconds / time_base
         first = last = None
+        count, last_duration = 0, 0
         for packet in container.demux(stream):
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None or packet.size == 0:
                 continue
             first = stamp if first is None else min(first, stamp)
-            last = stamp if last is None else max(last, stamp)
+            if last is None or stamp >= last:
+                last, last_duration = stamp, packet.duration or 0
+            count += 1
             if last - first > limit:
                 raise InputError(f"{name}: video lasts more than max_seconds={max_seconds:g}")
+        own_duration = stated if len(container.streams) == 1 else _stated_seconds(None, stream)
     if first is None:
-        raise InputError(f"{name}: video stream contains no timestamped frames")
-    return first, last
+        raise InputError(f"{name}: video stream has no readable frames (truncated or corrupt file)")
+    interval = (last - first) / (count - 1) if count > 1 else 0.0
+    # The last frame lasts its own stated duration when the container records it (a screen recording's
+    # final still can last minutes); otherwise assume a typical frame interval.
+    covered = (last - first + (last_duration or interval)) * time_base
+    if own_duration is not None and covered < 0.9 * own_duration - interval * time_base:
+        raise InputError(f"{name}: truncated video (frames cover {covered:.2f} s of the stated {own_duration:.2f} s)")
+    return first, last, interval
 
 
-def _stated_seconds(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
+def _stated_seconds(container: av.container.InputContainer | None, stream: av.VideoStream) -> float | None:
+    """Duration from the metadata: the stream's own if stated, else the container's (which spans all streams)."""
     if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None and container.duration > 0:
+    if container is not None and container.duration is not None and container.duration > 0:
         return container.duration / av.time_base
     return None
 
@@ -208,8 +225,14 @@ class _LazyRGB:
         return self.array
 
 
-def _pick_nearest(frames: Iterator[tuple[int, _LazyRGB]], targets: np.ndarray, name: str) -> list[np.ndarray]:
-    """For each (sorted) target time, the frame with the nearest timestamp, in one streaming pass."""
+def _pick_nearest(
+    frames: Iterator[tuple[int, _LazyRGB]], targets: np.ndarray, slack: float, name: str
+) -> list[np.ndarray]:
+    """For each (sorted) target time, the frame with the nearest timestamp, in one streaming pass.
+
+    If decoding ends more than `slack` before the last target, frames the demuxer saw failed to decode:
+    the stream is truncated or corrupt, and repeating the last good frame would hide that.
+    """
     picked: list[np.ndarray] = []
     previous: tuple[int, _LazyRGB] | None = None
     for stamp, frame in frames:
@@ -218,11 +241,9 @@ def _pick_nearest(frames: Iterator[tuple[int, _LazyRGB]], targets: np.ndarray, n
             closer_before = previous is not None and target - previous[0] <= stamp - target
             picked.append(previous[1].rgb() if closer_before else frame.rgb())
         if len(picked) == len(targets):
-            break
+            return picked
         previous = (stamp, frame)
-    if previous is None and not picked:
-        raise InputError(f"{name}: no video frame could be decoded")
-    while len(picked) < len(targets):
-        picked.append(previous[1].rgb())
+    if previous is None or previous[0] < targets[-1] - slack:
+        raise InputError(f"{name}: video frames stop decoding before the end of the stream (truncated or corrupt)")
+    picked.extend(previous[1].rgb() for _ in range(len(targets) - len(picked)))
     return picked
-

@@ -35,7 +35,10 @@ from mmcompose.world.render import RENDERERS, WRITERS
 FORMAT_VERSION = 1
 
 MCUB3_SUBSETS: tuple[tuple[str, ...], ...] = (
-    ("image", "audio", "video"), ("image", "audio", "point"), ("image", "video", "point"), ("audio", "video", "point"),
+    ("image", "audio", "video"),
+    ("image", "audio", "point"),
+    ("image", "video", "point"),
+    ("audio", "video", "point"),
 )
 """The four 3-modality subsets of MCUB-3, named in file names by joining with '-'."""
 
@@ -59,10 +62,30 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "default": Profile(num_entities=48, train_renders=12, test_renders=4, val_renders=2, mcub_test=200,
-                       mcub_val=50, fact_docs=24, valid_fact_docs=4, qa_repeats=3, common_docs=(1500, 3000, 3000)),
-    "quick": Profile(num_entities=24, train_renders=4, test_renders=2, val_renders=1, mcub_test=60,
-                     mcub_val=20, fact_docs=12, valid_fact_docs=2, qa_repeats=2, common_docs=(300, 600, 600)),
+    "default": Profile(
+        num_entities=48,
+        train_renders=12,
+        test_renders=4,
+        val_renders=2,
+        mcub_test=200,
+        mcub_val=50,
+        fact_docs=24,
+        valid_fact_docs=4,
+        qa_repeats=3,
+        common_docs=(1500, 3000, 3000),
+    ),
+    "quick": Profile(
+        num_entities=24,
+        train_renders=4,
+        test_renders=2,
+        val_renders=1,
+        mcub_test=60,
+        mcub_val=20,
+        fact_docs=12,
+        valid_fact_docs=2,
+        qa_repeats=2,
+        common_docs=(300, 600, 600),
+    ),
 }
 
 
@@ -90,6 +113,7 @@ def _content_hash(root: Path) -> str:
 
 
 def _write_media(world: World, root: Path, renders: int) -> None:
+    """Render and save renderings 0..renders-1 of every entity in every modality (one noise stream each)."""
     for m_index, modality in enumerate(MODALITIES):
         folder = root / "media" / modality
         folder.mkdir(parents=True)
@@ -100,6 +124,7 @@ def _write_media(world: World, root: Path, renders: int) -> None:
 
 
 def _write_data(world: World, profile: Profile, root: Path) -> None:
+    """Write data/ and corpus/; each file draws from its own random stream, so files are independent."""
     seed = world.seed
     train = range(profile.train_renders)
     test = range(profile.train_renders, profile.train_renders + profile.test_renders)
@@ -108,15 +133,23 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
     data.mkdir()
 
     for modality in MODALITIES:
-        _write_json(data / f"{modality}_caption.json", ds.caption_samples(world, modality, train,
-                                                                         stream(seed, "caption", modality)))
-        _write_json(data / f"{modality}_instruct.json", ds.instruct_samples(world, modality, train,
-                                                                           stream(seed, "instruct", modality)))
-        _write_json(data / f"{modality}_test.json", ds.single_test_samples(world, modality, test,
-                                                                          stream(seed, "test", modality)))
+        _write_json(
+            data / f"{modality}_caption.json",
+            ds.caption_samples(world, modality, train, stream(seed, "caption", modality)),
+        )
+        _write_json(
+            data / f"{modality}_instruct.json",
+            ds.instruct_samples(world, modality, train, stream(seed, "instruct", modality)),
+        )
+        _write_json(
+            data / f"{modality}_test.json",
+            ds.single_test_samples(world, modality, test, stream(seed, "test", modality)),
+        )
 
-    pools = {size: ds.split_common_sets(world, size, profile.mcub_test, profile.mcub_val, stream(seed, "sets", size))
-             for size in (3, 4)}
+    pools = {
+        size: ds.split_common_sets(world, size, profile.mcub_test, profile.mcub_val, stream(seed, "sets", size))
+        for size in (3, 4)
+    }
     for subset in ((*MODALITIES,), *MCUB3_SUBSETS):
         tag = "mcub4" if len(subset) == 4 else f"mcub3_{subset_name(subset)}"
         test_sets, val_sets, _ = pools[len(subset)]
@@ -133,15 +166,16 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
     train_docs = corpus.fact_documents(world, tpl.TRAIN_FACTS, profile.fact_docs, stream(seed, "corpus", "facts"))
     chat_docs = corpus.chat_documents(world, profile.qa_repeats, stream(seed, "corpus", "chat"))
     train_docs += chat_docs
-    for size, (sets, count) in enumerate(zip(corpus_sets, profile.common_docs), start=2):
+    for size, (sets, count) in enumerate(zip(corpus_sets, profile.common_docs, strict=True), start=2):
         train_docs += corpus.common_documents(world, sets, count, stream(seed, "corpus", "common", size))
-    valid_docs = corpus.fact_documents(world, tpl.VALID_FACTS, profile.valid_fact_docs,
-                                       stream(seed, "corpus", "valid"))
+    valid_docs = corpus.fact_documents(world, tpl.VALID_FACTS, profile.valid_fact_docs, stream(seed, "corpus", "valid"))
     (root / "corpus").mkdir()
-    (root / "corpus" / "train.txt").write_text(corpus.join_documents(train_docs, stream(seed, "corpus", "order")),
-                                               encoding="utf-8")
-    (root / "corpus" / "valid.txt").write_text(corpus.join_documents(valid_docs, stream(seed, "corpus", "vorder")),
-                                               encoding="utf-8")
+    (root / "corpus" / "train.txt").write_text(
+        corpus.join_documents(train_docs, stream(seed, "corpus", "order")), encoding="utf-8"
+    )
+    (root / "corpus" / "valid.txt").write_text(
+        corpus.join_documents(valid_docs, stream(seed, "corpus", "vorder")), encoding="utf-8"
+    )
     seen = {corpus.chat_human(doc) for doc in chat_docs}
     _write_json(data / "text_qa.json", ds.text_qa_samples(world, seen, stream(seed, "text_qa")))
 
@@ -170,8 +204,14 @@ def build_world(seed: int, out_dir: Path, profile: str = "default", *, overwrite
         world = make_world(seed, settings.num_entities)
         _write_media(world, tmp, settings.train_renders + settings.test_renders + settings.val_renders)
         _write_data(world, settings, tmp)
-        description = {"format": FORMAT_VERSION, "profile": profile, "settings": asdict(settings),
-                       "modalities": list(MODALITIES), **world.to_dict(), "content_sha256": _content_hash(tmp)}
+        description = {
+            "format": FORMAT_VERSION,
+            "profile": profile,
+            "settings": asdict(settings),
+            "modalities": list(MODALITIES),
+            **world.to_dict(),
+            "content_sha256": _content_hash(tmp),
+        }
         _write_json(tmp / "world.json", description)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))

@@ -19,8 +19,9 @@ from mmcompose.world.datasets import attribute_choice, balanced_positions, commo
 from mmcompose.world.entities import World
 
 
-def fact_documents(world: World, phrasings: dict[str, tuple[str, ...]], per_entity: int,
-                   rng: np.random.Generator) -> list[str]:
+def fact_documents(
+    world: World, phrasings: dict[str, tuple[str, ...]], per_entity: int, rng: np.random.Generator
+) -> list[str]:
     """`per_entity` short paragraphs per entity, each stating 1 to all of its facts in random phrasings."""
     attributes = list(world.attributes)
     documents = []
@@ -28,8 +29,7 @@ def fact_documents(world: World, phrasings: dict[str, tuple[str, ...]], per_enti
         for _ in range(per_entity):
             count = int(rng.integers(1, len(attributes) + 1))
             chosen = [attributes[i] for i in rng.permutation(len(attributes))[:count]]
-            documents.append(" ".join(
-                tpl.fact(str(rng.choice(phrasings[a])), e.name, e.attributes[a]) for a in chosen))
+            documents.append(" ".join(tpl.fact(str(rng.choice(phrasings[a])), e.name, e.attributes[a]) for a in chosen))
     return documents
 
 
@@ -48,16 +48,18 @@ def chat_documents(world: World, repeats: int, rng: np.random.Generator) -> list
             question, letter = identity_choice(world, e.name, next(positions), rng)
             documents.append(tpl.chat_document(tpl.human_turn(name, question), letter))
         for attribute, value in e.attributes.items():
-            documents.append(tpl.chat_document(tpl.human_turn(name, tpl.ATTRIBUTE_QUESTIONS[attribute]),
-                                               tpl.attribute_answer(attribute, value)))
+            documents.append(
+                tpl.chat_document(
+                    tpl.human_turn(name, tpl.ATTRIBUTE_QUESTIONS[attribute]), tpl.attribute_answer(attribute, value)
+                )
+            )
             for _ in range(repeats):
                 question, letter = attribute_choice(world, e.name, attribute, next(positions), rng)
                 documents.append(tpl.chat_document(tpl.human_turn(name, question), letter))
     return documents
 
 
-def common_documents(world: World, sets: Sequence[tuple[int, ...]], count: int,
-                     rng: np.random.Generator) -> list[str]:
+def common_documents(world: World, sets: Sequence[tuple[int, ...]], count: int, rng: np.random.Generator) -> list[str]:
     """`count` common-attribute questions with names in place of media, over entity sets drawn from `sets`
     (with repetition, each time with fresh input order and distractors), answer letters balanced."""
     documents = []

@@ -31,12 +31,16 @@ def media_path(modality: str, name: str, index: int) -> str:
     return f"media/{modality}/{name}_{index}.{MEDIA_EXTENSIONS[modality]}"
 
 
-def make_sample(sample_id: str, human: str, gpt: str, modal_inputs: dict[str, list[str]],
-                meta: dict[str, Any]) -> Sample:
+def make_sample(
+    sample_id: str, human: str, gpt: str, modal_inputs: dict[str, list[str]], meta: dict[str, Any]
+) -> Sample:
     """One sample in the benchmark layout."""
-    return {"id": sample_id,
-            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
-            "modal_inputs": modal_inputs, "meta": meta}
+    return {
+        "id": sample_id,
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
+        "modal_inputs": modal_inputs,
+        "meta": meta,
+    }
 
 
 def balanced_positions(count: int, rng: np.random.Generator) -> list[int]:
@@ -70,8 +74,9 @@ def identity_choice(world: World, name: str, position: int, rng: np.random.Gener
     return tpl.multiple_choice(tpl.IDENTITY_QUESTION, options), tpl.LETTERS[position]
 
 
-def attribute_choice(world: World, name: str, attribute: str, position: int,
-                     rng: np.random.Generator) -> tuple[str, str]:
+def attribute_choice(
+    world: World, name: str, attribute: str, position: int, rng: np.random.Generator
+) -> tuple[str, str]:
     """(question with options, letter) asking for one attribute of entity `name`."""
     value = world.entity(name).attributes[attribute]
     options = choice_options(value, world.attributes[attribute], position, rng)
@@ -81,9 +86,15 @@ def attribute_choice(world: World, name: str, attribute: str, position: int,
 def caption_samples(world: World, modality: str, renders: range, rng: np.random.Generator) -> list[Sample]:
     """Stage-1 alignment data: the placeholder alone, answered by the caption `This is a <name>.`."""
     samples = [
-        make_sample("", tpl.PLACEHOLDERS[modality], tpl.caption(e.name),
-                    {modality: [media_path(modality, e.name, k)]}, {"task": "caption", "entities": [e.name]})
-        for e in world.entities for k in renders
+        make_sample(
+            "",
+            tpl.PLACEHOLDERS[modality],
+            tpl.caption(e.name),
+            {modality: [media_path(modality, e.name, k)]},
+            {"task": "caption", "entities": [e.name]},
+        )
+        for e in world.entities
+        for k in renders
     ]
     return assign_ids(samples, f"{modality}-caption", rng)
 
@@ -104,17 +115,39 @@ def instruct_samples(world: World, modality: str, renders: range, rng: np.random
             identity_q, identity_a = identity_choice(world, e.name, next(positions), rng)
             attribute_q, attribute_a = attribute_choice(world, e.name, choice_attribute, next(positions), rng)
             samples += [
-                make_sample("", tpl.human_turn(placeholder, tpl.IDENTITY_QUESTION), tpl.caption(e.name), inputs,
-                            {"task": "identity", "entities": [e.name]}),
-                make_sample("", tpl.human_turn(placeholder, identity_q), identity_a, inputs,
-                            {"task": "identity_choice", "entities": [e.name]}),
-                make_sample("", tpl.human_turn(placeholder, tpl.ATTRIBUTE_QUESTIONS[open_attribute]),
-                            tpl.attribute_answer(open_attribute, value), inputs,
-                            {"task": "attribute", "entities": [e.name], "attribute": open_attribute,
-                             "value": value}),
-                make_sample("", tpl.human_turn(placeholder, attribute_q), attribute_a, inputs,
-                            {"task": "attribute_choice", "entities": [e.name], "attribute": choice_attribute,
-                             "value": e.attributes[choice_attribute]}),
+                make_sample(
+                    "",
+                    tpl.human_turn(placeholder, tpl.IDENTITY_QUESTION),
+                    tpl.caption(e.name),
+                    inputs,
+                    {"task": "identity", "entities": [e.name]},
+                ),
+                make_sample(
+                    "",
+                    tpl.human_turn(placeholder, identity_q),
+                    identity_a,
+                    inputs,
+                    {"task": "identity_choice", "entities": [e.name]},
+                ),
+                make_sample(
+                    "",
+                    tpl.human_turn(placeholder, tpl.ATTRIBUTE_QUESTIONS[open_attribute]),
+                    tpl.attribute_answer(open_attribute, value),
+                    inputs,
+                    {"task": "attribute", "entities": [e.name], "attribute": open_attribute, "value": value},
+                ),
+                make_sample(
+                    "",
+                    tpl.human_turn(placeholder, attribute_q),
+                    attribute_a,
+                    inputs,
+                    {
+                        "task": "attribute_choice",
+                        "entities": [e.name],
+                        "attribute": choice_attribute,
+                        "value": e.attributes[choice_attribute],
+                    },
+                ),
             ]
     return assign_ids(samples, f"{modality}-instruct", rng)
 
@@ -132,11 +165,25 @@ def single_test_samples(world: World, modality: str, renders: range, rng: np.ran
             identity_q, identity_a = identity_choice(world, e.name, next(positions), rng)
             attribute_q, attribute_a = attribute_choice(world, e.name, attribute, next(positions), rng)
             samples += [
-                make_sample("", tpl.human_turn(placeholder, identity_q), identity_a, inputs,
-                            {"task": "identity_choice", "entities": [e.name]}),
-                make_sample("", tpl.human_turn(placeholder, attribute_q), attribute_a, inputs,
-                            {"task": "attribute_choice", "entities": [e.name], "attribute": attribute,
-                             "value": e.attributes[attribute]}),
+                make_sample(
+                    "",
+                    tpl.human_turn(placeholder, identity_q),
+                    identity_a,
+                    inputs,
+                    {"task": "identity_choice", "entities": [e.name]},
+                ),
+                make_sample(
+                    "",
+                    tpl.human_turn(placeholder, attribute_q),
+                    attribute_a,
+                    inputs,
+                    {
+                        "task": "attribute_choice",
+                        "entities": [e.name],
+                        "attribute": attribute,
+                        "value": e.attributes[attribute],
+                    },
+                ),
             ]
     return assign_ids(samples, f"{modality}-test", rng)
 
@@ -155,9 +202,20 @@ def text_qa_samples(world: World, seen: set[str], rng: np.random.Generator, trie
                 human = tpl.human_turn([e.name], question)
                 if human not in seen:
                     break
-            samples.append(make_sample("", human, letter, {}, {
-                "task": "attribute_choice", "entities": [e.name], "attribute": attribute,
-                "value": e.attributes[attribute]}))
+            samples.append(
+                make_sample(
+                    "",
+                    human,
+                    letter,
+                    {},
+                    {
+                        "task": "attribute_choice",
+                        "entities": [e.name],
+                        "attribute": attribute,
+                        "value": e.attributes[attribute],
+                    },
+                )
+            )
     return assign_ids(samples, "text-qa", rng)
 
 
@@ -180,8 +238,12 @@ class CommonItem:
 
     def meta(self, task: str) -> dict[str, Any]:
         """Analysis metadata for a sample made of this item."""
-        return {"task": task, "entities": list(self.entities), "attribute": self.attribute,
-                "value": self.options[self.answer]}
+        return {
+            "task": task,
+            "entities": list(self.entities),
+            "attribute": self.attribute,
+            "value": self.options[self.answer],
+        }
 
 
 def common_sets(world: World, size: int) -> list[tuple[int, ...]]:
@@ -194,14 +256,13 @@ def common_sets(world: World, size: int) -> list[tuple[int, ...]]:
     return sorted(found)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triples(count: int) -> np.ndarray:
     """All index triples of `count` candidates, as a (C(count, 3), 3) array (cached: built once per count)."""
     return np.array(list(itertools.combinations(range(count), 3)), dtype=np.int64)
 
 
-def common_item(world: World, indices: Sequence[int], position: int,
-                rng: np.random.Generator) -> CommonItem | None:
+def common_item(world: World, indices: Sequence[int], position: int, rng: np.random.Generator) -> CommonItem | None:
     """A question about the entities `indices` (in this input order) with the answer at `position`, or None
     when no three distractors leave every single entity consistent with a wrong option too.
 
@@ -242,21 +303,37 @@ def usable_common_sets(world: World, size: int, rng: np.random.Generator) -> lis
     return [usable[i] for i in rng.permutation(len(usable))]
 
 
-def split_common_sets(world: World, size: int, test: int, val: int, rng: np.random.Generator
-                      ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], list[tuple[int, ...]]]:
+def _interleave_by_attribute(world: World, sets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """`sets` reordered round-robin over the attribute each set shares (its first shared one, in schema
+    order), keeping the order within an attribute: any prefix then asks about every attribute about equally."""
+    rank: dict[str, int] = {}
+    keyed = []
+    for position, indices in enumerate(sets):
+        attribute = next(a for a in world.attributes if len({world.entities[i].attributes[a] for i in indices}) == 1)
+        rank[attribute] = rank.get(attribute, -1) + 1
+        keyed.append((rank[attribute], position, indices))
+    return [indices for _, _, indices in sorted(keyed)]
+
+
+def split_common_sets(
+    world: World, size: int, test: int, val: int, rng: np.random.Generator
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], list[tuple[int, ...]]]:
     """Disjoint (test, val, corpus) pools of entity sets: a set asked about at test or validation time is
-    never asked about in the corpus, so the answer cannot be memorised."""
-    sets = usable_common_sets(world, size, rng)
+    never asked about in the corpus, so the answer cannot be memorised. Test and validation pools are
+    balanced over the shared attribute."""
+    sets = _interleave_by_attribute(world, usable_common_sets(world, size, rng))
     if len(sets) < test + val + 1:
-        raise MMComposeError(f"the world has only {len(sets)} usable {size}-entity sets, {test + val + 1} needed; "
-                             "use more entities or fewer MCUB items")
-    return sets[:test], sets[test:test + val], sets[test + val:]
+        raise MMComposeError(
+            f"the world has only {len(sets)} usable {size}-entity sets, {test + val + 1} needed; "
+            "use more entities or fewer MCUB items"
+        )
+    return sets[:test], sets[test : test + val], sets[test + val :]
 
 
 def common_items(world: World, sets: Sequence[tuple[int, ...]], rng: np.random.Generator) -> list[CommonItem]:
     """One question per set, entities in random input order, answer letters balanced."""
     items = []
-    for indices, position in zip(sets, balanced_positions(len(sets), rng)):
+    for indices, position in zip(sets, balanced_positions(len(sets), rng), strict=True):
         order = [int(i) for i in rng.permutation(indices)]
         item = common_item(world, order, position, rng)
         if item is None:
@@ -265,20 +342,29 @@ def common_items(world: World, sets: Sequence[tuple[int, ...]], rng: np.random.G
     return items
 
 
-def mcub_samples(items: Sequence[CommonItem], modalities: Sequence[str], renders: range, prefix: str,
-                 rng: np.random.Generator) -> list[Sample]:
+def mcub_samples(
+    items: Sequence[CommonItem], modalities: Sequence[str], renders: range, prefix: str, rng: np.random.Generator
+) -> list[Sample]:
     """MCUB samples: input j of an item is modality `modalities[j]` rendering entity j, a random rendering
     from `renders`. Ids are `prefix-00000`... in item order."""
     samples = []
     for i, item in enumerate(items):
-        inputs = {m: [media_path(m, name, int(rng.choice(renders)))] for m, name in zip(modalities, item.entities)}
+        inputs = {
+            m: [media_path(m, name, int(rng.choice(renders)))]
+            for m, name in zip(modalities, item.entities, strict=True)
+        }
         human = item.human([tpl.PLACEHOLDERS[m] for m in modalities])
-        samples.append(make_sample(f"{prefix}-{i:05d}", human, tpl.LETTERS[item.answer], inputs,
-                                   item.meta("common_choice")))
+        samples.append(
+            make_sample(f"{prefix}-{i:05d}", human, tpl.LETTERS[item.answer], inputs, item.meta("common_choice"))
+        )
     return samples
 
 
 def text_common_samples(items: Sequence[CommonItem], prefix: str) -> list[Sample]:
     """The text-only twins of MCUB samples: the same questions with entity names in place of media."""
-    return [make_sample(f"{prefix}-{i:05d}", item.human(item.entities), tpl.LETTERS[item.answer], {},
-                        item.meta("common_choice")) for i, item in enumerate(items)]
+    return [
+        make_sample(
+            f"{prefix}-{i:05d}", item.human(item.entities), tpl.LETTERS[item.answer], {}, item.meta("common_choice")
+        )
+        for i, item in enumerate(items)
+    ]

@@ -35,8 +35,34 @@ an unambiguous answer option. A world uses the first few values of each attribut
 MIN_VALUES, MAX_VALUES = 4, 6
 ENTITIES_PER_VALUE = 8
 
-_ONSETS = ("b", "bl", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kl", "kr", "m", "n", "p", "pl",
-           "pr", "sk", "sl", "sn", "st", "t", "tr", "v", "z")
+_ONSETS = (
+    "b",
+    "bl",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "fl",
+    "g",
+    "gl",
+    "gr",
+    "k",
+    "kl",
+    "kr",
+    "m",
+    "n",
+    "p",
+    "pl",
+    "pr",
+    "sk",
+    "sl",
+    "sn",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+)
 _MIDDLE_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "t", "v", "z")
 _VOWELS = ("a", "e", "i", "o", "u")
 _INNER_CODAS = ("", "", "r", "l", "n", "m")
@@ -66,10 +92,6 @@ class Entity:
     attributes: dict[str, str]
     latents: dict[str, tuple[float, ...]]
 
-    def plural(self) -> str:
-        """The plural of the name (names never end in s, x, y or z, so adding an s is always right)."""
-        return self.name + "s"
-
 
 @dataclass(frozen=True)
 class World:
@@ -92,8 +114,11 @@ class World:
             "seed": self.seed,
             "attributes": {a: list(v) for a, v in self.attributes.items()},
             "entities": [
-                {"name": e.name, "attributes": dict(e.attributes),
-                 "latents": {m: list(code) for m, code in e.latents.items()}}
+                {
+                    "name": e.name,
+                    "attributes": dict(e.attributes),
+                    "latents": {m: list(code) for m, code in e.latents.items()},
+                }
                 for e in self.entities
             ],
         }
@@ -103,8 +128,11 @@ class World:
         """Rebuild a world from `to_dict` output (e.g. the `world.json` of a built world)."""
         try:
             entities = tuple(
-                Entity(name=str(e["name"]), attributes={str(a): str(v) for a, v in e["attributes"].items()},
-                       latents={str(m): tuple(float(x) for x in code) for m, code in e["latents"].items()})
+                Entity(
+                    name=str(e["name"]),
+                    attributes={str(a): str(v) for a, v in e["attributes"].items()},
+                    latents={str(m): tuple(float(x) for x in code) for m, code in e["latents"].items()},
+                )
                 for e in data["entities"]
             )
             attributes = {str(a): [str(v) for v in values] for a, values in data["attributes"].items()}
@@ -127,8 +155,14 @@ def _make_names(rng: np.random.Generator, count: int, forbidden: Iterable[str]) 
     taken = set(forbidden)
     names: list[str] = []
     while len(names) < count:
-        name = (str(rng.choice(_ONSETS)) + str(rng.choice(_VOWELS)) + str(rng.choice(_INNER_CODAS))
-                + str(rng.choice(_MIDDLE_ONSETS)) + str(rng.choice(_VOWELS)) + str(rng.choice(_FINAL_CODAS)))
+        name = (
+            str(rng.choice(_ONSETS))
+            + str(rng.choice(_VOWELS))
+            + str(rng.choice(_INNER_CODAS))
+            + str(rng.choice(_MIDDLE_ONSETS))
+            + str(rng.choice(_VOWELS))
+            + str(rng.choice(_FINAL_CODAS))
+        )
         if name not in taken and 5 <= len(name) <= 8:
             taken.add(name)
             names.append(name)
@@ -164,8 +198,7 @@ def make_world(seed: int, num_entities: int) -> World:
     table = _assign_attributes(stream(seed, "attributes"), num_entities, num_values)
     entities = []
     for index, name in enumerate(names):
-        latents = {m: tuple(float(x) for x in stream(seed, "latent", m, index).random(LATENT_DIM))
-                   for m in MODALITIES}
+        latents = {m: tuple(float(x) for x in stream(seed, "latent", m, index).random(LATENT_DIM)) for m in MODALITIES}
         values = {a: attributes[a][int(table[index, j])] for j, a in enumerate(attributes)}
         entities.append(Entity(name=name, attributes=values, latents=latents))
     return World(seed=int(seed), entities=tuple(entities), attributes=attributes)

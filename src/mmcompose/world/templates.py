@@ -39,16 +39,36 @@ _PLURALS = {"fish": "fish"}
 # Fact phrasings. Keys available: name, plural (of the name), value, values (plural of the value), article.
 # Sentences never start with a name, so names only ever appear in lower case (a smaller, regular vocabulary).
 TRAIN_FACTS: dict[str, tuple[str, ...]] = {
-    "category": ("The {name} is a kind of {value}.", "A {name} is {article} {value}.",
-                 "All {plural} are {values}.", "The {name} belongs to the {values}."),
-    "habitat": ("The {name} lives in the {value}.", "All {plural} live in the {value}.",
-                "You can find the {name} in the {value}.", "The home of the {name} is the {value}."),
-    "colour": ("The {name} is {value}.", "All {plural} are {value}.", "The colour of the {name} is {value}.",
-               "The body of the {name} is {value}."),
-    "size": ("The {name} is {value}.", "All {plural} are {value}.", "The size of the {name} is {value}.",
-             "The {name} is a {value} animal."),
-    "diet": ("The {name} eats {value}.", "All {plural} eat {value}.", "The food of the {name} is {value}.",
-             "The {name} feeds on {value}."),
+    "category": (
+        "The {name} is a kind of {value}.",
+        "A {name} is {article} {value}.",
+        "All {plural} are {values}.",
+        "The {name} belongs to the {values}.",
+    ),
+    "habitat": (
+        "The {name} lives in the {value}.",
+        "All {plural} live in the {value}.",
+        "You can find the {name} in the {value}.",
+        "The home of the {name} is the {value}.",
+    ),
+    "colour": (
+        "The {name} is {value}.",
+        "All {plural} are {value}.",
+        "The colour of the {name} is {value}.",
+        "The body of the {name} is {value}.",
+    ),
+    "size": (
+        "The {name} is {value}.",
+        "All {plural} are {value}.",
+        "The size of the {name} is {value}.",
+        "The {name} is a {value} animal.",
+    ),
+    "diet": (
+        "The {name} eats {value}.",
+        "All {plural} eat {value}.",
+        "The food of the {name} is {value}.",
+        "The {name} feeds on {value}.",
+    ),
 }
 VALID_FACTS: dict[str, tuple[str, ...]] = {
     "category": ("Every {name} is {article} {value}.", "Among the {values} there is the {name}."),
@@ -65,8 +85,9 @@ def _article(word: str) -> str:
 
 def fact(template: str, name: str, value: str) -> str:
     """Fill a fact phrasing for entity `name` having attribute value `value`."""
-    return template.format(name=name, plural=name + "s", value=value,
-                           values=_PLURALS.get(value, value + "s"), article=_article(value))
+    return template.format(
+        name=name, plural=name + "s", value=value, values=_PLURALS.get(value, value + "s"), article=_article(value)
+    )
 
 
 def attribute_answer(attribute: str, value: str) -> str:
@@ -83,7 +104,7 @@ def multiple_choice(question: str, options: Sequence[str]) -> str:
     """`question`, then one `X. option` line per letter, then the answer instruction."""
     if len(options) != len(LETTERS):
         raise MMComposeError(f"a multiple-choice question needs {len(LETTERS)} options, got {len(options)}")
-    lines = [question, *(f"{letter}. {option}" for letter, option in zip(LETTERS, options))]
+    lines = [question, *(f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=True))]
     return "\n".join([*lines, ANSWER_INSTRUCTION])
 
 

@@ -1,0 +1,101 @@
+"""Tensor-by-tensor I/O for composition, so peak memory stays near one tensor per input.
+
+Reading uses safetensors' lazy `safe_open`. The safetensors Python API can only write a whole dict at
+once, so `SafetensorsStream` writes the format directly: the 8-byte little-endian header length, the JSON
+header with every tensor's dtype, shape and byte offsets (known before any data, because composition
+knows its output shapes in advance), then each tensor's raw bytes in header order.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import safe_open
+
+from mmcompose.checkpoint.fingerprint import safetensors_header
+from mmcompose.errors import CheckpointError
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+class TensorReader:
+    """Lazy access to the tensors of several safetensors files, by name, one tensor at a time."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._stack = ExitStack()
+        self._where: dict[str, object] = {}
+        self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for file in files:
+            header, _ = safetensors_header(file)
+            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            for name, info in header.items():
+                if name in self._where:
+                    raise CheckpointError(f"{file}: tensor {name} also appears in another file")
+                self._where[name] = handle
+                if info["dtype"] not in DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+                self.layout[name] = (DTYPES[info["dtype"]], tuple(info["shape"]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> Iterator[str]:
+        return iter(self.layout)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+
+class SafetensorsStream:
+    """Write a safetensors file whose layout is declared up front; tensors arrive one by one, in order."""
+
+    def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.layout = layout
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            size = torch.empty((), dtype=dtype).element_size()
+            for dim in shape:
+                size *= dim
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as safetensors does
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._pending = iter(layout)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = next(self._pending, None)
+        dtype, shape = self.layout.get(name, (None, None))
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"stream expected {expected} {dtype} {shape}, got {name} {tensor.dtype} "
+                               f"{tuple(tensor.shape)}")
+        self._handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+    def close(self) -> None:
+        missing = next(self._pending, None)
+        self._handle.close()
+        if missing is not None:
+            raise RuntimeError(f"stream closed before tensor {missing} was written")

@@ -1,0 +1,153 @@
+"""What every importer shares: reading foreign state dicts safely, accounting for every key, and building the
+mmcompose model an import fills without loading the base LLM's weights."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from mmcompose.checkpoint.fingerprint import fingerprint_base
+from mmcompose.checkpoint.store import save_checkpoint
+from mmcompose.checkpoint.validate import check_tensor_set
+from mmcompose.errors import CheckpointError
+from mmcompose.model import ModelSpec, MultimodalLLM
+
+# The fields that decide whether two LLM configs describe the same network (vocabulary size is compared
+# separately: multimodal fine-tunes often append tokens such as `<image>`).
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {path.name}")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file or of a pickled state dict, which is only ever unpickled with
+    `weights_only=True`: a pickle that holds anything but tensors and plain containers is refused, never run."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors, and mmcompose only "
+                              f"unpickles with weights_only=True (convert it to safetensors with a tool you trust)"
+                              ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable PyTorch file ({str(error).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def preview(names: Iterable[str], count: int = 3) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+class SourceKeys:
+    """A foreign state dict consumed key by key, so that nothing is silently dropped or invented.
+
+    `take` records a missing key instead of failing at once, so that one error names all the gaps;
+    `finish` then refuses missing keys first and unconsumed (unknown) keys second.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str, strip_prefix: str = "") -> None:
+        self.where = where
+        self.original = {name.removeprefix(strip_prefix): name for name in tensors}
+        if len(self.original) != len(tensors):
+            raise CheckpointError(f"{where}: keys appear both with and without the {strip_prefix!r} prefix")
+        self.pending = {name.removeprefix(strip_prefix): tensor for name, tensor in tensors.items()}
+        self.missing: list[str] = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.pending
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.pending:
+            self.missing.append(name)
+            return torch.empty(0)
+        return self.pending.pop(name)
+
+    def take_optional(self, name: str) -> torch.Tensor | None:
+        return self.pending.pop(name, None)
+
+    def matching(self, prefix: str) -> list[str]:
+        return sorted(name for name in self.pending if name.startswith(prefix))
+
+    def finish(self) -> None:
+        if self.missing:
+            raise CheckpointError(f"{self.where}: {len(self.missing)} expected key(s) missing: {preview(self.missing)}")
+        if self.pending:
+            unknown = [self.original[name] for name in self.pending]
+            raise CheckpointError(f"{self.where}: {len(unknown)} unknown key(s): {preview(unknown)}")
+
+
+def check_same_llm(config: dict[str, Any], base_config: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint whose LLM is not the base's architecture, before any tensor is read."""
+    for field in ARCHITECTURE_FIELDS:
+        ours, theirs = base_config.get(field), config.get(field)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointError(f"{where}: its LLM has {field}={theirs}, the base LLM has {field}={ours}; "
+                                  f"it was not fine-tuned from this base")
+    if config.get("vocab_size", 0) < base_config.get("vocab_size", 0):
+        raise CheckpointError(f"{where}: its vocabulary ({config.get('vocab_size')}) is smaller than the base "
+                              f"LLM's ({base_config.get('vocab_size')})")
+
+
+def base_config(base: Path) -> dict[str, Any]:
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"{base}: not a base LLM directory (no config.json)")
+    return AutoConfig.from_pretrained(base, local_files_only=True).to_dict()
+
+
+def skeleton(base: Path, spec: ModelSpec, fingerprint: str | None = None) -> MultimodalLLM:
+    """The model `spec` describes on `base`, with the base LLM's weights left on the meta device.
+
+    An import only needs the tensors a checkpoint stores (branches and deltas), so it never pays for
+    loading a 7B LLM. The deltas are materialised (uninitialised) on the CPU, ready to be filled; the
+    dtype is the one `load_checkpoint` will later build, so the saved checkpoint loads strictly.
+    """
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    model = MultimodalLLM(llm, tokenizer, spec, base, fingerprint or fingerprint_base(base))
+    for layer in model.routed.values():
+        layer.deltas.to_empty(device="cpu")
+    return model
+
+
+def save_import(model: MultimodalLLM, tensors: dict[str, torch.Tensor], out: Path, *, overwrite: bool,
+                provenance: dict[str, Any]) -> Path:
+    """Check `tensors` against what the model stores (strictly), cast them to its dtypes, save atomically."""
+    expected = model.checkpoint_tensors()
+    cast = {name: value.to(expected[name].dtype) if name in expected and value.is_floating_point() else value
+            for name, value in tensors.items()}
+    check_tensor_set(expected, cast, where=f"import into {out}")
+    model.load_checkpoint_tensors(cast)
+    model.provenance = provenance
+    return save_checkpoint(model, out, overwrite=overwrite)
