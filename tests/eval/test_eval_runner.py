@@ -39,7 +39,10 @@ class FakeModel:
         self.calls: Counter[str] = Counter()
         self.kill_after = kill_after
 
-    def __call__(self, sample: Sample) -> str:
+    def __call__(self, samples: list[Sample]) -> list[str]:
+        return [self.answer(sample) for sample in samples]
+
+    def answer(self, sample: Sample) -> str:
         if self.kill_after is not None and sum(self.calls.values()) == self.kill_after:
             raise KeyboardInterrupt
         self.calls[sample.id] += 1
@@ -190,7 +193,7 @@ def test_shard_files() -> None:
 
 
 def test_other_exceptions_propagate(tmp_path: Path) -> None:
-    def broken(sample: Sample) -> str:
+    def broken(samples: list[Sample]) -> list[str]:
         raise RuntimeError("CUDA out of memory")
 
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
@@ -228,8 +231,8 @@ def test_open_and_label_kinds(tmp_path: Path) -> None:
     open_samples, label_samples = _open_and_label_samples()
     answers = {"o0": "3", "o1": "Cello.", "p0": "A nightstand.", "p1": "two chairs", "p2": "hmm"}
 
-    def predict(sample: Sample) -> str:
-        return answers[sample.id]
+    def predict(samples: list[Sample]) -> list[str]:
+        return [answers[sample.id] for sample in samples]
 
     metrics = run_benchmark(open_samples, predict, tmp_path / "open", "MUSIC-AVQA", "open", progress=False)
     assert (metrics["n_correct"], metrics["n_unparseable"]) == (2, 0)
@@ -247,3 +250,16 @@ def test_empty_shard_and_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixt
     metrics = run_benchmark(samples, FakeModel(), tmp_path, "MCUB-4", "choice", progress=True)
     assert metrics["accuracy"] == 1.0
     assert capsys.readouterr().out == ""  # the bar goes to stderr
+
+
+def test_batches_isolate_a_failing_sample(tmp_path: Path) -> None:
+    model = FakeModel()
+    batches: list[list[str]] = []
+
+    def batched(samples: list[Sample]) -> list[str]:
+        batches.append([s.id for s in samples])
+        return model(samples)
+
+    metrics = run_benchmark(make_samples(), batched, tmp_path, "MCUB-4", "choice", progress=False, batch_size=4)
+    assert metrics == EXPECTED_METRICS
+    assert batches == [["s0", "s1", "s2", "s3"], ["s4", "s5"], ["s4"], ["s5"]]

@@ -129,7 +129,9 @@ def test_limits(tmp_path: Path) -> None:
 
 def test_bad_files(tmp_path: Path) -> None:
     good = encode_video(tmp_path / "good.mp4", "libx264", 10).read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(good[: len(good) // 2])
+    (tmp_path / "cut.mp4").write_bytes(good[: len(good) // 2])  # the index (moov) is at the end: lost
+    good = encode_video(tmp_path / "good.webm", "libvpx-vp9", 30).read_bytes()
+    (tmp_path / "cut.webm").write_bytes(good[: len(good) // 2])  # header intact, second half of frames lost
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "noise.webm").write_bytes(np.random.default_rng(2).integers(0, 256, 900, np.uint8).tobytes())
     Image.new("RGB", (8, 8)).save(tmp_path / "picture.mp4", format="PNG")
@@ -140,8 +142,19 @@ def test_bad_files(tmp_path: Path) -> None:
         silence.sample_rate = 8000
         for packet in [*stream.encode(silence), *stream.encode()]:
             container.mux(packet)
+    with av.open(str(tmp_path / "cover_only.mp4"), "w") as container:  # a song with cover art
+        audio = container.add_stream("aac", rate=8000)
+        cover = container.add_stream("png", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 16, 16, "rgb24"
+        cover.disposition = av.stream.Disposition.attached_pic
+        packets = [*audio.encode(silence), *audio.encode()]
+        packets += [*cover.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24"))]
+        for packet in [*packets, *cover.encode()]:
+            container.mux(packet)
     cases = {
-        tmp_path / "cut.mp4": "not a readable video file",
+        tmp_path / "cover_only.mp4": "file has no video stream (only cover art)",
+        tmp_path / "cut.mp4": "no media streams found (truncated or corrupt file)",
+        tmp_path / "cut.webm": "truncated video (frames cover 0.",
         tmp_path / "empty.mp4": "empty file",
         tmp_path / "missing.mp4": "no such file",
         tmp_path / "noise.webm": "not a readable video file",

@@ -9,37 +9,11 @@ different base, not a single flipped bit.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from pathlib import Path
 
-from mmcompose.errors import CheckpointError
+from mmcompose.tensorfiles import safetensors_header, weight_files
 
 WINDOWS, WINDOW_BYTES = 64, 64
-
-
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its header length)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {size})")
-        try:
-            header = json.loads(handle.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
-def weight_files(directory: Path) -> list[Path]:
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors weights (convert .bin weights to safetensors first)")
-    return files
 
 
 def fingerprint_base(directory: str | Path) -> str:

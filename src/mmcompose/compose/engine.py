@@ -27,10 +27,10 @@ from mmcompose.checkpoint.manifest import MANIFEST_NAME, BaseReference, Manifest
 from mmcompose.checkpoint.store import TENSOR_FILE, base_reference, resolve_base
 from mmcompose.compose.config import LEGACY_MERGE, CompositionConfig
 from mmcompose.compose.operators import OPERATORS, factorwise_mean, lora_concat
-from mmcompose.compose.streaming import SafetensorsStream, TensorReader
 from mmcompose.errors import CheckpointError, CompositionError
 from mmcompose.files import atomic_directory
 from mmcompose.model.spec import DeltaSpec, ModalitySpec, ModelSpec
+from mmcompose.tensorfiles import SafetensorsStream, TensorReader
 
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 

@@ -42,9 +42,12 @@ def shard_files(out_dir: str | Path, shard: tuple[int, int] = (0, 1)) -> tuple[P
     return out_dir / f"predictions.{suffix}.jsonl", out_dir / f"metrics.{suffix}.json"
 
 
+Predictor = Callable[[Sequence[Sample]], Sequence[str]]
+
+
 def run_benchmark(
     samples: Sequence[Sample],
-    predict: Callable[[Sample], str],
+    predict: Predictor,
     out_dir: str | Path,
     task: str,
     kind: str,
@@ -53,8 +56,13 @@ def run_benchmark(
     progress: bool = True,
     labels: Sequence[str] | None = None,
     similarity: Similarity | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Predict and score the samples of one shard, append them to its JSONL file, return its metrics.
+
+    ``predict`` answers a batch of up to ``batch_size`` samples at once (models are much faster batched);
+    when a batch raises :class:`MMComposeError`, its samples are predicted one by one so that only the
+    faulty sample is recorded as failed.
 
     Pass the whole benchmark to every shard: shard ``(i, n)`` takes the samples whose index ``% n == i``
     and writes ``predictions.shard{i}-of-{n}.jsonl`` and ``metrics.shard{i}-of-{n}.json`` (the plain
@@ -83,15 +91,14 @@ def run_benchmark(
     done = {record["id"] for record in records}
     with predictions_path.open("a", encoding="utf-8") as out, _progress_bar(progress) as bar:
         bar_task = bar.add_task(task, total=len(mine), completed=len(done))
-        for position in mine:
-            sample = samples[position]
-            if sample.id in done:
-                continue
-            record = _predict_one(sample, position, golds[position], predict, kind, labels, similarity)
-            out.write(_dumps(record) + "\n")
-            out.flush()
-            records.append(record)
-            bar.advance(bar_task)
+        todo = [position for position in mine if samples[position].id not in done]
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            for record in _predict_batch(samples, batch, golds, predict, kind, labels, similarity):
+                out.write(_dumps(record) + "\n")
+                out.flush()
+                records.append(record)
+                bar.advance(bar_task)
 
     records.sort(key=lambda r: r["index"])
     metrics = summarize(records, task, kind)
@@ -170,11 +177,35 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return shard[0], shard[1]
 
 
-def _predict_one(
+def _predict_batch(
+    samples: Sequence[Sample],
+    positions: list[int],
+    golds: list[str],
+    predict: Predictor,
+    kind: str,
+    labels: Sequence[str] | None,
+    similarity: Similarity | None,
+) -> list[dict[str, Any]]:
+    batch = [samples[p] for p in positions]
+    try:
+        predictions: list[str | MMComposeError] = list(predict(batch))
+    except MMComposeError as exc:
+        if len(batch) == 1:
+            predictions = [exc]
+        else:
+            return [record for p in positions
+                    for record in _predict_batch(samples, [p], golds, predict, kind, labels, similarity)]
+    if len(predictions) != len(batch):
+        raise TypeError(f"predict returned {len(predictions)} answers for {len(batch)} samples")
+    return [_record(samples[p], p, golds[p], prediction, kind, labels, similarity)
+            for p, prediction in zip(positions, predictions, strict=True)]
+
+
+def _record(
     sample: Sample,
     position: int,
     gold: str,
-    predict: Callable[[Sample], str],
+    prediction: str | MMComposeError,
     kind: str,
     labels: Sequence[str] | None,
     similarity: Similarity | None,
@@ -185,10 +216,8 @@ def _predict_one(
         "category": sample.category,
         "prompt": sample.question,
     }
-    try:
-        prediction = predict(sample)
-    except MMComposeError as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(prediction, MMComposeError):
+        message = " ".join(str(prediction).split()) or type(prediction).__name__
         return {
             **record,
             "prediction": None,

@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mmcompose.checkpoint.fingerprint import fingerprint_base
 from mmcompose.checkpoint.store import save_checkpoint
-from mmcompose.checkpoint.validate import check_tensor_set
 from mmcompose.errors import CheckpointError
 from mmcompose.model import ModelSpec, MultimodalLLM
 
@@ -141,13 +140,34 @@ def skeleton(base: Path, spec: ModelSpec, fingerprint: str | None = None) -> Mul
     return model
 
 
-def save_import(model: MultimodalLLM, tensors: dict[str, torch.Tensor], out: Path, *, overwrite: bool,
-                provenance: dict[str, Any]) -> Path:
-    """Check `tensors` against what the model stores (strictly), cast them to its dtypes, save atomically."""
-    expected = model.checkpoint_tensors()
-    cast = {name: value.to(expected[name].dtype) if name in expected and value.is_floating_point() else value
-            for name, value in tensors.items()}
-    check_tensor_set(expected, cast, where=f"import into {out}")
-    model.load_checkpoint_tensors(cast)
-    model.provenance = provenance
-    return save_checkpoint(model, out, overwrite=overwrite)
+class Filler:
+    """Copies imported tensors straight into the model's own storage (cast to its dtypes), so an import holds
+    one copy of the converted weights; `save` refuses to write until every stored tensor has been filled."""
+
+    def __init__(self, model: MultimodalLLM, where: str) -> None:
+        self.model, self.where = model, where
+        self.targets = model.checkpoint_tensors()  # views of the model's parameters
+        self.filled: set[str] = set()
+
+    def put(self, name: str, value: torch.Tensor, source: str | None = None) -> None:
+        target = self.targets.get(name)
+        label = source or name
+        if target is None:
+            raise CheckpointError(f"{self.where}: {label} has no place in the imported model")
+        if value.shape != target.shape:
+            raise CheckpointError(f"{self.where}: {label} has shape {tuple(value.shape)}, expected "
+                                  f"{tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+        self.filled.add(name)
+
+    def keep(self, prefix: str) -> None:
+        """Keep the model's own values for every tensor under `prefix` (e.g. an encoder its factory loaded)."""
+        self.filled.update(name for name in self.targets if name.startswith(prefix))
+
+    def save(self, out: Path, *, overwrite: bool, provenance: dict[str, Any]) -> Path:
+        unfilled = self.targets.keys() - self.filled
+        if unfilled:
+            raise CheckpointError(f"{self.where}: nothing to fill {len(unfilled)} tensor(s): {preview(unfilled)}")
+        self.model.provenance = provenance
+        return save_checkpoint(self.model, out, overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Literal
 
@@ -63,15 +64,18 @@ def load_points(
         else:
             xyz, rgb = _from_trimesh(path, name, suffix, num_points, with_color, sampling, rng)
     if normalize:
-        xyz = xyz - xyz.mean(axis=0)
-        radius = float(np.sqrt((xyz**2).sum(axis=1)).max())
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, not warned about
+            xyz = xyz - xyz.mean(axis=0)
+            radius = float(np.hypot(np.hypot(xyz[:, 0], xyz[:, 1]), xyz[:, 2]).max())
         if radius == 0:
             raise InputError(f"{name}: all points coincide, cannot normalise to the unit sphere")
+        if not np.isfinite(radius):
+            raise InputError(f"{name}: coordinates are too large to normalise (overflow)")
         xyz = xyz / radius
-    out = np.ascontiguousarray(xyz if rgb is None else np.concatenate([xyz, rgb], axis=1), dtype=np.float32)
-    if not np.isfinite(out).all():
+    if not (np.isfinite(xyz).all() and np.abs(xyz).max() <= np.finfo(np.float32).max):
         raise InputError(f"{name}: coordinates are too large (overflow beyond float32 range)")
-    return out
+    out = xyz if rgb is None else np.concatenate([xyz, rgb], axis=1)
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def _read_npy(path: Path, name: str) -> np.ndarray:
@@ -92,7 +96,7 @@ def _split_columns(array: np.ndarray, name: str, with_color: bool) -> tuple[np.n
         raise InputError(f"{name}: unsupported point dtype {array.dtype}")
     if array.shape[0] == 0:
         raise InputError(f"{name}: point cloud is empty")
-    values = np.asarray(array, dtype=np.float64)
+    values = np.array(array, dtype=np.float64)  # a copy: never keep a memory map of the user's file open
     if not np.isfinite(values).all():
         raise InputError(f"{name}: points contain NaN or infinite values")
     if not with_color:
@@ -140,7 +144,14 @@ def _from_trimesh(
     import trimesh  # deferred: only mesh files need it, and it is slow to import
 
     try:
-        loaded = trimesh.load(str(path), file_type=suffix[1:], process=False, validate=False)
+        if suffix == ".ply":
+            loaded = trimesh.load(str(path), file_type="ply", process=False, validate=False)
+        else:
+            # OBJ/OFF are text. Decoding here keeps trimesh from guessing the charset of binary junk with an
+            # optional package (charset_normalizer); the resolver still finds an OBJ's materials and textures.
+            text = io.StringIO(path.read_bytes().decode("utf-8", errors="replace"))
+            resolver = trimesh.resolvers.FilePathResolver(str(path))
+            loaded = trimesh.load(text, file_type=suffix[1:], resolver=resolver, process=False, validate=False)
         if isinstance(loaded, trimesh.Scene):
             loaded = loaded.to_geometry()
         vertices = np.asarray(loaded.vertices, dtype=np.float64)

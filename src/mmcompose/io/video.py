@@ -129,9 +129,12 @@ def _open(path: Path, name: str, max_pixels: int) -> tuple[av.container.InputCon
             raise InputError(f"{name}: unsupported container '{container.format.name}' (use MP4, WebM/MKV or AVI)")
         if not container.streams:
             raise InputError(f"{name}: no media streams found (truncated or corrupt file)")
-        if not container.streams.video:
-            raise InputError(f"{name}: file has no video stream")
-        stream = container.streams.video[0]
+        # Cover art (an "attached picture", common in MP4/MKV) is a one-frame video stream: not the video.
+        moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not moving:
+            detail = " (only cover art)" if container.streams.video else ""
+            raise InputError(f"{name}: file has no video stream{detail}")
+        stream = moving[0]
         _check_pixels(stream.codec_context.width, stream.codec_context.height, name, max_pixels)
     except BaseException:
         container.close()

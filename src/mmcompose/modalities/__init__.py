@@ -7,6 +7,12 @@ from mmcompose.modalities.encoders import (
     PointGroupEncoder,
     VideoFrameEncoder,
 )
+from mmcompose.modalities.pretrained import (
+    CLAPAudioEncoder,
+    CLIPPixelProcessor,
+    PointBERTEncoder,
+    WhisperAudioEncoder,
+)
 from mmcompose.modalities.processors import AudioProcessor, ImageProcessor, PointProcessor, VideoProcessor
 from mmcompose.modalities.registry import (
     ENCODERS,
@@ -27,10 +33,14 @@ register_encoder("audio-frame", AudioFrameEncoder)
 register_encoder("video-frame", VideoFrameEncoder)
 register_encoder("point-group", PointGroupEncoder)
 register_encoder("clip-vision", CLIPVisionEncoder)
+register_encoder("whisper-audio", WhisperAudioEncoder)
+register_encoder("clap-audio", CLAPAudioEncoder)
+register_encoder("point-bert", PointBERTEncoder)
 register_processor("image", ImageProcessor)
 register_processor("audio", AudioProcessor)
 register_processor("video", VideoProcessor)
 register_processor("point", PointProcessor)
+register_processor("clip-image", CLIPPixelProcessor)
 
 register_modality(Modality("image", "<image>", processor="image", encoder="image-patch"))
 register_modality(Modality("audio", "<audio>", processor="audio", encoder="audio-frame"))

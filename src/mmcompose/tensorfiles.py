@@ -1,4 +1,4 @@
-"""Tensor-by-tensor I/O for composition, so peak memory stays near one tensor per input.
+"""Safetensors files, tensor by tensor, so composition's peak memory stays near one tensor per input.
 
 Reading uses safetensors' lazy `safe_open`. The safetensors Python API can only write a whole dict at
 once, so `SafetensorsStream` writes the format directly: the 8-byte little-endian header length, the JSON
@@ -18,8 +18,32 @@ from types import TracebackType
 import torch
 from safetensors import safe_open
 
-from mmcompose.checkpoint.fingerprint import safetensors_header
 from mmcompose.errors import CheckpointError
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its header length)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {size})")
+        try:
+            header = json.loads(handle.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def weight_files(directory: Path) -> list[Path]:
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors weights (convert .bin weights to safetensors first)")
+    return files
+
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

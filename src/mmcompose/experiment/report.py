@@ -1,0 +1,57 @@
+"""The paper-style results table (rich), its JSON, and a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from rich.table import Table
+
+from mmcompose.files import atomic_write_text
+
+Results = dict[str, dict[str, float | None]]  # method -> task -> accuracy (None: not applicable)
+
+
+def results_table(results: Results, tasks: list[str], title: str) -> Table:
+    table = Table("method", *tasks, title=title)
+    for method, scores in results.items():
+        table.add_row(method, *("-" if scores.get(t) is None else f"{100 * scores[t]:.1f}" for t in tasks))
+    return table
+
+
+def write_results(results: Results, tasks: list[str], path: Path, extra: dict) -> None:
+    atomic_write_text(path, json.dumps({"tasks": tasks, "results": results, **extra}, indent=2) + "\n")
+
+
+def plot_results(results: Results, groups: dict[str, list[str]], path: Path, chance: float = 0.25) -> None:
+    """One panel per group of tasks (e.g. MCUB, single-modality), bars = mean accuracy of each method."""
+    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.45 * len(results) + 1.5), squeeze=False)
+    methods = list(results)
+    for axis, (name, tasks) in zip(axes[0], groups.items(), strict=True):
+        values = []
+        for method in methods:
+            scores = [results[method][t] for t in tasks if results[method].get(t) is not None]
+            values.append(100 * sum(scores) / len(scores) if scores else 0.0)
+        bars = axis.barh(methods, values, color=["#4c72b0" if "DAMC" in m else "#8c8c8c" for m in methods])
+        axis.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        axis.axvline(100 * chance, color="#c44e52", linestyle="--", linewidth=1, label="chance")
+        axis.set_xlim(0, 105)
+        axis.invert_yaxis()
+        axis.set_xlabel("accuracy (%)")
+        axis.set_title(f"{name} (mean of {', '.join(tasks)})" if len(tasks) > 1 else name, fontsize=9)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=120)
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        Path(temporary).unlink(missing_ok=True)

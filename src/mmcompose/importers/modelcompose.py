@@ -1,0 +1,319 @@
+"""Import an official ModelCompose checkpoint (THUNLP-MT, ACL 2024) as an mmcompose checkpoint.
+
+The official layout is a directory with `config.json` (the LLaMA config plus the multimodal fields) and
+`adapter_model.bin` (a pickled state dict, only ever read with `weights_only=True`; `adapter_model.safetensors`
+is accepted too). Its keys, and what they become here:
+
+    model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.{adapter}.weight  -> deltas.<delta>.<path>.lora_{A|B}
+    model.modal_projectors.{modality}.{0|2}.{weight|bias}   (mlp2x_gelu)  -> modalities.<m>.connector.{0|2}.*
+    model.modal_projectors.{modality}.{weight|bias}         (linear)      -> modalities.<m>.connector.proj.*
+    prefix_tokens.{modality} / suffix_tokens.{modality}     (1, n, hidden) -> modalities.<m>.prefix / suffix
+
+Adapter `default` is the language adapter and `vision` is our modality `image`. The official code applies
+`default` to every token outside a modality span (generated tokens included) and, under `modal+language`
+or `modal`, the modality's own adapter to its span (prefix tokens, features, suffix tokens); under `same`
+only `default` exists and serves every token. That is exactly our routing, so the deltas copy over unchanged:
+`same` -> one `shared` delta; `modal+language` -> `language` (text) plus one delta per modality; `modal`
+-> one delta per modality and none on text (its `default` adapter is never trained, so never saved).
+
+The official prefix/suffix dictionaries also hold an entry for `default`, which no forward pass reads: it
+is accepted and dropped (recorded in the provenance). Every other key must be consumed.
+
+The frozen encoders (CLIP ViT-L/336, BEATs, LanguageBind, Point-BERT) are not in the adapter file, so the
+user supplies them; the audio connector of the release is a BERT Q-Former that no mmcompose connector
+reproduces exactly, so it is refused rather than approximated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from mmcompose.checkpoint.fingerprint import fingerprint_base
+from mmcompose.checkpoint.manifest import read_manifest
+from mmcompose.checkpoint.store import read_tensors
+from mmcompose.errors import CheckpointError
+from mmcompose.importers._common import (
+    Filler,
+    SourceKeys,
+    base_config,
+    check_same_llm,
+    load_state_dict,
+    read_json,
+    skeleton,
+)
+from mmcompose.modalities import get_modality
+from mmcompose.modalities.encoders import CLIPVisionEncoder
+from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
+from mmcompose.model.routed import DEFAULT_TARGET_MODULES
+
+# CLIP's own normalisation, used when a CLIP directory has no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+EncoderSource = Component | Path | str
+
+
+@dataclass(frozen=True)
+class OfficialModality:
+    """Where the official config keeps one modality's settings."""
+
+    official: str
+    ours: str
+    encoder_key: str
+    projector_key: str
+    hidden_key: str
+    select_layer_key: str | None = None
+    select_feature_key: str | None = None
+
+
+OFFICIAL_MODALITIES = (
+    OfficialModality("vision", "image", "mm_vision_tower", "mm_projector_type", "mm_hidden_size",
+                     "mm_vision_select_layer", "mm_vision_select_feature"),
+    OfficialModality("audio", "audio", "mm_audio_encoder", "mm_audio_projector_type", "mm_audio_hidden_size"),
+    OfficialModality("video", "video", "mm_video_encoder", "mm_video_projector_type", "mm_video_hidden_size",
+                     "mm_video_select_layer", "mm_video_select_feature"),
+    OfficialModality("point", "point", "mm_point_encoder", "mm_point_projector_type", "mm_point_hidden_size"),
+)
+
+# Connector types we reproduce exactly: official parameter name -> ours.
+CONNECTOR_KEYS = {
+    "linear": {"weight": "proj.weight", "bias": "proj.bias"},
+    "mlp2x_gelu": {name: name for name in ("0.weight", "0.bias", "2.weight", "2.bias")},
+}
+
+# Training-time or composition-time options whose parameters or behaviour we do not reproduce.
+UNSUPPORTED_FLAGS = ("layer_local_tokens", "seperate_layernorm", "merge_default_weights", "reset_scaling_weights")
+
+
+def _adapters(src: Path, strategy: str, modalities: list[OfficialModality]
+              ) -> tuple[str, dict[str, tuple[str, list[str]]]]:
+    """Our strategy and `{official adapter: (our delta name, routes)}` for an official `lora_strategy`."""
+    ours = [m.ours for m in modalities]
+    if strategy == "same":
+        return "shared", {"default": ("shared", ["text", *ours])}
+    per_modality = {m.official: (m.ours, [m.ours]) for m in modalities}
+    if strategy == "modal+language":
+        return "decoupled", {"default": ("language", ["text"]), **per_modality}
+    if strategy == "modal":
+        return "decoupled", per_modality
+    raise CheckpointError(f"{src}: lora_strategy {strategy!r} is not supported "
+                          f"(expected 'same', 'modal+language' or 'modal')")
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    component: Component
+    processor: Component
+    tensors: dict[str, torch.Tensor] | None  # None: the component's own factory provides the weights
+    description: str
+
+
+def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str, EncoderSource] | None = None,
+                        overwrite: bool = False) -> Path:
+    """Convert the official checkpoint in `src` into an mmcompose checkpoint in `out` on the base LLM `base`.
+
+    `encoders` maps each of our modality names (`image`, `audio`, `video`, `point`) to its encoder: a local
+    CLIP directory (built as `clip-vision` with the checkpoint's select layer and feature), an mmcompose
+    checkpoint that has that modality (its encoder, processor and weights are reused), a JSON file with a
+    `{"type", "options"}` component, or a `Component` (whose registered factory provides the weights).
+    """
+    src, out, base = Path(src), Path(out), Path(base)
+    config = read_json(src / "config.json")
+    for flag in UNSUPPORTED_FLAGS:
+        if config.get(flag):
+            raise CheckpointError(f"{src}: {flag}={config[flag]!r} is not supported by this importer")
+    present = [m for m in OFFICIAL_MODALITIES
+               if config.get(m.encoder_key) or (m.official == "vision" and config.get("mm_vision_encoder"))]
+    if not present:
+        raise CheckpointError(f"{src}: config.json names no modality encoder "
+                              f"({', '.join(m.encoder_key for m in OFFICIAL_MODALITIES)})")
+    for m in present:
+        if not isinstance(config.get(m.hidden_key), int):
+            raise CheckpointError(f"{src}: config.json has {m.encoder_key} but no integer {m.hidden_key}")
+    strategy, adapters = _adapters(src, config.get("lora_strategy"), present)
+    keys = SourceKeys(load_state_dict(_adapter_file(src)), str(src), strip_prefix="base_model.model.")
+    connectors = {m.ours: _connector(src, config, m, keys) for m in present}
+    llm_config = base_config(base)
+    check_same_llm({**config, "model_type": "llama"}, llm_config, str(src))  # "multimodal" is a LLaMA subclass
+    resolved = _resolve_encoders(src, config, present, encoders or {})
+
+    prefix_total, suffix_total = config.get("local_prefix_tokens", 0), config.get("local_suffix_tokens", 0)
+    boundary = {m.ours: (_boundary(config, m, "prefix", prefix_total), _boundary(config, m, "suffix", suffix_total))
+                for m in present}
+    rank, alpha = int(config.get("lora_r", 128)), float(config.get("lora_alpha", 256))
+    spec = ModelSpec(
+        modalities=[modality_spec(m.ours, encoder=resolved[m.ours].component, processor=resolved[m.ours].processor,
+                                  connector=Component(type=connectors[m.ours]),
+                                  num_prefix_tokens=boundary[m.ours][0], num_suffix_tokens=boundary[m.ours][1])
+                    for m in present],
+        deltas=[DeltaSpec(name=name, kind="lora", routes=routes, rank=rank, alpha=alpha,
+                          source={"format": "modelcompose", "adapter": adapter})
+                for adapter, (name, routes) in adapters.items()],
+        target_modules=list(DEFAULT_TARGET_MODULES), template="vicuna_v1", strategy=strategy,
+    )
+    model = skeleton(base, spec, fingerprint_base(base))
+    filler = Filler(model, str(src))
+    hidden = llm_config["hidden_size"]
+    planned: dict[str, str] = {}  # our tensor name -> official key
+    for m in present:
+        width = model.branches[m.ours].encoder.output_dim
+        if width != config[m.hidden_key]:
+            raise CheckpointError(f"{src}: the {m.ours} encoder given outputs width {width}, but the checkpoint's "
+                                  f"{m.hidden_key} is {config[m.hidden_key]}")
+        encoder = resolved[m.ours]
+        if encoder.tensors is None:
+            filler.keep(f"modalities.{m.ours}.encoder.")
+        else:
+            for name, value in encoder.tensors.items():
+                filler.put(f"modalities.{m.ours}.encoder.{name}", value, f"{encoder.description}: {name}")
+        for official, name in CONNECTOR_KEYS[connectors[m.ours]].items():
+            planned[f"modalities.{m.ours}.connector.{name}"] = f"model.modal_projectors.{m.official}.{official}"
+    for adapter, (name, _) in adapters.items():
+        for path in model.routed:
+            for factor in ("lora_A", "lora_B"):
+                planned[f"deltas.{name}.{path}.{factor}"] = f"{path}.{factor}.{adapter}.weight"
+    found = {name: (key, keys.take(key)) for name, key in planned.items()}
+    for m in present:
+        for kind, count in zip(("prefix", "suffix"), boundary[m.ours], strict=True):
+            key = f"{kind}_tokens.{m.official}"
+            value = _boundary_tokens(keys, key, count, hidden, src)
+            if value is not None:
+                found[f"modalities.{m.ours}.{kind}"] = (key, value)
+    ignored = [name for name in ("prefix_tokens.default", "suffix_tokens.default")
+               if keys.take_optional(name) is not None]
+    keys.finish()
+    for name, (key, value) in found.items():
+        filler.put(name, value, key)
+    provenance = {
+        "imported_from": "modelcompose", "source": str(src.resolve()), "lora_strategy": config["lora_strategy"],
+        "encoders": {name: encoder.description for name, encoder in resolved.items()},
+        "ignored": ignored,
+        "notes": [f"dropped {', '.join(ignored)}: the official model keeps boundary tokens for 'default' "
+                  f"but never uses them"] if ignored else [],
+    }
+    return filler.save(out, overwrite=overwrite, provenance=provenance)
+
+
+def _adapter_file(src: Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (src / name).is_file():
+            return src / name
+    raise CheckpointError(f"{src}: no adapter_model.bin or adapter_model.safetensors")
+
+
+def _connector(src: Path, config: dict[str, Any], modality: OfficialModality, keys: SourceKeys) -> str:
+    """Our connector type for the official projector, or a clear refusal when none is equivalent."""
+    kind = config.get(modality.projector_key, "linear")
+    stored = keys.matching(f"model.modal_projectors.{modality.official}.")
+    qformer = (re.fullmatch(r"qformer_\d+N_\d+L", str(kind)) or "VideoLLaMA" in str(config.get(modality.encoder_key))
+               or any("Qformer" in name or "query_tokens" in name for name in stored))
+    if qformer:
+        raise CheckpointError(
+            f"{src}: unsupported connector for {modality.ours}: the official Q-Former (BERT layers with post-LayerNorm "
+            f"self- and cross-attention, LayerNorm on the queries, learned positions added to the encoder features) "
+            f"is not equivalent to mmcompose's 'resampler' (pre-LayerNorm transformer decoder), so its weights cannot "
+            f"be imported faithfully; register a connector type that implements it")
+    if kind not in CONNECTOR_KEYS:
+        raise CheckpointError(f"{src}: unsupported connector {kind!r} for {modality.ours} "
+                              f"(importable: {', '.join(CONNECTOR_KEYS)})")
+    return kind
+
+
+def _boundary(config: dict[str, Any], modality: OfficialModality, kind: str, total: int) -> int:
+    """The official count: none at all when the global count is 0, else the per-modality override or the global."""
+    if not total:
+        return 0
+    own = config.get(f"local_{modality.official}_{kind}_tokens")
+    return int(own if own is not None else total)
+
+
+def _boundary_tokens(keys: SourceKeys, name: str, count: int, hidden: int, src: Path) -> torch.Tensor | None:
+    """Official `(1, n, hidden)` boundary tokens -> our `(n, hidden)`; an empty official entry is dropped."""
+    if count == 0:
+        keys.take_optional(name)
+        return None
+    value = keys.take(name)
+    if value.numel() and tuple(value.shape) != (1, count, hidden):
+        raise CheckpointError(f"{src}: {name} has shape {tuple(value.shape)}, expected {(1, count, hidden)}")
+    return value.reshape(count, hidden) if value.numel() else value
+
+
+def _resolve_encoders(src: Path, config: dict[str, Any], present: list[OfficialModality],
+                      given: dict[str, EncoderSource]) -> dict[str, _Encoder]:
+    wanted = {m.ours for m in present}
+    extra = sorted(set(given) - wanted)
+    if extra:
+        raise CheckpointError(f"{src}: encoders given for {', '.join(extra)}, which the checkpoint does not have "
+                              f"(it has: {', '.join(sorted(wanted))})")
+    missing = [m for m in present if m.ours not in given]
+    if missing:
+        needed = "; ".join(f"{m.ours} ({m.encoder_key}={config.get(m.encoder_key) or config.get('mm_vision_encoder')}, "
+                           f"width {config.get(m.hidden_key)})" for m in missing)
+        raise CheckpointError(f"{src}: the official checkpoint does not contain its frozen encoders; supply: {needed} "
+                              f"as a local CLIP directory, an mmcompose checkpoint with that modality, or a component "
+                              f"JSON file (CLI: --encoder {missing[0].ours}=PATH)")
+    return {m.ours: _encoder(m, given[m.ours], config) for m in present}
+
+
+def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str, Any]) -> _Encoder:
+    default = get_modality(modality.ours)
+    default_processor = Component(type=default.processor, options=default.processor_options)
+    if isinstance(source, Component):
+        return _Encoder(source, default_processor, None, f"component {source.type}")
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        try:
+            component = Component.model_validate(read_json(path))
+        except ValidationError as error:
+            raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
+        return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
+    if (path / "manifest.json").is_file():
+        return _encoder_from_checkpoint(path, modality.ours)
+    if (path / "config.json").is_file():
+        model_type = read_json(path / "config.json").get("model_type")
+        if model_type in ("clip", "clip_vision_model"):
+            return _clip_encoder(path, modality, config)
+        raise CheckpointError(f"{path}: a {model_type!r} model, not CLIP; pass a component for this encoder instead")
+    raise CheckpointError(f"{path}: not a CLIP directory, an mmcompose checkpoint or a component JSON file")
+
+
+def _encoder_from_checkpoint(path: Path, modality: str) -> _Encoder:
+    manifest = read_manifest(path)
+    spec = next((m for m in manifest.model.modalities if m.name == modality), None)
+    if spec is None:
+        have = ", ".join(m.name for m in manifest.model.modalities) or "none"
+        raise CheckpointError(f"{path}: has no {modality!r} modality to take an encoder from (it has: {have})")
+    prefix = f"modalities.{modality}.encoder."
+    tensors = {name.removeprefix(prefix): value for name, value in read_tensors(path, manifest.files).items()
+               if name.startswith(prefix)}
+    return _Encoder(spec.encoder, spec.processor, tensors, f"{spec.encoder.type} from checkpoint {path}")
+
+
+def _clip_encoder(path: Path, modality: OfficialModality, config: dict[str, Any]) -> _Encoder:
+    """CLIP features as the official tower selects them: hidden state `select_layer`, CLS dropped for 'patch'."""
+    if modality.select_layer_key is None or modality.select_feature_key is None:
+        raise CheckpointError(f"{path}: a CLIP directory can serve image or video, not {modality.ours}")
+    layer = int(config.get(modality.select_layer_key, -1))
+    feature = config.get(modality.select_feature_key, "patch")
+    if feature not in ("patch", "cls_patch"):
+        raise CheckpointError(f"{path}: unsupported feature selection {feature!r} (expected 'patch' or 'cls_patch')")
+    encoder = CLIPVisionEncoder.from_pretrained(str(path), feature_layer=layer, drop_cls=feature == "patch")
+    vision = encoder.model.config
+    processor_file = path / "preprocessor_config.json"
+    processor_config = read_json(processor_file) if processor_file.is_file() else {}
+    crop = processor_config.get("crop_size", vision.image_size)
+    size = crop.get("height", vision.image_size) if isinstance(crop, dict) else int(crop)
+    options = dict(size=size, mean=list(processor_config.get("image_mean", CLIP_MEAN)),
+                   std=list(processor_config.get("image_std", CLIP_STD)))
+    processor = Component(type=get_modality(modality.ours).processor, options=options)
+    return _Encoder(Component(type="clip-vision", options=encoder.options), processor, encoder.state_dict(),
+                    f"clip-vision from {path}")
+
+
+__all__ = ["EncoderSource", "import_modelcompose"]
