@@ -88,5 +88,107 @@ def demo() -> None:
     console.print("mmcompose demo: not built yet (the synthetic-world experiment lands with issue 4).")
 
 
+import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "
+                                                    "llava-hf, PEFT) into an mmcompose checkpoint.")
+app.add_typer(import_app, name="import")
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory (written atomically).")]
+BaseOption = Annotated[Path, typer.Option("--base", help="The base LLM directory the checkpoint was fine-tuned from.")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace the output directory if it exists (only once the new "
+                                                     "one is complete).")]
+
+
+def _report_import(out: Path) -> None:
+    """Say what was imported, and every note the importer recorded (dropped rows, SVD error, zero factors)."""
+    from mmcompose.checkpoint import read_manifest
+
+    manifest = read_manifest(out)
+    deltas = ", ".join(f"{d.name}->{'+'.join(d.routes)}" for d in manifest.model.deltas) or "none"
+    console.print(f"imported {out}: modalities {', '.join(m.name for m in manifest.model.modalities)}; "
+                  f"deltas {deltas}")
+    for note in manifest.provenance.get("notes", []):
+        console.print(f"note: {note}")
+
+
+@import_app.command("modelcompose")
+@one_line_errors
+def import_modelcompose_command(
+    src: Annotated[Path, typer.Argument(help="Official checkpoint directory: config.json + adapter_model.bin.")],
+    out: OutOption,
+    base: BaseOption,
+    encoder: Annotated[list[str] | None, typer.Option(
+        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, "
+             "an mmcompose checkpoint with that modality, or a JSON file {\"type\": ..., \"options\": ...}.")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import an official ModelCompose checkpoint (lora_strategy same, modal+language or modal).
+
+    Example: mmcompose import modelcompose ckpts/vision -o runs/image --base vicuna-7b-v1.5
+    --encoder image=clip-vit-large-patch14-336
+    """
+    from mmcompose.importers import import_modelcompose
+
+    encoders: dict[str, Any] = {}
+    for item in encoder or []:
+        modality, separator, path = item.partition("=")
+        if not separator or not modality or not path:
+            raise MMComposeError(f"--encoder expects MODALITY=PATH, got {item!r}")
+        encoders[modality] = Path(path)
+    _report_import(import_modelcompose(src, out, base=base, encoders=encoders, overwrite=overwrite))
+
+
+@import_app.command("llava-hf")
+@one_line_errors
+def import_llava_hf_command(
+    src: Annotated[Path, typer.Argument(help="A LlavaForConditionalGeneration directory (save_pretrained).")],
+    out: OutOption,
+    base: BaseOption,
+    svd_rank: Annotated[int | None, typer.Option(
+        help="Store the LLM's change as a LoRA of this rank (truncated SVD; the error is reported) instead of "
+             "dense.")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import a llava-hf LLaVA as an image model: CLIP encoder, mlp2x_gelu connector, LLM delta against BASE."""
+    from mmcompose.importers import import_llava_hf
+
+    _report_import(import_llava_hf(src, out, base=base, svd_rank=svd_rank, overwrite=overwrite))
+
+
+@import_app.command("peft")
+@one_line_errors
+def import_peft_command(
+    adapter: Annotated[Path, typer.Argument(help="A PEFT LoRA directory: adapter_config.json + "
+                                                 "adapter_model.safetensors.")],
+    out: OutOption,
+    base: BaseOption,
+    modality: Annotated[str, typer.Option(help="The modality whose model the adapter belongs to.")],
+    from_checkpoint: Annotated[Path | None, typer.Option(
+        "--from", help="Take the modality branch (and deltas for other routes) from this mmcompose checkpoint; "
+                       "default: a new, untrained branch.")] = None,
+    route: Annotated[str, typer.Option(
+        help="Tokens the adapter serves: shared (all), language (text only) or modality (the modality's only).")]
+    = "shared",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import a PEFT LoRA adapter as the LLM delta of a modality model."""
+    from mmcompose.importers import import_peft
+
+    _report_import(import_peft(adapter, out, base=base, modality=modality, from_checkpoint=from_checkpoint,
+                               route=route, overwrite=overwrite))
+
+
+@app.command()
+@one_line_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoint directory.")],
+    hf: Annotated[Path, typer.Option("--hf", help="Output directory (written atomically).")],
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Export a standalone model: a Hugging Face LLM with the text delta folded in (loads with
+    AutoModelForCausalLM) plus HF/mmcompose/, the modality branches and corrections on top of it."""
+    from mmcompose.importers import export_hf
+
+    console.print(f"exported {export_hf(checkpoint, hf, overwrite=overwrite)}")
+
+
 if __name__ == "__main__":
     app()

@@ -66,7 +66,8 @@ def test_newer_key_layout_imports_the_same(llava, llama_base: Path, tmp_path: Pa
     renamed.mkdir()
     (renamed / "config.json").write_text((directory / "config.json").read_text())
     layout = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
-              "vision_tower.": "model.vision_tower.vision_model.", "multi_modal_projector.": "model.multi_modal_projector."}
+              "vision_tower.": "model.vision_tower.vision_model.",
+              "multi_modal_projector.": "model.multi_modal_projector."}
     tensors = {}
     for name, value in load_file(directory / "model.safetensors").items():
         old = next(prefix for prefix in layout if name.startswith(prefix))

@@ -47,11 +47,12 @@ def official_sequence(model: MultimodalLLM, llm: torch.nn.Module, state: dict[st
     tokenizer, embed = model.tokenizer, llm.get_input_embeddings()
     with torch.no_grad():
         image = CLIPVisionModel.from_pretrained(clip)(inputs["image"][None], output_hidden_states=True)
-        vision = F.linear(F.gelu(F.linear(image.hidden_states[-2][:, 1:], state["model.modal_projectors.vision.0.weight"],
-                                          state["model.modal_projectors.vision.0.bias"])),
-                          state["model.modal_projectors.vision.2.weight"], state["model.modal_projectors.vision.2.bias"])
+        projector = "model.modal_projectors."
+        hidden = F.gelu(F.linear(image.hidden_states[-2][:, 1:], state[f"{projector}vision.0.weight"],
+                                 state[f"{projector}vision.0.bias"]))
+        vision = F.linear(hidden, state[f"{projector}vision.2.weight"], state[f"{projector}vision.2.bias"])
         audio = F.linear(model.branches["audio"].encoder(inputs["audio"][None]),
-                         state["model.modal_projectors.audio.weight"], state["model.modal_projectors.audio.bias"])
+                         state[f"{projector}audio.weight"], state[f"{projector}audio.bias"])
         features = {"vision": vision[0], "audio": audio[0]}
         parts, names = [embed(torch.tensor([tokenizer.bos_token_id]))], ["default"]
         for piece in PIECES:

@@ -1,7 +1,7 @@
 """Fuzzing: random bytes and mutated real files may be refused, but only ever with InputError.
 
 A successful decode must still honour the loader's output contract (dtype, layout, finite values).
-Inputs that once crashed a loader live in tests/io/crashers/ and are replayed by `test_crashers`.
+Inputs that once broke a loader live in tests/io/crashers/ and are replayed by `test_crashers`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mmcompose.errors import InputError
 from mmcompose.io import load_audio, load_image, load_points, load_video
 
 CRASHERS = Path(__file__).parent / "crashers"
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _image(path: Path) -> None:
@@ -104,6 +104,20 @@ def test_mutated_files(seeds: dict[str, Path], fuzz_dir: Path, ext: str, flips: 
     check(path)
 
 
-@pytest.mark.parametrize("path", sorted(CRASHERS.glob("*.*")), ids=lambda path: path.name)
-def test_crashers(path: Path) -> None:
-    check(path)
+# Inputs that once escaped as a non-InputError or were silently accepted, with the refusal now expected.
+CRASHER_MESSAGES = {
+    "points-truncated-ascii.ply": "truncated PLY (header declares 5 vertex elements, file holds 3)",
+    "points-non-utf8.obj": "file contains no vertices",  # was ModuleNotFoundError: charset_normalizer
+}
+
+
+def test_every_crasher_is_registered() -> None:
+    assert sorted(path.name for path in CRASHERS.iterdir()) == sorted(CRASHER_MESSAGES)
+
+
+@pytest.mark.parametrize(("name", "message"), sorted(CRASHER_MESSAGES.items()))
+def test_crashers(name: str, message: str) -> None:
+    path = CRASHERS / name
+    with pytest.raises(InputError) as info:
+        CHECKS[path.suffix[1:]](path)
+    assert str(info.value) == f"{path}: {message}"

@@ -160,7 +160,7 @@ def test_truncated_png(tmp_path: Path) -> None:
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "stub.png").write_bytes(data[:40])  # header intact, no image data
-    with pytest.raises(InputError, match=r"cut\.png: cannot decode image, corrupt or truncated"):
+    with pytest.raises(InputError, match=r"cut\.png: cannot decode image \(.*truncated"):
         load_image(tmp_path / "cut.png")
     with pytest.raises(InputError, match=r"stub\.png: truncated or corrupt PNG data \(cannot identify"):
         load_image(tmp_path / "stub.png")

@@ -175,3 +175,14 @@ def test_bad_files(tmp_path: Path) -> None:
         assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
     with pytest.raises(InputError, match="no vertex or face colours"):
         load_points(tmp_path / "plain.obj", with_color=True)
+
+
+def test_truncated_ascii_ply(tmp_path: Path) -> None:
+    header = "ply\nformat ascii 1.0\nelement vertex 5\nproperty float x\nproperty float y\nproperty float z\n"
+    (tmp_path / "cut.ply").write_text(header + "end_header\n0 0 0\n1 0 0\n0 1 0\n")
+    with pytest.raises(InputError, match=r"cut\.ply: truncated PLY \(header declares 5 vertex elements, file holds 3"):
+        load_points(tmp_path / "cut.ply")
+    faces = header.replace("5", "3") + "element face 2\nproperty list uchar int vertex_indices\nend_header\n"
+    (tmp_path / "faces.ply").write_text(faces + "0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
+    with pytest.raises(InputError, match=r"declares 2 face elements, file holds 1"):
+        load_points(tmp_path / "faces.ply")

@@ -192,6 +192,8 @@ def test_clap_fusion_model_uses_true_is_longer() -> None:
         assert first.shape == (3, 8, 32)  # 64 mel bins -> freq_ratio 1: (8 x 8) grid, mean over 8 rows
         torch.testing.assert_close(first, fused(waves))  # the extractor alone would flag a random sample
         assert fused(_randn(3, 40000)).shape == (3, 8, 32)  # longer: local crops fused in
+    with pytest.raises(ValueError, match="fusion needs 64 mel bins"):
+        CLAPAudioEncoder({**CLAP_AUDIO, "enable_fusion": True, "fusion_type": "aff_2d"})
 
 
 def test_clap_loads_a_local_clap_checkpoint_with_its_preprocessor(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from rich.progress import Progress
 
 from mmcompose.checkpoint.manifest import MANIFEST_NAME, BaseReference, Manifest, read_manifest
 from mmcompose.checkpoint.store import TENSOR_FILE, base_reference, resolve_base
-from mmcompose.compose.config import LEGACY_MERGE, CompositionConfig
+from mmcompose.compose.config import LEGACY_MERGE, CompositionConfig, ModelEntry
 from mmcompose.compose.operators import OPERATORS, factorwise_mean, lora_concat
 from mmcompose.errors import CheckpointError, CompositionError
 from mmcompose.files import atomic_directory
@@ -46,6 +46,7 @@ class Source:
     weight: float
     density: float | None
     renames: dict[str, str]
+    record: dict[str, Any]  # how the output's provenance names this input (so it can be found again)
     consumed: set[str] = field(default_factory=set)
 
     def delta_for(self, route: str) -> DeltaSpec | None:
@@ -56,23 +57,26 @@ class Source:
         return self.reader.get(name)
 
 
-def _manifest_digest(directory: Path) -> str:
+def manifest_digest(directory: Path) -> str:
     return "sha256:" + hashlib.sha256((directory / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
-def _open_sources(config: CompositionConfig) -> list[Source]:
-    sources: list[Source] = []
-    for index, entry in enumerate(config.models):
-        manifest = read_manifest(entry.path)
-        modalities = [m.name for m in manifest.model.modalities]
-        unknown = set(entry.rename) - set(modalities)
-        if unknown:
-            raise CompositionError(f"models[{index}] ({entry.path}): rename names modality {sorted(unknown)[0]!r}, "
-                                   f"which it does not have (it has: {', '.join(modalities) or 'none'})")
-        renamed = [entry.rename.get(m, m) for m in modalities]
-        name = entry.name or "+".join(renamed) or entry.path.name
-        reader = TensorReader([entry.path / f for f in manifest.files])
-        sources.append(Source(entry.path, manifest, reader, name, 0.0, entry.density, dict(entry.rename)))
+def open_source(entry: ModelEntry, index: int) -> Source:
+    manifest = read_manifest(entry.path)
+    modalities = [m.name for m in manifest.model.modalities]
+    unknown = set(entry.rename) - set(modalities)
+    if unknown:
+        raise CompositionError(f"models[{index}] ({entry.path}): rename names modality {sorted(unknown)[0]!r}, "
+                               f"which it does not have (it has: {', '.join(modalities) or 'none'})")
+    renamed = [entry.rename.get(m, m) for m in modalities]
+    name = entry.name or "+".join(renamed) or entry.path.name
+    reader = TensorReader([entry.path / f for f in manifest.files])
+    record = {"path": str(entry.path.resolve()), "rename": dict(entry.rename), "manifest": manifest_digest(entry.path)}
+    return Source(entry.path, manifest, reader, name, 0.0, entry.density, dict(entry.rename), record)
+
+
+def _assign_roles(config: CompositionConfig, sources: list[Source]) -> None:
+    """Check modality ownership and model names, then give each source its lambda."""
     owners: dict[str, Source] = {}
     for source in sources:
         for modality in source.manifest.model.modalities:
@@ -94,7 +98,6 @@ def _open_sources(config: CompositionConfig) -> list[Source]:
             raise CompositionError(f"model {source.name!r} has a lambda both in models and in lambdas; keep one")
         given = entry.lambda_ if entry.lambda_ is not None else config.lambdas.get(source.name)
         source.weight = 1.0 / len(sources) if given is None else given
-    return sources
 
 
 def _check_tensor_names(source: Source) -> None:
@@ -282,9 +285,23 @@ def _merge_module(config: CompositionConfig, parts: list[tuple[Source, DeltaSpec
 
 def compose(config: CompositionConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Compose the models of `config` into a new checkpoint at `out` (atomic: nothing is left on failure)."""
-    out = Path(out)
-    sources = _open_sources(config)
+    sources: list[Source] = []
     try:
+        for index, entry in enumerate(config.models):
+            sources.append(open_source(entry, index))
+    except BaseException:
+        for source in sources:
+            source.reader.close()
+        raise
+    return compose_sources(config, sources, out, overwrite=overwrite, progress=progress)
+
+
+def compose_sources(config: CompositionConfig, sources: list[Source], out: str | Path, *, overwrite: bool = False,
+                    progress: bool = True) -> Path:
+    """Compose already opened sources (one per `config.models` entry, in order); closes them."""
+    out = Path(out)
+    try:
+        _assign_roles(config, sources)
         _check_compatible(sources)
         plan = _plan(config, sources)
         base = resolve_base(sources[0].directory, sources[0].manifest)
@@ -316,9 +333,8 @@ def compose(config: CompositionConfig, out: str | Path, *, overwrite: bool = Fal
                 model=plan.spec, files=[TENSOR_FILE],
                 provenance={"composition": {
                     **config.model_dump(mode="json", by_alias=True, exclude={"models", "lambdas"}),
-                    "models": [{"name": s.name, "path": str(s.directory.resolve()), "lambda": s.weight,
-                                "density": s.density, "rename": s.renames,
-                                "manifest": _manifest_digest(s.directory)} for s in sources],
+                    "models": [{"name": s.name, "lambda": s.weight, "density": s.density, **s.record}
+                               for s in sources],
                     "accounting": accounting,
                 }},
             )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from mmcompose.checkpoint.fingerprint import fingerprint_base
 from mmcompose.checkpoint.store import save_checkpoint
@@ -82,9 +82,6 @@ class SourceKeys:
         self.pending = {name.removeprefix(strip_prefix): tensor for name, tensor in tensors.items()}
         self.missing: list[str] = []
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.pending
-
     def take(self, name: str) -> torch.Tensor:
         if name not in self.pending:
             self.missing.append(name)
@@ -117,10 +114,18 @@ def check_same_llm(config: dict[str, Any], base_config: dict[str, Any], where: s
                               f"LLM's ({base_config.get('vocab_size')})")
 
 
+def hf_config(directory: Path) -> PretrainedConfig:
+    """A local transformers config, with transformers' own failures turned into one-line errors."""
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{directory}: unreadable config.json ({str(error).splitlines()[0]})") from None
+
+
 def base_config(base: Path) -> dict[str, Any]:
-    if not (base / "config.json").is_file():
-        raise CheckpointError(f"{base}: not a base LLM directory (no config.json)")
-    return AutoConfig.from_pretrained(base, local_files_only=True).to_dict()
+    return hf_config(base).to_dict()
 
 
 def skeleton(base: Path, spec: ModelSpec, fingerprint: str | None = None) -> MultimodalLLM:
@@ -130,10 +135,13 @@ def skeleton(base: Path, spec: ModelSpec, fingerprint: str | None = None) -> Mul
     loading a 7B LLM. The deltas are materialised (uninitialised) on the CPU, ready to be filled; the
     dtype is the one `load_checkpoint` will later build, so the saved checkpoint loads strictly.
     """
-    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    config = hf_config(base)
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config)
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{base}: no usable tokenizer ({str(error).splitlines()[0]})") from None
     model = MultimodalLLM(llm, tokenizer, spec, base, fingerprint or fingerprint_base(base))
     for layer in model.routed.values():
         layer.deltas.to_empty(device="cpu")
@@ -168,6 +176,7 @@ class Filler:
     def save(self, out: Path, *, overwrite: bool, provenance: dict[str, Any]) -> Path:
         unfilled = self.targets.keys() - self.filled
         if unfilled:
-            raise CheckpointError(f"{self.where}: nothing to fill {len(unfilled)} tensor(s): {preview(unfilled)}")
+            raise CheckpointError(f"{self.where}: {len(unfilled)} tensor(s) of the imported model have no source: "
+                                  f"{preview(unfilled)}")
         self.model.provenance = provenance
         return save_checkpoint(self.model, out, overwrite=overwrite)

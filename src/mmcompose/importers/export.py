@@ -31,17 +31,19 @@ from mmcompose.checkpoint.fingerprint import fingerprint_base, weight_files
 from mmcompose.checkpoint.manifest import MANIFEST_NAME, BaseReference, Manifest, read_manifest
 from mmcompose.checkpoint.store import TENSOR_FILE, read_tensors, resolve_base
 from mmcompose.checkpoint.validate import check_tensor_set
-from mmcompose.tensorfiles import SafetensorsStream, TensorReader
 from mmcompose.errors import CheckpointError
 from mmcompose.files import atomic_directory
 from mmcompose.importers._common import skeleton
 from mmcompose.model import DeltaSpec, ModelSpec, MultimodalLLM
 from mmcompose.model.routed import TEXT_ROUTE, LoRADelta, difference
+from mmcompose.tensorfiles import SafetensorsStream, TensorReader
 
 SUBFOLDER = "mmcompose"
 MINUS_TEXT = "minus-text"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Files of the base not copied as they are: its weights (rewritten, safetensors only) and their indexes
+# (the safetensors index is kept: tensor names and file names do not change).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
@@ -60,7 +62,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     branches = {name: value for name, value in source.checkpoint_tensors().items() if name.startswith("modalities.")}
     with atomic_directory(out, overwrite=overwrite) as temporary:
         for file in base.iterdir():
-            if file.is_file() and (file.name in WEIGHT_INDEXES or not file.name.endswith(WEIGHT_SUFFIXES)):
+            if file.is_file() and (file.name == SAFETENSORS_INDEX or not file.name.endswith(WEIGHT_SUFFIXES)):
                 shutil.copy2(file, temporary / file.name)
         for file in weight_files(base):
             _fold_file(file, temporary / file.name, source, text)

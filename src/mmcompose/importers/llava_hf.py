@@ -7,7 +7,8 @@ error is measured exactly from the dropped singular values and recorded in the p
 in the LLM (embeddings, norms, lm_head, biases) must be the base's: we can only represent a change of the
 target linears, so any other difference is refused rather than lost. llava-hf appends tokens such as
 `<image>` to the vocabulary; those extra embedding rows are dropped (our placeholders never reach the
-embedding table) and the base vocabulary's rows must match.
+embedding table) and the base vocabulary's rows must match. Buffers that older checkpoints saved but models
+recompute (`position_ids`, `rotary_emb.inv_freq`) are skipped.
 
 The vision tower becomes a `clip-vision` encoder (hidden state `vision_feature_layer`, CLS dropped for the
 `default` select strategy) and the projector `linear_1`/`linear_2` a `mlp2x_gelu` connector (`0.*`/`2.*`).
@@ -23,15 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from mmcompose.checkpoint.fingerprint import fingerprint_base, weight_files
-from mmcompose.tensorfiles import TensorReader
 from mmcompose.errors import CheckpointError
-from mmcompose.importers._common import Filler, base_config, check_same_llm, read_json, skeleton
+from mmcompose.importers._common import Filler, base_config, check_same_llm, hf_config, read_json, skeleton
 from mmcompose.importers.modelcompose import CLIP_MEAN, CLIP_STD
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
+from mmcompose.tensorfiles import TensorReader
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ LLM_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "
                 ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+# Buffers older checkpoints saved that the model recomputes (never learned): skipped on both sides.
+DERIVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")
 PROJECTOR_NAMES = {"linear_1.weight": "0.weight", "linear_1.bias": "0.bias",
                    "linear_2.weight": "2.weight", "linear_2.bias": "2.bias"}
 
@@ -54,7 +56,7 @@ def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = 
                               f"'llava' is supported)")
     if svd_rank is not None and svd_rank < 1:
         raise CheckpointError(f"svd rank must be at least 1, got {svd_rank}")
-    config = AutoConfig.from_pretrained(src, local_files_only=True).to_dict()  # with what the file left at defaults
+    config = hf_config(src).to_dict()  # with what the file left at defaults
     text, vision = config["text_config"], config["vision_config"]
     llm_config = base_config(base)
     check_same_llm(text, llm_config, str(src))
@@ -78,6 +80,8 @@ def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = 
     seen_base: set[str] = set()
     with TensorReader(weight_files(src)) as llava, TensorReader(weight_files(base)) as original:
         for name in sorted(llava.names()):
+            if name.endswith(DERIVED_BUFFERS):
+                continue
             value = llava.get(name)
             llm_name = _llm_name(name)
             if llm_name is not None:
@@ -105,7 +109,7 @@ def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = 
                            name)
             else:
                 raise CheckpointError(f"{src}: unknown tensor {name}")
-        unmatched = sorted(set(original.names()) - seen_base)
+        unmatched = sorted(name for name in set(original.names()) - seen_base if not name.endswith(DERIVED_BUFFERS))
     if unmatched:
         raise CheckpointError(f"{src}: the LLaVA has no counterpart of the base LLM's {unmatched[0]}")
     if config.get("multimodal_projector_bias") is False:  # no biases stored: zero biases are the same map

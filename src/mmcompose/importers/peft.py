@@ -52,13 +52,13 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
                 route: Route = "shared", overwrite: bool = False) -> Path:
     """Make the PEFT adapter in `adapter_dir` the LLM delta of a `modality` model on `base`, saved in `out`."""
     adapter_dir, out, base = Path(adapter_dir), Path(out), Path(base)
+    if route not in ("shared", "language", "modality"):
+        raise CheckpointError(f"unknown route {route!r} (expected shared, language or modality)")
     config = read_json(adapter_dir / "adapter_config.json")
     _check_config(config, adapter_dir)
     factors = _read_factors(adapter_dir)
     rank, alpha, factors, uniform = _normalise(config, factors, adapter_dir)
     fingerprint = fingerprint_base(base)
-    if route not in ("shared", "language", "modality"):
-        raise CheckpointError(f"unknown route {route!r} (expected shared, language or modality)")
     routes = {"shared": ["text", modality], "language": ["text"], "modality": [modality]}[route]
     name = {"shared": "shared", "language": "language", "modality": modality}[route]
 

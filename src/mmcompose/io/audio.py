@@ -18,7 +18,7 @@ SUPPORTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3"})
 #: Rates outside this range are header corruption in practice (and would make resampling filters absurdly long).
 MAX_SAMPLE_RATE = 768_000
 
-_BLOCK_FRAMES = 1 << 16
+_BLOCK_SAMPLES = 1 << 20  # per read, over all channels: bounded memory even for 1000-channel files
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX when a stream does not state its length
 _INT_SCALES = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0}
 
@@ -75,7 +75,8 @@ def load_audio(
         raise InputError(f"{name}: contains no audio samples")
     if not np.isfinite(wave).all():
         raise InputError(f"{name}: audio contains NaN or infinite samples")
-    out = resample(wave, rate, sample_rate)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below, not warned about
+        out = resample(wave, rate, sample_rate)
     if not np.isfinite(out).all():
         raise InputError(f"{name}: audio sample values are too large to process (overflow while resampling)")
     return out
@@ -187,8 +188,8 @@ def _mono_from_array(array: np.ndarray, name: str, rate: int, max_seconds: float
         raise InputError(f"{name}: unsupported audio array dtype {array.dtype} (use float, int16 or int32)")
     if array.shape[0] > max_seconds * rate:
         raise InputError(f"{name}: audio lasts {array.shape[0] / rate:.1f} s, above max_seconds={max_seconds:g}")
-    wave = array.astype(np.float32) if array.ndim == 1 else array.astype(np.float32).mean(axis=1)
-    return wave
+    wave = array if array.ndim == 1 else array.mean(axis=1, dtype=np.float64)
+    return wave.astype(np.float32)
 
 
 def _read_file(path: Path, name: str, max_seconds: float) -> tuple[np.ndarray, int]:
@@ -217,13 +218,13 @@ def _read_file(path: Path, name: str, max_seconds: float) -> tuple[np.ndarray, i
     try:
         with sf.SoundFile(str(path)) as handle:
             while True:
-                block = handle.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                block = handle.read(max(1, _BLOCK_SAMPLES // channels), dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     break
                 total += block.shape[0]
                 if total > max_frames:
                     raise InputError(f"{name}: audio lasts more than max_seconds={max_seconds:g}")
-                blocks.append(block.mean(axis=1) if channels > 1 else block[:, 0])
+                blocks.append(block.mean(axis=1, dtype=np.float64).astype(np.float32) if channels > 1 else block[:, 0])
     except InputError:
         raise
     except Exception as exc:
@@ -245,7 +246,7 @@ def _wav_declared_frames(path: Path) -> int | None:
         head = handle.read(12)
         if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
-        block_align = None
+        frame_bytes = None
         for _ in range(1024):
             header = handle.read(8)
             if len(header) < 8:
@@ -255,14 +256,15 @@ def _wav_declared_frames(path: Path) -> int | None:
                 fmt = handle.read(16)
                 if size < 16 or len(fmt) < 16:
                     return None
-                tag, _, _, _, block_align, _ = struct.unpack("<HHIIHH", fmt)
-                if tag not in (1, 3, 0xFFFE) or block_align == 0:
+                tag, channels, _, _, _, bits = struct.unpack("<HHIIHH", fmt)
+                frame_bytes = channels * -(-bits // 8)  # as libsndfile counts frames, whatever blockAlign says
+                if tag not in (1, 3, 0xFFFE) or frame_bytes == 0:
                     return None
                 handle.seek(size - 16 + (size & 1), 1)
             elif chunk_id == b"data":
-                if block_align is None or size in (0, 0xFFFFFFFF):
+                if frame_bytes is None or size in (0, 0xFFFFFFFF):
                     return None
-                return size // block_align
+                return size // frame_bytes
             else:
                 handle.seek(size + (size & 1), 1)
     return None

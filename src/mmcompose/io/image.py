@@ -62,7 +62,7 @@ def load_image(source: PathLike | np.ndarray | Image.Image, *, max_pixels: int =
     except UnidentifiedImageError:
         raise InputError(f"{name}: {_unidentified_reason(path)} (cannot identify image file)") from None
     except Exception as exc:
-        raise InputError(f"{name}: cannot decode image, corrupt or truncated ({one_line(exc)})") from None
+        raise InputError(f"{name}: cannot decode image ({one_line(exc)})") from None
 
 
 def _unidentified_reason(path: PathLike) -> str:

@@ -161,6 +161,8 @@ def _from_trimesh(
         raise InputError(f"{name}: cannot read {suffix[1:].upper()} file ({one_line(exc)})") from None
     if vertices.ndim != 2 or vertices.shape[1] != 3 or vertices.shape[0] == 0:
         raise InputError(f"{name}: file contains no vertices")
+    if suffix == ".ply":
+        _check_ply_complete(path, name, len(vertices), len(faces))
     if not np.isfinite(vertices).all():
         raise InputError(f"{name}: vertices contain NaN or infinite values")
     if faces.size and (faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= len(vertices)):
@@ -177,6 +179,24 @@ def _from_trimesh(
     drawn = count if sampling == "random" else 4 * count
     xyz, rgb = _sample_surface(vertices, faces, colors, drawn, name, rng)
     return _subsample(xyz, rgb, count, sampling, rng) if drawn > count else (xyz, rgb)
+
+
+def _check_ply_complete(path: Path, name: str, vertices: int, faces: int) -> None:
+    """Refuse a PLY holding fewer elements than its header declares: trimesh accepts truncated ASCII bodies."""
+    declared = {}
+    with open(path, "rb") as handle:
+        for _ in range(1000):  # a header is a few dozen lines; stop at junk rather than read a whole file
+            words = handle.readline(1000).split()
+            if not words or words == [b"end_header"]:
+                break
+            if len(words) == 3 and words[0] == b"element" and words[2].isdigit():
+                declared[words[1]] = int(words[2])
+    # Polygons are split into triangles on loading, so a complete file has at least as many faces as declared.
+    for kind, found in ((b"vertex", vertices), (b"face", faces)):
+        if found < declared.get(kind, 0):
+            raise InputError(
+                f"{name}: truncated PLY (header declares {declared[kind]} {kind.decode()} elements, file holds {found})"
+            )
 
 
 def _trimesh_colors(loaded: object, with_color: bool) -> tuple[np.ndarray, str] | None:
@@ -207,9 +227,12 @@ def _sample_surface(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Uniform samples on the surface: faces drawn by area, points by uniform barycentric coordinates."""
     corner_a, corner_b, corner_c = (vertices[faces[:, k]] for k in range(3))
-    areas = 0.5 * np.linalg.norm(np.cross(corner_b - corner_a, corner_c - corner_a), axis=1)
-    total = areas.sum()
-    if not np.isfinite(total) or total <= 0:
+    with np.errstate(over="ignore", invalid="ignore"):  # huge coordinates are refused just below
+        areas = 0.5 * np.linalg.norm(np.cross(corner_b - corner_a, corner_c - corner_a), axis=1)
+        total = areas.sum()
+    if not np.isfinite(total):
+        raise InputError(f"{name}: mesh coordinates are too large (surface area overflows)")
+    if total <= 0:
         raise InputError(f"{name}: mesh has no surface area to sample (all faces are degenerate)")
     face = rng.choice(faces.shape[0], count, p=areas / total)
     root, second = np.sqrt(rng.random(count)), rng.random(count)

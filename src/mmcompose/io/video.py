@@ -63,9 +63,12 @@ def load_video(
         return _from_images(list(source), names, num_frames, max_pixels_per_frame)
     path = Path(source)
     if path.is_dir():
-        frames = sorted(
-            (p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()), key=_natural_key
-        )
+        try:
+            frames = sorted(
+                (p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()), key=_natural_key
+            )
+        except OSError as exc:
+            raise InputError(f"{path}: cannot list frame directory ({one_line(exc)})") from None
         if not frames:
             raise InputError(f"{path}: directory contains no frame images ({', '.join(sorted(FRAME_SUFFIXES))})")
         return _from_images(frames, [str(p) for p in frames], num_frames, max_pixels_per_frame)

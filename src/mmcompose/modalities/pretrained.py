@@ -88,7 +88,7 @@ class WhisperAudioEncoder(nn.Module):
 
     Log-mel features come from transformers' `WhisperFeatureExtractor`, built from Whisper's fixed parameters
     (16 kHz, n_fft 400, hop 160, `num_mel_bins` from the config) rather than downloaded. It runs batched (one
-    batched STFT) with per-sample normalisation, so a sample's features do not depend on its batch.
+    batched STFT) and clamps each sample's dynamic range on its own, so features do not depend on the batch.
 
     Window length, the trade-off: the encoder only accepts exactly `2 * max_source_positions` mel frames, so
     every input is padded (or truncated) to `n_samples = 2 * max_source_positions * 160` samples -- 30 s for
@@ -180,6 +180,9 @@ class CLAPAudioEncoder(nn.Module):
         self.options = dict(config=config, tokens=tokens, feature_extractor=feature_extractor)
         self.model = ClapAudioModel(ClapAudioConfig(**config))
         audio = self.model.config
+        if audio.enable_fusion and audio.num_mel_bins != 64:
+            raise ValueError(f"CLAP fusion needs 64 mel bins (the extractor's global view has 64), got "
+                             f"{audio.num_mel_bins}")
         self.output_dim = int(audio.patch_embeds_hidden_size * 2 ** (len(audio.depths) - 1))
         self.tokens, self.fusion = tokens, bool(audio.enable_fusion)
         self.features = ClapFeatureExtractor(**{**(feature_extractor or {}), "feature_size": audio.num_mel_bins})
@@ -326,6 +329,10 @@ class PointBERTEncoder(nn.Module):
     `modelcompose/model/multimodal_encoder/point_encoder.py`, which loads a bare state dict with these names.
     """
 
+    #: Prefixes tried, in order, by `from_state_dict_file(prefix="auto")`: a bare state dict (ModelCompose's
+    #: point_bert_v1.2.pt), a Point-BERT training checkpoint, a PointLLM model, and this project's own names.
+    PREFIXES = ("", "module.point_encoder.", "point_encoder.", "model.point_backbone.", "point_backbone.")
+
     def __init__(self, trans_dim: int = 384, depth: int = 12, num_heads: int = 6, group_size: int = 32,
                  num_group: int = 512, encoder_dims: int = 256, point_dims: int = 3, drop_cls: bool = False) -> None:
         super().__init__()
@@ -344,10 +351,6 @@ class PointBERTEncoder(nn.Module):
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, trans_dim))
         self.blocks = _Blocks(trans_dim, depth, num_heads)
         self.norm = nn.LayerNorm(trans_dim)
-
-    #: Prefixes tried, in order, by `from_state_dict_file(prefix="auto")`: a bare state dict (ModelCompose's
-    #: point_bert_v1.2.pt), a Point-BERT training checkpoint, a PointLLM model, and this project's own names.
-    PREFIXES = ("", "module.point_encoder.", "point_encoder.", "model.point_backbone.", "point_backbone.")
 
     @classmethod
     def from_state_dict_file(cls, path: str | Path, prefix: str = "auto", **options: Any) -> PointBERTEncoder:
@@ -382,8 +385,9 @@ class PointBERTEncoder(nn.Module):
         self.load_state_dict(weights, strict=False)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        if points.shape[-1] != self.point_dims:
-            raise ValueError(f"expected points with {self.point_dims} channels, got shape {tuple(points.shape)}")
+        if points.shape[-1] != self.point_dims or points.shape[1] < max(self.num_group, self.group_size):
+            raise ValueError(f"expected (n, N >= {max(self.num_group, self.group_size)}, {self.point_dims}) points, "
+                             f"got shape {tuple(points.shape)}")
         dtype = self.reduce_dim.weight.dtype
         groups, centres = self._group(points.float())
         tokens = self.reduce_dim(self.encoder(groups.to(dtype)))
