@@ -129,7 +129,8 @@ def main() -> None:
             for delta in composed.spec.deltas:
                 members = torch.tensor([ids[r] for r in delta.routes])
                 masks[delta.name] = torch.isin(flat_routes, members).unsqueeze(-1).float()
-            text_only = {d.name: (torch.zeros(1, 1, 1) if "text" not in d.routes else None) for d in composed.spec.deltas}
+            text_only = {d.name: (torch.zeros(1, 1, 1) if "text" not in d.routes else None)
+                         for d in composed.spec.deltas}
             for path, layer in composed.routed.items():
                 parent, _, attribute = path.rpartition(".")
                 setattr(composed.llm.get_submodule(parent), attribute, MaskedLinear(layer, masks))
@@ -154,8 +155,10 @@ def main() -> None:
     ]
     for name, result in results.items():
         speed = args.new_tokens / result["decode"]
-        lines.append(f"| {name} | {1000 * result['prefill']:.1f} | {result['prefill'] / results['base']['prefill']:.3f}x "
-                     f"| {speed:.1f} | {results['base']['decode'] / result['decode']:.3f}x |")
+        prefill_ratio = result["prefill"] / results["base"]["prefill"]
+        decode_ratio = results["base"]["decode"] / result["decode"]
+        lines.append(f"| {name} | {1000 * result['prefill']:.1f} | {prefill_ratio:.3f}x "
+                     f"| {speed:.1f} | {decode_ratio:.3f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.results, "a") as handle:

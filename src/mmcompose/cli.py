@@ -57,8 +57,15 @@ def show(checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoin
 @app.command()
 @one_line_errors
 def compose(
-    config: Annotated[Path, typer.Argument(help="Composition YAML: method (naive|damc), merge, parameters, models.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory (written atomically).")],
+    config: Annotated[Path | None, typer.Argument(
+        help="Composition YAML: method (naive|damc), merge, parameters, models.")] = None,
+    start: Annotated[Path | None, typer.Option(
+        "--from", help="A composed checkpoint to change with --add / --remove instead of a CONFIG.")] = None,
+    add: Annotated[list[Path] | None, typer.Option(help="With --from: a modality model to add (repeatable).")]
+    = None,
+    remove: Annotated[list[str] | None, typer.Option(help="With --from: a model name to remove (repeatable).")]
+    = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
     = False,
 ) -> None:
@@ -71,11 +78,23 @@ def compose(
         models:
           - {path: runs/image, lambda: 0.5}
           - {path: runs/audio, lambda: 0.5}
-    """
-    from mmcompose.compose.config import load_config
-    from mmcompose.compose.engine import compose as run_composition
 
-    result = run_composition(load_config(config), out, overwrite=overwrite)
+    Or change a composed checkpoint without recomposing the others:
+    mmcompose compose --from composed --add runs/point --remove audio -o composed2
+    """
+    from mmcompose.compose.config import ModelEntry, load_config
+    from mmcompose.compose.engine import compose as run_composition
+    from mmcompose.compose.incremental import recompose
+
+    if (config is None) == (start is None):
+        raise MMComposeError("give either a CONFIG file or --from COMPOSED (with --add/--remove), not both")
+    if start is None:
+        if add or remove:
+            raise MMComposeError("--add and --remove change a composed checkpoint: use them with --from")
+        result = run_composition(load_config(config), out, overwrite=overwrite)
+    else:
+        entries = [ModelEntry(path=path) for path in add or []]
+        result = recompose(start, out, add=entries, remove=remove or [], overwrite=overwrite)
     accounting = json.loads((result / "manifest.json").read_text())["provenance"]["composition"]["accounting"]
     console.print(f"composed {result}: {accounting['output_tensors']} tensors, "
                   f"{accounting['branch_parameters'] + accounting['delta_parameters']:,} parameters")

@@ -33,3 +33,8 @@ def test_compose_command(llama_base: Path, tmp_path: Path) -> None:
     missing = runner.invoke(app, ["compose", str(config), "-o", str(tmp_path / "other")])
     assert missing.exit_code == 2 and "nowhere: not an mmcompose checkpoint" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
+    removed = runner.invoke(app, ["compose", "--from", str(tmp_path / "out"), "--remove", "point",
+                                  "-o", str(tmp_path / "image-only")])
+    assert removed.exit_code == 0, removed.output
+    both = runner.invoke(app, ["compose", str(config), "--from", str(tmp_path / "out"), "-o", str(tmp_path / "x")])
+    assert both.exit_code == 2 and "give either a CONFIG file or --from" in both.output

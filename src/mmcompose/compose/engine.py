@@ -71,7 +71,8 @@ def open_source(entry: ModelEntry, index: int) -> Source:
     renamed = [entry.rename.get(m, m) for m in modalities]
     name = entry.name or "+".join(renamed) or entry.path.name
     reader = TensorReader([entry.path / f for f in manifest.files])
-    record = {"path": str(entry.path.resolve()), "rename": dict(entry.rename), "manifest": manifest_digest(entry.path)}
+    record = {"path": str(entry.path.resolve()), "rename": dict(entry.rename), "modalities": renamed,
+              "manifest": manifest_digest(entry.path)}
     return Source(entry.path, manifest, reader, name, 0.0, entry.density, dict(entry.rename), record)
 
 
@@ -98,6 +99,7 @@ def _assign_roles(config: CompositionConfig, sources: list[Source]) -> None:
             raise CompositionError(f"model {source.name!r} has a lambda both in models and in lambdas; keep one")
         given = entry.lambda_ if entry.lambda_ is not None else config.lambdas.get(source.name)
         source.weight = 1.0 / len(sources) if given is None else given
+        source.record["lambda_explicit"] = given is not None
 
 
 def _check_tensor_names(source: Source) -> None:
@@ -199,7 +201,8 @@ def _plan(config: CompositionConfig, sources: list[Source]) -> Plan:
     merged_paths: list[str] = []
     if parts:
         merged = _merged_delta(config, parts, merged_name, merged_routes)
-        merged = merged.model_copy(update={"source": {"merge": config.merge, "inputs": [s.name for s, _ in parts]}})
+        origin = {"merge": config.merge, "inputs": [s.name for s, _ in parts], "ranks": [d.rank for _, d in parts]}
+        merged = merged.model_copy(update={"source": origin})
         deltas.append(merged)
         merged_paths = _module_paths(*parts[0])
         for source, delta in parts[1:]:
