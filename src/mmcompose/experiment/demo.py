@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from mmcompose.checkpoint import load_checkpoint
-from mmcompose.compose.config import parse_config
+from mmcompose.compose.config import CompositionConfig, parse_config
 from mmcompose.compose.engine import compose
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.benchmark import Sample, load_benchmark
@@ -33,9 +33,12 @@ from mmcompose.experiment.search import search_lambdas, source_agreement, valida
 from mmcompose.experiment.tool import tool_predictor
 from mmcompose.model import MultimodalLLM
 from mmcompose.train.base_llm import pretrain_base
-from mmcompose.world import MODALITIES, build_world
+from mmcompose.train.data import load_samples
+from mmcompose.train.trainer import TrainConfig, build_model, train
+from mmcompose.world import MCUB3_SUBSETS, MODALITIES, build_world
 
 RESULTS_FILE, PLOT_FILE = "results.json", "results.png"
+FINAL_MODEL = "model"
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,22 @@ class DemoProfile:
     stage2_steps: int
     joint_steps: int
     rank: int
+    batch_size: int
     search_rounds: int
     search_limit: int  # validation samples per MCUB file used by the lambda search
+    agreement_prompts: int  # single-modality prompts per modality for the label-free search
 
 
 PROFILES: dict[str, DemoProfile] = {
     "default": DemoProfile(world="default", base="default", stage1_steps=300, stage2_steps=400, joint_steps=800,
-                           rank=16, search_rounds=1, search_limit=50),
-    "quick": DemoProfile(world="quick", base="quick", stage1_steps=60, stage2_steps=80, joint_steps=160, rank=8,
-                         search_rounds=1, search_limit=20),
+                           rank=16, batch_size=16, search_rounds=1, search_limit=50, agreement_prompts=48),
+    "quick": DemoProfile(world="quick", base="quick", stage1_steps=40, stage2_steps=60, joint_steps=120, rank=8,
+                         batch_size=8, search_rounds=1, search_limit=12, agreement_prompts=12),
 }
 
 
 class Demo:
-    """The experiment's directory layout and steps; each `step` is skipped when its output exists."""
+    """The experiment's directory layout and steps; each step is skipped when its output exists."""
 
     def __init__(self, out: Path, profile: str, seed: int, console: Console) -> None:
         if profile not in PROFILES:
@@ -76,21 +81,190 @@ class Demo:
         if marker.is_file():
             found = json.loads(marker.read_text())
             if found != wanted:
-                raise MMComposeError(f"{self.out} holds a demo with {found['profile']} profile, seed {found['seed']}; "
-                                     "use another --out or delete it")
+                raise MMComposeError(f"{self.out} holds a demo with profile {found['profile']!r}, seed "
+                                     f"{found['seed']} and other settings; use another --out or delete it")
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps(wanted, indent=2) + "\n")
 
     def step(self, name: str, output: Path, build: Callable[[], Any]) -> Path:
-        if output.exists():
-            return output
-        self.console.print(f"[bold]{name}[/bold] ...")
-        started = time.perf_counter()
-        build()
-        self.timings[name] = round(time.perf_counter() - started, 1)
-        self.console.print(f"  done in {self.timings[name]:.1f}s")
+        if not output.exists():
+            self.console.print(f"[bold]{name}[/bold] ...")
+            started = time.perf_counter()
+            build()
+            self.timings[name] = round(time.perf_counter() - started, 1)
+            self.console.print(f"  {name}: {self.timings[name]:.1f}s")
         return output
 
-    def model_dir(self, name: str) -> Path:
-        return self.out / "models" / name
+    # --- building ----------------------------------------------------------------------------------------
+    def build_world(self) -> Path:
+        return self.step("world", self.world, lambda: build_world(self.seed, self.world, self.settings.world))
+
+    def build_base(self) -> Path:
+        corpus = self.world / "corpus"
+        return self.step("base LLM", self.base, lambda: pretrain_base(
+            corpus / "train.txt", corpus / "valid.txt", self.base, profile=self.settings.base, seed=self.seed,
+            text_qa=self.world / "data" / "text_qa.json", progress=False))
+
+    def _train(self, name: str, modalities: list[str], strategy: str, data: list[str], stage: str, steps: int,
+               start_from: list[Path]) -> Path:
+        run = self.out / "train" / name
+
+        def run_training() -> None:
+            model = build_model(self.base, modalities, strategy=strategy, rank=self.settings.rank,
+                                alpha=2.0 * self.settings.rank, start_from=start_from, seed=self.seed)
+            samples = [s for file in data for s in load_samples(self.world / "data" / file)]
+            config = TrainConfig(stage=stage, steps=steps, batch_size=self.settings.batch_size, seed=self.seed)
+            train(model, samples, self.world, config, run, resume=True, progress=False)
+
+        return self.step(f"train {name}", run / FINAL_MODEL, run_training)
+
+    def single_models(self) -> dict[tuple[str, str], Path]:
+        models = {}
+        for modality in MODALITIES:
+            stage1 = self._train(f"{modality}-stage1", [modality], "connector-only", [f"{modality}_caption.json"],
+                                 "pretrain", self.settings.stage1_steps, [])
+            for strategy in ("shared", "decoupled"):
+                models[modality, strategy] = self._train(
+                    f"{modality}-{strategy}", [modality], strategy, [f"{modality}_instruct.json"], "instruct",
+                    self.settings.stage2_steps, [stage1])
+        return models
+
+    def joint_model(self) -> Path:
+        stage1 = [self.out / "train" / f"{m}-stage1" / FINAL_MODEL for m in MODALITIES]
+        return self._train("joint-decoupled", list(MODALITIES), "decoupled",
+                           [f"{m}_instruct.json" for m in MODALITIES], "instruct", self.settings.joint_steps, stage1)
+
+    def composition(self, name: str, config: dict[str, Any]) -> Path:
+        out = self.out / "composed" / name
+        return self.step(f"compose {name}", out, lambda: compose(parse_config(config), out, progress=False))
+
+    def searched(self, name: str, config: CompositionConfig, criterion_name: str,
+                 sources: dict[tuple[str, str], Path]) -> Path:
+        out = self.out / "composed" / name
+
+        def run_search() -> None:
+            if criterion_name == "validation":
+                validation = [s for task, samples in load_tasks(self.world, "val").items()
+                              for s in samples[: self.settings.search_limit]]
+                criterion = validation_accuracy(validation)
+            else:
+                prompts = {m: _human_only(load_benchmark(self.world / "data" / f"{m}_instruct.json", self.world))
+                           [: self.settings.agreement_prompts] for m in MODALITIES}
+                criterion = source_agreement(prompts, {m: load_checkpoint(sources[m, "decoupled"]).eval()
+                                                       for m in MODALITIES})
+            result = search_lambdas(config, criterion, self.out / "search" / f"{name}.jsonl",
+                                    rounds=self.settings.search_rounds)
+            compose(config.model_copy(update={"lambdas": result.lambdas}), out, progress=False)
+            (self.out / "search" / f"{name}.json").write_text(json.dumps(
+                {"lambdas": result.lambdas, "score": result.score, "uniform_score": result.uniform_score,
+                 "trials": len(result.trials)}, indent=2) + "\n")
+
+        return self.step(f"search {name}", out, run_search)
+
+
+def _human_only(samples: list[Sample]) -> list[Sample]:
+    return [s for s in samples if s.conversations[0]["value"].count("<") == 1]
+
+
+MCUB_TASKS = ["MCUB-4", *[f"MCUB-3 {'-'.join(subset)}" for subset in MCUB3_SUBSETS]]
+
+
+def _modalities_of(task: str) -> list[str]:
+    if task == "MCUB-4":
+        return list(MODALITIES)
+    if task.startswith("MCUB-3 "):
+        return task.removeprefix("MCUB-3 ").split("-")
+    return [task]
+
+
+def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Console | None = None) -> dict[str, Any]:
+    """Build (or reuse) everything, evaluate every method on every task, write the report; return results."""
+    console = console or Console()
+    demo = Demo(out, profile, seed, console)
+    started = time.perf_counter()
+    demo.build_world()
+    demo.build_base()
+    singles = demo.single_models()
+    joint = demo.joint_model()
+
+    def config(strategy: str, method: str, merge: str = "linear", **options: Any) -> dict[str, Any]:
+        return {"method": method, "merge": merge, "models": [{"path": str(singles[m, strategy])} for m in MODALITIES],
+                **options}
+
+    dare = {"parameters": {"density": 0.5}, "seed": seed}
+    composed = {
+        "NaiveMC (linear)": demo.composition("naive-linear", config("shared", "naive")),
+        "NaiveMC (TIES)": demo.composition("naive-ties", config("shared", "naive", "ties", **dare)),
+        "NaiveMC (DARE)": demo.composition("naive-dare", config("shared", "naive", "dare_linear", **dare)),
+        "DAMC (linear, 1/M)": demo.composition("damc-linear", config("decoupled", "damc")),
+        "DAMC (TIES)": demo.composition("damc-ties", config("decoupled", "damc", "ties", **dare)),
+    }
+    damc = parse_config(config("decoupled", "damc"))
+    composed["DAMC (searched λ, val)"] = demo.searched("damc-search-val", damc, "validation", singles)
+    composed["DAMC (searched λ, label-free)"] = demo.searched("damc-search-agree", damc, "agreement", singles)
+
+    tasks = load_tasks(demo.world)
+    text_tasks = {t: load_benchmark(demo.world / "data" / f"text_{_file_tag(t)}_test.json", demo.world)
+                  for t in MCUB_TASKS}
+    loaded: dict[Path, MultimodalLLM] = {}
+
+    def load(path: Path) -> MultimodalLLM:
+        if path not in loaded:
+            loaded[path] = load_checkpoint(path).eval()
+        return loaded[path]
+
+    methods: dict[str, Callable[[str], Predictor | None]] = {}
+    for modality in MODALITIES:
+        def single(task: str, m: str = modality, p: Path = singles[modality, "decoupled"]) -> Predictor | None:
+            return model_predictor(load(p), only=[m]) if m in _modalities_of(task) else None
+
+        methods[f"{modality}-LLM (own input only)"] = single
+    for name, path in composed.items():
+        methods[name] = lambda task, p=path: model_predictor(load(p))
+    methods["joint training (upper ref.)"] = lambda task: model_predictor(load(joint))
+    text_llm = MultimodalLLM.from_base(demo.base, []).eval()
+    methods["tool pipeline (captions -> LLM)"] = lambda task: (
+        tool_predictor({m: load(singles[m, "decoupled"]) for m in MODALITIES}, text_llm, max_new_tokens=10)
+        if task in MCUB_TASKS else None)
+
+    results: dict[str, dict[str, float | None]] = {}
+    columns = list(tasks)
+    for method, predictor_for in methods.items():
+        results[method] = {}
+        for task, samples in tasks.items():
+            predictor = predictor_for(task)
+            results[method][task] = None if predictor is None else evaluate(
+                predictor, samples, out / "eval" / _slug(method) / _slug(task), task)
+    results["base LLM with entity names (text oracle)"] = {
+        task: (evaluate(model_predictor(text_llm), text_tasks[task], out / "eval" / "text-oracle" / _slug(task), task)
+               if task in text_tasks else None) for task in columns}
+
+    base_metrics = json.loads((demo.base / "metrics.json").read_text())
+    retention = {m: {t: results[m][t] / results[f"{t}-LLM (own input only)"][t]
+                     if results[f"{t}-LLM (own input only)"][t] else None for t in MODALITIES}
+                 for m in composed}
+    searches = {name: json.loads((out / "search" / f"{name}.json").read_text())
+                for name in ("damc-search-val", "damc-search-agree")}
+    extra = {"profile": profile, "seed": seed, "retention": retention, "searches": searches,
+             "base_llm": {k: base_metrics.get(k) for k in ("valid_perplexity", "text_qa_accuracy", "parameters")},
+             "timings": demo.timings, "seconds": round(time.perf_counter() - started, 1)}
+    write_results(results, columns, out / RESULTS_FILE, extra)
+    plot_results(results, {"MCUB (multi-modality)": MCUB_TASKS, "single-modality": list(MODALITIES)},
+                 out / PLOT_FILE)
+    console.print(results_table(results, columns, title=f"MCUB-world accuracy (%), profile {profile}, seed {seed}"))
+    console.print(f"base LLM: perplexity {base_metrics.get('valid_perplexity', float('nan')):.2f}, text QA accuracy "
+                  f"{100 * base_metrics.get('text_qa_accuracy', 0):.1f}%")
+    for name, search in searches.items():
+        console.print(f"{name}: lambdas {search['lambdas']} score {search['score']:.3f} "
+                      f"(uniform {search['uniform_score']:.3f})")
+    console.print(f"wrote {out / RESULTS_FILE} and {out / PLOT_FILE} in {extra['seconds']:.0f}s")
+    return {"results": results, **extra}
+
+
+def _file_tag(task: str) -> str:
+    return "mcub4" if task == "MCUB-4" else "mcub3_" + task.removeprefix("MCUB-3 ")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")

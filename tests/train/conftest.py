@@ -1,0 +1,35 @@
+"""Fixtures for training tests: a quick world, tiny modality specs that read its media, and a subset of its data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mmcompose.model import Component, ModalitySpec
+from mmcompose.world import build_world
+from tests.model.helpers import tiny_modality
+
+TINY_PROCESSORS = {
+    "image": Component(type="image", options={"size": 16}),
+    "audio": Component(type="audio", options={"num_samples": 1600}),
+    "video": Component(type="video", options={"num_frames": 2, "size": 16}),
+    "point": Component(type="point", options={"num_points": 64}),
+}
+
+
+def tiny_spec(name: str, boundary: int = 1) -> ModalitySpec:
+    """A modality with a one-block encoder whose processor shrinks the world's media to match it."""
+    return tiny_modality(name, boundary).model_copy(update={"processor": TINY_PROCESSORS[name]})
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_world(3, tmp_path_factory.mktemp("train-world") / "world", profile="quick")
+
+
+def samples(world: Path, name: str, count: int | None = None) -> list[dict[str, Any]]:
+    data = json.loads((world / "data" / f"{name}.json").read_text())
+    return data[:count]
