@@ -33,6 +33,15 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+@app.callback()
+def main() -> None:
+    """Compose single-modality multimodal LLMs that share a base LLM into one model, and measure it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own progress and messages are enough on a terminal
+    hf_logging.disable_progress_bar()
+
+
 @app.command()
 @one_line_errors
 def show(checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoint directory.")]) -> None:
@@ -118,6 +127,70 @@ def demo(
     from mmcompose.experiment.demo import run_demo
 
     run_demo(out or Path("runs") / f"demo-{profile}-s{seed}", profile, seed, console)
+
+
+world_app = typer.Typer(no_args_is_help=True, help="The synthetic world: entities, renderings, corpus, data sets.")
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("build")
+@one_line_errors
+def world_build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="World directory to create (written atomically).")],
+    seed: Annotated[int, typer.Option(help="Everything in the world is a function of this seed.")] = 0,
+    profile: Annotated[str, typer.Option(help="default (48 entities) or quick (24 entities, for CI).")] = "default",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Generate a world: media in real formats (PNG, WAV, MP4, NPY), text corpus, training and MCUB data."""
+    from mmcompose.world import build_world
+
+    build_world(seed, out, profile, overwrite=overwrite)
+    console.print(f"built world {out} (seed {seed}, profile {profile})")
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate(
+    task: Annotated[Path, typer.Option("--task", help="A benchmark JSON file, or a directory of MCUB files "
+                                       "(official MCUB-4.json / MCUB-3-*.json + MCUB-answer.json, or a world's).")],
+    model: Annotated[Path, typer.Option("--model", help="An mmcompose checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for predictions.jsonl and metrics.json.")],
+    data_root: Annotated[Path | None, typer.Option(help="Media paths are relative to this [default: the task's "
+                                                   "directory, or its parent for a world's data/].")] = None,
+    kind: Annotated[str, typer.Option(help="choice (letters), open (VQA-normalised text) or label (classes).")]
+    = "choice",
+    shard: Annotated[str, typer.Option(help="i/n: run shard i of n (merge later with the same command and "
+                                       "--shard merge/n).")] = "0/1",
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+) -> None:
+    """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
+    from mmcompose.checkpoint import load_checkpoint
+    from mmcompose.eval.benchmark import load_benchmark, load_mcub
+    from mmcompose.eval.runner import merge_shards, run_benchmark
+    from mmcompose.experiment.predict import model_predictor
+
+    index, _, count = shard.partition("/")
+    if not count.isdigit() or not (index.isdigit() or index == "merge"):
+        raise MMComposeError(f"--shard {shard!r}: expected i/n (e.g. 0/4) or merge/n")
+    if task.is_dir():
+        root = data_root or (task.parent if task.name == "data" else task)
+        tasks = load_mcub(task, root)
+    else:
+        root = data_root or (task.parent.parent if task.parent.name == "data" else task.parent)
+        tasks = {task.stem: load_benchmark(task, root)}
+    multiple = len(tasks) > 1
+    if index == "merge":
+        for name in tasks:
+            metrics = merge_shards(out / name if multiple else out, int(count))
+            console.print(f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
+        return
+    predictor = model_predictor(load_checkpoint(model).eval(), max_new_tokens)
+    for name, samples in tasks.items():
+        metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
+                                shard=(int(index), int(count)), batch_size=batch_size)
+        console.print(f"{name}: accuracy {metrics['accuracy'] or 0:.3f} over {metrics['n']} samples "
+                      f"({metrics['n_unparseable']} unparseable, {metrics['n_failed']} failed)")
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "

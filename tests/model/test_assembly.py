@@ -91,5 +91,5 @@ def test_bad_prompts_fail_with_their_message(model: MultimodalLLM, example: Exam
 
 
 def test_unknown_modality_in_raw_inputs(model: MultimodalLLM) -> None:
-    with pytest.raises(InputError, match="this model has no 'video' modality"):
+    with pytest.raises(InputError, match="v1: input of modality 'video', which this model does not have"):
         model.example("<video>", {"video": ["clip.mp4"]}, id="v1")

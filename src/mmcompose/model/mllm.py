@@ -112,7 +112,7 @@ class MultimodalLLM(nn.Module):
         processed: dict[str, list[torch.Tensor]] = {}
         for modality, sources in (inputs or {}).items():
             if modality not in self.processors:
-                raise InputError(f"{id or 'sample'}: this model has no {modality!r} modality "
+                raise InputError(f"{id or 'sample'}: input of modality {modality!r}, which this model does not have "
                                  f"(it has: {', '.join(self.processors) or 'none'})")
             processed[modality] = [self.processors[modality](source) for source in sources]
         return Example(prompt=prompt, inputs=processed, target=target, id=id)
