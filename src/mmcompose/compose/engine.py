@@ -61,6 +61,12 @@ def manifest_digest(directory: Path) -> str:
     return "sha256:" + hashlib.sha256((directory / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
+def model_name(entry: ModelEntry, manifest: Manifest) -> str:
+    """A model's name in lambdas and provenance: given, else its (renamed) modalities, e.g. `image+audio`."""
+    renamed = [entry.rename.get(m.name, m.name) for m in manifest.model.modalities]
+    return entry.name or "+".join(renamed) or entry.path.name
+
+
 def open_source(entry: ModelEntry, index: int) -> Source:
     manifest = read_manifest(entry.path)
     modalities = [m.name for m in manifest.model.modalities]
@@ -69,7 +75,7 @@ def open_source(entry: ModelEntry, index: int) -> Source:
         raise CompositionError(f"models[{index}] ({entry.path}): rename names modality {sorted(unknown)[0]!r}, "
                                f"which it does not have (it has: {', '.join(modalities) or 'none'})")
     renamed = [entry.rename.get(m, m) for m in modalities]
-    name = entry.name or "+".join(renamed) or entry.path.name
+    name = model_name(entry, manifest)
     reader = TensorReader([entry.path / f for f in manifest.files])
     record = {"path": str(entry.path.resolve()), "rename": dict(entry.rename), "modalities": renamed,
               "manifest": manifest_digest(entry.path)}

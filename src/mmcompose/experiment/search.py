@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmcompose.checkpoint import load_checkpoint
+from mmcompose.checkpoint.manifest import read_manifest
 from mmcompose.compose.config import CompositionConfig
-from mmcompose.compose.engine import compose
+from mmcompose.compose.engine import compose, model_name
 from mmcompose.eval.benchmark import Sample, score
 from mmcompose.experiment.predict import model_predictor
 from mmcompose.model import MultimodalLLM
@@ -71,9 +72,9 @@ def _answers(model: MultimodalLLM, samples: Sequence[Sample], batch_size: int) -
 def search_lambdas(config: CompositionConfig, criterion: Criterion, log: Path, *, factors: Sequence[float] = (0.5, 2.0),
                    rounds: int = 2) -> SearchResult:
     """Search the per-model lambdas of a `damc` config; returns the best lambdas and every trial."""
-    names = [entry.name or entry.path.name for entry in config.models]
-    config = config.model_copy(update={"models": [e.model_copy(update={"name": n, "lambda_": None})
-                                                  for e, n in zip(config.models, names, strict=True)]})
+    names = [model_name(entry, read_manifest(entry.path)) for entry in config.models]
+    config = config.model_copy(update={"models": [e.model_copy(update={"lambda_": None}) for e in config.models],
+                                       "lambdas": {}})
     scores: dict[tuple[float, ...], float] = {}
     trials: list[dict] = []
     log.parent.mkdir(parents=True, exist_ok=True)

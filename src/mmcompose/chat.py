@@ -1,0 +1,226 @@
+"""`mmcompose chat`: ask a model about files, once or in a multi-turn session, with answers streamed.
+
+The whole conversation is re-run every turn (the model has no cross-turn cache), so each turn keeps its
+processed input tensors: files are decoded once, when attached, and earlier turns' inputs still line up
+with their placeholders in the prompt the model's template renders.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from mmcompose.errors import InputError, MMComposeError
+from mmcompose.modalities import MODALITIES
+from mmcompose.model.assembly import Example
+from mmcompose.model.conversation import format_conversation
+from mmcompose.model.mllm import MultimodalLLM
+
+#: Placeholders go at the start of the human turn in this order, one per line, as the training data has them.
+PLACEHOLDER_ORDER = ("image", "audio", "video", "point")
+PROMPT = "> "
+HELP = ("commands: /image PATH, /audio PATH, /video PATH, /point PATH attach a file to your next message; "
+        "/reset starts over; /quit (or Ctrl-D) exits")
+
+
+@dataclass
+class Turn:
+    """One exchange: the human text as the model reads it (placeholders included), its inputs, the answer."""
+
+    human: str
+    inputs: dict[str, list[torch.Tensor]]
+    answer: str
+
+
+@dataclass
+class ChatSession:
+    """A conversation with a model: finished turns plus the inputs attached to the next one.
+
+    Greedy decoding unless `temperature > 0`; sampling then draws from one generator seeded once, so a
+    session with the same seed and messages is reproducible.
+    """
+
+    model: MultimodalLLM
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    turns: list[Turn] = field(default_factory=list)
+    pending: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+
+    def attach(self, modality: str, path: str | Path) -> None:
+        """Decode and process a file now (so a bad file is reported at once) for the next human turn."""
+        processed = self.model.example("", {modality: [Path(path).expanduser()]}, id=str(path)).inputs[modality]
+        self.pending.setdefault(modality, []).extend(processed)
+
+    def reset(self) -> None:
+        self.turns.clear()
+        self.pending.clear()
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer `question` with the pending inputs, after the earlier turns; `on_text` receives the answer
+        as it is generated. The turn is kept only if generation succeeds, so a bad message leaves the
+        conversation (and the attachments waiting for it) as they were."""
+        human = self._human_text(question)
+        conversation = [message for turn in self.turns
+                        for message in ({"from": "human", "value": turn.human}, {"from": "gpt", "value": turn.answer})]
+        prompt, _ = format_conversation([*conversation, {"from": "human", "value": human}], self.model.spec.template)
+        inputs: dict[str, list[torch.Tensor]] = {}
+        for part in [*(turn.inputs for turn in self.turns), self.pending]:
+            for modality, tensors in part.items():
+                inputs.setdefault(modality, []).extend(tensors)
+        stream = TextStream(self.model.tokenizer, on_text) if on_text is not None else None
+        answer = self.model.generate([Example(prompt=prompt, inputs=inputs, id="message")], self.max_new_tokens,
+                                     temperature=self.temperature, generator=self.generator,
+                                     on_token=stream)[0].strip()
+        if stream is not None:
+            stream.finish()
+        self.turns.append(Turn(human=human, inputs=self.pending, answer=answer))
+        self.pending = {}
+        return answer
+
+    def _human_text(self, question: str) -> str:
+        """The question with one placeholder line per pending input, unless the user placed them already
+        (then their count must match the inputs attached to this message)."""
+        model_placeholders = {m.name: m.placeholder for m in self.model.spec.modalities}
+        for name, modality in MODALITIES.items():
+            if name not in model_placeholders and modality.placeholder in question:
+                raise InputError(f"message: placeholder {modality.placeholder} is for modality {name!r}, which this "
+                                 f"model does not have (it has: {', '.join(model_placeholders) or 'none'})")
+        if any(placeholder in question for placeholder in model_placeholders.values()):
+            # Checked per message: the model's own check counts the whole conversation, which misleads.
+            for name, placeholder in model_placeholders.items():
+                found, given = question.count(placeholder), len(self.pending.get(name, []))
+                if found != given:
+                    raise InputError(f"message: has {found} {placeholder} placeholder(s) but {given} {name} "
+                                     f"input(s) are attached")
+            return question
+        order = [m for m in PLACEHOLDER_ORDER if m in self.pending]
+        order += [m for m in self.pending if m not in PLACEHOLDER_ORDER]
+        lines = [model_placeholders[m] for m in order for _ in self.pending[m]]
+        return "\n".join([*lines, question]) if question else "\n".join(lines)
+
+
+class TextStream:
+    """An `on_token` callback that turns token ids into text pieces as they arrive.
+
+    Byte-level BPE splits a multi-byte character over several tokens, and a token's text can depend on its
+    neighbours, so the accumulated ids are decoded every time and only the new suffix is emitted; while the
+    decoded text ends in an incomplete character (U+FFFD) it is held back. What is shown equals the answer
+    `generate` returns, stripped (it follows the template's ` ASSISTANT:` and is stored stripped).
+    """
+
+    def __init__(self, tokenizer: object, write: Callable[[str], None]) -> None:
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, row: int, token_id: int) -> None:
+        self.ids.append(token_id)
+        self._emit(final=False)
+
+    def finish(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        # Trailing whitespace waits for the next word (the stored answer is stripped, so it may never come).
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+
+def run_once(session: ChatSession, question: str, out: TextIO) -> str:
+    """One-shot mode: stream the answer to `out`, then end the line."""
+    answer = session.ask(question, lambda piece: _write(out, piece))
+    _write(out, "\n")
+    return answer
+
+
+def run_repl(session: ChatSession, out: TextIO, err: TextIO, read: Callable[[str], str] = input) -> None:
+    """Interactive mode: read messages and commands until /quit or end of input.
+
+    Errors in a message or an attachment are printed as one line and the session goes on without that turn;
+    Ctrl-C while an answer streams abandons that answer.
+    """
+    _write(out, f"modalities: {', '.join(session.model.branches) or 'none (text only)'}. {HELP}\n")
+    while True:
+        try:
+            line = read(PROMPT).strip()
+        except (EOFError, KeyboardInterrupt):
+            _write(out, "\n")
+            return
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if _command(session, line, out):
+                    return
+            else:
+                run_once(session, line, out)
+        except MMComposeError as error:
+            _write(err, f"error: {' '.join(str(error).split())}\n")
+        except KeyboardInterrupt:
+            _write(out, "\n[answer interrupted; not kept]\n")
+
+
+def _command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Run a /command; True when the session should end."""
+    name, _, argument = line[1:].partition(" ")
+    argument = argument.strip()
+    if name in ("quit", "exit"):
+        return True
+    if name == "reset":
+        session.reset()
+        _write(out, "conversation cleared\n")
+    elif name == "help":
+        _write(out, HELP + "\n")
+    elif name in PLACEHOLDER_ORDER or name in MODALITIES:
+        if not argument:
+            raise MMComposeError(f"/{name} needs a file path")
+        path = _unquote(argument)
+        session.attach(name, path)
+        _write(out, f"attached {name} {path} to your next message\n")
+    else:
+        raise MMComposeError(f"unknown command /{name}; {HELP}")
+    return False
+
+
+def _unquote(argument: str) -> str:
+    """A path typed as-is, or quoted (as a shell would, for names with spaces)."""
+    if argument[0] in "'\"":
+        try:
+            parts = shlex.split(argument)
+        except ValueError as error:
+            raise MMComposeError(f"cannot parse path {argument}: {error}") from None
+        if len(parts) == 1:
+            return parts[0]
+    return argument
+
+
+def _write(stream: TextIO, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def chat(model: MultimodalLLM, attachments: list[tuple[str, Path]], question: str | None, *, max_new_tokens: int,
+         temperature: float, seed: int) -> None:
+    """The `chat` command: attach the command line's files to the first message, then answer `question`
+    (one-shot) or start the interactive session."""
+    session = ChatSession(model, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    for modality, path in attachments:
+        session.attach(modality, path)
+    if question is None:
+        run_repl(session, sys.stdout, sys.stderr)
+    else:
+        run_once(session, question, sys.stdout)

@@ -1,0 +1,221 @@
+"""`mmcompose chat`: one-shot and interactive answers equal the model API's on the same conversation."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmcompose.chat import ChatSession, TextStream, run_repl
+from mmcompose.checkpoint import load_checkpoint, save_checkpoint
+from mmcompose.cli import app
+from mmcompose.errors import InputError
+from mmcompose.model import MultimodalLLM, modality_spec
+from mmcompose.model.assembly import Example
+from tests.model.helpers import randomize_deltas
+
+MAX_NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = MultimodalLLM.from_base(llama_base, [modality_spec("image")], strategy="decoupled")
+    randomize_deltas(model, scale=0.5)  # so the image and the deltas change what the model says
+    return save_checkpoint(model, tmp_path_factory.mktemp("chat") / "image-model")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Path) -> MultimodalLLM:
+    return load_checkpoint(checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    directory = tmp_path_factory.mktemp("images")
+    paths = []
+    for seed in range(2):
+        pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        paths.append(directory / f"photo{seed}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def expected_answer(model: MultimodalLLM, turns: list[dict[str, str]], images: list[Path], **options) -> str:
+    """What the model API answers to a conversation, independently of the chat code."""
+    example = model.conversation_example(turns, {"image": images} if images else None)
+    return model.generate([example], MAX_NEW_TOKENS, **options)[0].strip()
+
+
+def scripted(items: list[str]) -> Callable[[str], str]:
+    """A stand-in for `input()` that replays `items`, then signals end of input."""
+    feed = iter(items)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def repl(model: MultimodalLLM, items: list[str], **options) -> tuple[ChatSession, str, str]:
+    session = ChatSession(model, max_new_tokens=MAX_NEW_TOKENS, **options)
+    out, err = io.StringIO(), io.StringIO()
+    run_repl(session, out, err, read=scripted(items))
+    return session, out.getvalue(), err.getvalue()
+
+
+def test_one_shot_prints_what_generate_returns(checkpoint: Path, model: MultimodalLLM, images: list[Path]) -> None:
+    expected = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
+    assert expected  # the check below means something only if the model says something
+    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", str(images[0]),
+                                      "--max-new-tokens", str(MAX_NEW_TOKENS), "what is this?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+
+
+def test_one_shot_sampling_is_seeded(checkpoint: Path, model: MultimodalLLM, images: list[Path]) -> None:
+    arguments = ["chat", "--model", str(checkpoint), "--image", str(images[0]), "--max-new-tokens",
+                 str(MAX_NEW_TOKENS), "--temperature", "1.5", "--seed", "7", "describe it"]
+    first, second = (CliRunner().invoke(app, arguments) for _ in range(2))
+    expected = expected_answer(model, [{"from": "human", "value": "<image>\ndescribe it"}], images[:1],
+                               temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout == expected + "\n"
+
+
+def test_placeholders_in_the_question_are_kept_and_checked(model: MultimodalLLM, images: list[Path]) -> None:
+    session = ChatSession(model, max_new_tokens=MAX_NEW_TOKENS)
+    session.attach("image", images[0])
+    answer = session.ask("compare <image> with nothing")
+    assert session.turns[0].human == "compare <image> with nothing"
+    assert answer == expected_answer(model, [{"from": "human", "value": "compare <image> with nothing"}], images[:1])
+    session.attach("image", images[1])
+    with pytest.raises(InputError, match=r"message: has 2 <image> placeholder\(s\) but 1 image input"):
+        session.ask("<image> or <image>?")
+    assert len(session.turns) == 1 and len(session.pending["image"]) == 1  # nothing kept, attachment still waits
+
+
+def test_streamed_text_is_the_decoded_answer_even_for_multibyte_characters(model: MultimodalLLM) -> None:
+    text = " héllo wörld ✓ 東京 done"
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces: list[str] = []
+    stream = TextStream(model.tokenizer, pieces.append)
+    for token in [*ids, model.tokenizer.eos_token_id]:
+        stream(0, token)
+    stream.finish()
+    assert "".join(pieces) == text.strip()
+    assert len(pieces) > 3 and not any("\ufffd" in piece for piece in pieces)
+
+
+def test_two_turns_carry_the_first_answer_and_both_inputs(model: MultimodalLLM, images: list[Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Example] = []
+    generate = model.generate
+
+    def spy(examples: list[Example], *args, **kwargs) -> list[str]:
+        seen.extend(examples)
+        return generate(examples, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    session, out, err = repl(model, [f"/image {images[0]}", "what is this?", f"/image {images[1]}",
+                                     "and this one?"])
+    assert err == ""
+    first = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
+    turns = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": first},
+             {"from": "human", "value": "<image>\nand this one?"}]
+    second = expected_answer(model, turns, images)
+    assert [turn.answer for turn in session.turns] == [first, second]
+    assert f"\n{first}\n" in out and f"\n{second}\n" in out
+    assert seen[1].prompt == model.conversation_example(turns).prompt
+    assert first in seen[1].prompt
+    processed = [model.processors["image"](path) for path in images]
+    assert len(seen[1].inputs["image"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(seen[1].inputs["image"], processed, strict=True))
+
+
+def test_bad_attachments_print_one_line_and_the_session_goes_on(model: MultimodalLLM, images: list[Path],
+                                                               tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(images[0].read_bytes()[:60])
+    session, _, err = repl(model, ["/image missing.png", f"/image {corrupt}", f"/audio {images[0]}",
+                                     "/video", "/frobnicate", "hello"])
+    messages = err.splitlines()
+    assert len(messages) == 5 and all(line.startswith("error: ") for line in messages)
+    assert "missing.png: no such file" in messages[0]
+    assert "corrupt.png" in messages[1]
+    assert "modality 'audio', which this model does not have" in messages[2]
+    assert "/video needs a file path" in messages[3]
+    assert "unknown command /frobnicate" in messages[4]
+    assert len(session.turns) == 1 and session.turns[0].human == "hello" and session.turns[0].inputs == {}
+    assert session.turns[0].answer == expected_answer(model, [{"from": "human", "value": "hello"}], [])
+
+
+def test_reset_starts_a_new_conversation(model: MultimodalLLM, images: list[Path]) -> None:
+    session, _, _ = repl(model, [f"/image {images[0]}", "what is this?", "/reset", "hello", "/quit", "unread"])
+    assert [turn.human for turn in session.turns] == ["hello"]
+    assert session.turns[0].answer == expected_answer(model, [{"from": "human", "value": "hello"}], [])
+
+
+def test_interactive_cli_exits_cleanly_at_end_of_input(checkpoint: Path, model: MultimodalLLM,
+                                                       images: list[Path]) -> None:
+    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", str(images[0]),
+                                      "--max-new-tokens", str(MAX_NEW_TOKENS)], input="what is this?\n")
+    assert result.exit_code == 0, result.output
+    expected = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
+    assert f"{expected}\n" in result.stdout
+
+
+def test_cli_refuses_a_modality_the_model_lacks(checkpoint: Path, images: list[Path]) -> None:
+    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--audio", str(images[0]), "hi"])
+    assert result.exit_code == 2
+    assert "which this model does not have" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # the executable imports torch and transformers afresh: ~10 s on 2 busy cores
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_answers_stream_to_a_real_terminal(checkpoint: Path, model: MultimodalLLM, images: list[Path],
+                                           tmp_path: Path) -> None:
+    """The installed executable, in a real pseudo-terminal: the prompt, the answer, and /quit."""
+    executable = Path(sys.executable).with_name("mmcompose")
+    expected = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
+    socket = f"mmcompose-chat-test-{tmp_path.name}"
+    tmux = ["tmux", "-L", socket]
+    command = f"{executable} chat --model {checkpoint} --image {images[0]} --max-new-tokens {MAX_NEW_TOKENS}"
+    subprocess.run([*tmux, "new-session", "-d", "-x", "200", "-y", "50", "-s", "chat",
+                    f"{command}; echo EXIT=$?; sleep 30"], check=True)
+    try:
+        wait_for(tmux, lambda text: text.endswith(">"))
+        subprocess.run([*tmux, "send-keys", "-t", "chat", "what is this?", "Enter"], check=True)
+        screen = wait_for(tmux, lambda text: expected in text and text.endswith(">"))
+        assert f"> what is this?\n{expected}\n>" in screen
+        subprocess.run([*tmux, "send-keys", "-t", "chat", "/quit", "Enter"], check=True)
+        wait_for(tmux, lambda text: "EXIT=0" in text)
+    finally:
+        subprocess.run([*tmux, "kill-server"], check=False)
+
+
+def wait_for(tmux: list[str], ready: Callable[[str], bool], timeout: float = 30.0) -> str:
+    """The pane's text (trailing blanks dropped) once `ready(text)` holds, failing with it after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        screen = subprocess.run([*tmux, "capture-pane", "-p", "-J", "-t", "chat"], capture_output=True,
+                                text=True, check=True).stdout
+        text = "\n".join(line.rstrip() for line in screen.splitlines()).rstrip()
+        if ready(text):
+            return text
+        if time.monotonic() > deadline:
+            pytest.fail(f"terminal never got there; it shows:\n{text}")
+        time.sleep(0.1)
