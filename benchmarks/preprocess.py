@@ -10,6 +10,9 @@ in the same run and interleaved so machine load hits every stage alike:
 * the full processor (loader + resize / length fitting / normalisation into the encoder's tensor).
 
 Each number is the median of `--repeats` passes over all files, after a warm-up pass over a few of them.
+BLAS and OpenMP run on one thread (as in a DataLoader worker, where parallelism comes from the workers;
+override with OMP_NUM_THREADS / OPENBLAS_NUM_THREADS): on tiny per-file arrays, more threads mostly measure
+thread wake-ups, and on a busy machine they make the same code 5-10x slower, hiding what the code costs.
 Video has two floors: decoding every frame (the loader must, to find the frames nearest its time targets),
 and that plus the RGB conversion of the 8 frames the processor keeps, which is the least any sampler pays.
 Prints a table and appends it to benchmarks/RESULTS.md. Run: `python benchmarks/preprocess.py [--files N]`.
@@ -17,8 +20,14 @@ Prints a table and appends it to benchmarks/RESULTS.md. Run: `python benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# One thread unless told otherwise (see above); BLAS and OpenMP read these when numpy and torch load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse
 import platform
 import statistics
 import sys
@@ -176,12 +185,9 @@ def measure(files: list[Path], stages: list[Stage], repeats: int) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=200, help="Files per input type.")
-    parser.add_argument("--video-files", type=int, default=None,
-                        help="Videos (they are the slow ones) [default: --files / 4].")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
-    video_files = args.video_files or max(1, args.files // 4)
     rng = np.random.default_rng(0)
     image, audio, video, point = ImageProcessor(), AudioProcessor(), VideoProcessor(), PointProcessor()
     clip = CLIPPixelProcessor()
@@ -190,7 +196,7 @@ def main() -> None:
         root = Path(scratch)
         started = time.perf_counter()
         files = {**write_images(root, args.files, rng), **write_audio(root, args.files, rng),
-                 **write_videos(root, video_files, rng), **write_points(root, args.files, rng)}
+                 **write_videos(root, args.files, rng), **write_points(root, args.files, rng)}
         print(f"wrote {sum(map(len, files.values()))} files in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         sizes = {kind: statistics.mean(p.stat().st_size for p in paths) / 1024 for kind, paths in files.items()}
         image_stages = [Stage("PIL open + convert RGB", pil_floor, floor=True),
@@ -223,15 +229,15 @@ def main() -> None:
         "npy": f"{NUM_POINTS}x3 float32 .npy", "ply": "642-vertex 1280-face binary .ply mesh",
     }
     command = "python benchmarks/preprocess.py" + (f" --files {args.files}" if args.files != 200 else "") \
-        + (f" --video-files {args.video_files}" if args.video_files else "") \
         + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
     lines = [
         f"## preprocess ({date.today().isoformat()})",
         "",
         f"- command: `{command}` ({elapsed:.0f} s including writing the files)",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), PyAV {av.__version__} (FFmpeg {av.ffmpeg_version_info}), "
-        f"soundfile {sf.__version__}, load average {load_average:.1f} at the start",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, load average {load_average:.1f} at the start; "
+        f"torch {torch.__version__}, PyAV {av.__version__} (FFmpeg {av.ffmpeg_version_info}), soundfile "
+        f"{sf.__version__}; torch {torch.get_num_threads()} thread(s), OPENBLAS_NUM_THREADS="
+        f"{os.environ['OPENBLAS_NUM_THREADS']}, FFmpeg decoding with its own threads",
         "- files: " + "; ".join(f"{len(files[k])} x {descriptions[k]} ({sizes[k]:.0f} KiB)" for k in plan),
         f"- files/s: median of {args.repeats} passes over all files after a warm-up; `x floor` is time per file "
         "relative to the first floor row of the same input (the second video floor has its own ratio in brackets)",
@@ -249,8 +255,9 @@ def main() -> None:
             lines.append(f"| {kind} | {stage.label} | {len(files[kind]) / seconds:,.1f} | {ratio} |")
     report = "\n".join(lines) + "\n"
     print(report)
+    separator = "\n" if args.results.is_file() and args.results.stat().st_size else ""
     with args.results.open("a") as handle:
-        handle.write("\n" + report)
+        handle.write(separator + report)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ with their placeholders in the prompt the model's template renders.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -118,7 +119,7 @@ class TextStream:
     `generate` returns, stripped (it follows the template's ` ASSISTANT:` and is stored stripped).
     """
 
-    def __init__(self, tokenizer: object, write: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer: Any, write: Callable[[str], None]) -> None:
         self.tokenizer, self.write = tokenizer, write
         self.ids: list[int] = []
         self.shown = ""
@@ -221,6 +222,8 @@ def chat(model: MultimodalLLM, attachments: list[tuple[str, Path]], question: st
     for modality, path in attachments:
         session.attach(modality, path)
     if question is None:
+        with contextlib.suppress(ImportError):  # gives input() line editing and history where available
+            import readline  # noqa: F401
         run_repl(session, sys.stdout, sys.stderr)
     else:
         run_once(session, question, sys.stdout)

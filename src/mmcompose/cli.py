@@ -295,6 +295,30 @@ def export(
     console.print(f"exported {export_hf(checkpoint, hf, overwrite=overwrite)}")
 
 
+@app.command("inspect")
+@one_line_errors
+def inspect_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="mmcompose checkpoint directories on one base LLM.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every per-layer number to this JSON file.")]
+    = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a layers x modules heat map to this .png.")]
+    = None,
+) -> None:
+    """Measure how the checkpoints' LLM deltas interfere, per layer and module: each delta's norm, pairwise
+    cosine and sign-conflict rate, for language deltas and modality deltas separately.
+
+    Reads tensors lazily, one module at a time. Example: mmcompose inspect runs/image runs/audio --plot i.png
+    """
+    from mmcompose.compose.diagnostics import inspect_checkpoints, plot_report, render_table, write_report_json
+
+    report = inspect_checkpoints(checkpoints)
+    console.print(render_table(report))
+    if json_out is not None:
+        console.print(f"wrote {write_report_json(report, json_out)}")
+    if plot is not None:
+        console.print(f"wrote {plot_report(report, plot)}")
+
+
 @app.command()
 @one_line_errors
 def chat(
@@ -326,6 +350,89 @@ def chat(
     attachments = [(modality, path) for modality, path in files.items() if path is not None]
     run_chat(load_checkpoint(model, base=base).eval(), attachments, question, max_new_tokens=max_new_tokens,
              temperature=temperature, seed=seed)
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("base")
+@one_line_errors
+def train_base(
+    world: Annotated[Path, typer.Option(help="A world directory (mmcompose world build): corpus/ and data/.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the base LLM (written atomically).")],
+    profile: Annotated[str, typer.Option(help="default (~2 min on 2 cores) or quick (tests and CI).")] = "default",
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of the data order.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Pretrain the world's base LLM from scratch on its corpus: tokenizer + small LLaMA, then evaluate it.
+
+    Writes OUT (a transformers model directory) with metrics.json: held-out perplexity on
+    corpus/valid.txt and text-only attribute multiple-choice accuracy on data/text_qa.json.
+    """
+    from mmcompose.train.base_llm import pretrain_base
+
+    corpus, text_qa = world / "corpus", world / "data" / "text_qa.json"
+    metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", out, profile=profile, seed=seed,
+                            text_qa=text_qa if text_qa.is_file() else None, overwrite=overwrite)
+    accuracy = f", text QA accuracy {metrics['text_qa_accuracy']:.3f}" if "text_qa_accuracy" in metrics else ""
+    console.print(f"base LLM {out}: valid perplexity {metrics['valid_perplexity']:.2f}{accuracy} "
+                  f"({metrics['seconds']:.0f}s)")
+
+
+@train_app.command("modality")
+@one_line_errors
+def train_modality(
+    base: Annotated[Path, typer.Option(help="The base LLM directory.")],
+    modality: Annotated[str, typer.Option(help="Modality, or several comma-separated for joint training.")],
+    data: Annotated[list[Path], typer.Option(help="A training JSON file in the benchmark layout (repeatable).")],
+    data_root: Annotated[Path, typer.Option(help="Media paths in the data files are relative to this.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: model/, checkpoints/, log.jsonl.")],
+    stage: Annotated[str | None, typer.Option(
+        help="pretrain (branches only, on captions) or instruct (deltas too); required here or in --config.")]
+    = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="connector-only, shared, decoupled or full (default: connector-only for pretrain).")] = None,
+    start_from: Annotated[list[Path] | None, typer.Option(
+        "--from", help="Checkpoint(s) whose modality branches this run starts from, e.g. stage 1 (repeatable).")]
+    = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig fields; flags override it.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: 1).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per step and process (default: 16).")] = None,
+    lr: Annotated[float | None, typer.Option(help="One peak learning rate for every parameter group.")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank of the deltas.")] = 16,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: 2 x rank).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Step checkpoint every N steps (0: none).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest step checkpoint in OUT.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed of new parameters and of the data order (default: 0).")]
+    = None,
+) -> None:
+    """Train a modality model: stage 1 (pretrain: encoder, connector and boundary tokens on captions) or
+    stage 2 (instruct: the LLM deltas of STRATEGY as well, starting --from stage 1).
+
+    Works in one process and under `accelerate launch` (e.g. --cpu --num_processes 2).
+    Example: mmcompose train modality --base runs/base --modality image --data world/data/image_caption.json
+    --data-root world --stage pretrain -o runs/image-stage1
+    """
+    from mmcompose.train.data import load_samples
+    from mmcompose.train.trainer import build_model, load_config, train
+
+    rates = None if lr is None else {"encoder": lr, "connector": lr, "boundary": lr, "deltas": lr}
+    settings = load_config(config, stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
+                           save_every=save_every, seed=seed)
+    chosen = strategy or ("connector-only" if settings.stage == "pretrain" else None)
+    if chosen not in ("connector-only", "shared", "decoupled", "full"):
+        raise MMComposeError(f"--strategy {strategy!r}: choose connector-only, shared, decoupled or full"
+                             if strategy else "--strategy is required for the instruct stage")
+    samples = [sample for file in data for sample in load_samples(file)]
+    names = [name.strip() for name in modality.split(",") if name.strip()]
+    model = build_model(base, names, strategy=chosen, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
+                        start_from=start_from or [], seed=settings.seed)
+    metrics = train(model, samples, data_root, settings, out, resume=resume)
+    console.print(f"trained {'+'.join(names)} ({settings.stage}, {chosen}): {metrics['steps']} steps, loss "
+                  f"{metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} ({metrics['seconds']:.0f}s); "
+                  f"model in {out / 'model'}")
 
 
 if __name__ == "__main__":

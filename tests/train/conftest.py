@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mmcompose.model import Component, ModalitySpec
 from mmcompose.world import build_world
@@ -23,6 +25,15 @@ TINY_PROCESSORS = {
 def tiny_spec(name: str, boundary: int = 1) -> ModalitySpec:
     """A modality with a one-block encoder whose processor shrinks the world's media to match it."""
     return tiny_modality(name, boundary).model_copy(update={"processor": TINY_PROCESSORS[name]})
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow them 10x+."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

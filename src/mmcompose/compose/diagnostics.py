@@ -315,9 +315,9 @@ def inspect_checkpoints(paths: Sequence[str | Path], eps: float = NONZERO_EPS) -
     for directory, manifest in zip(directories, manifests, strict=True):
         if manifest.base.fingerprint != reference:
             raise CompositionError(
-                f"{directory} is built on a different base LLM than {directories[0]} (fingerprint "
-                f"{manifest.base.fingerprint[:19]}..., expected {reference[:19]}...); deltas of different "
-                f"bases cannot be compared")
+                f"{directory} and {directories[0]} were trained on different base LLMs (fingerprints "
+                f"{manifest.base.fingerprint[:19]}... and {reference[:19]}...); deltas of different bases "
+                "cannot be compared")
     labels = _labels(directories)
     with ExitStack() as stack:
         sources = [source for label, directory, manifest in zip(labels, directories, manifests, strict=True)
@@ -401,7 +401,11 @@ def _grid(report: InspectionReport, group: Group, attribute: str, layers: list[i
 
 
 def plot_report(report: InspectionReport, path: str | Path) -> Path:
-    """A PNG heat map: one row of panels per group (cosine, sign conflict), layers x modules, atomically."""
+    """A PNG heat map: one row of panels per group (cosine, sign conflict), layers x modules, atomically.
+
+    The sign-conflict title quotes the rate that inputs with independent random signs would give
+    (`1 - 2^(1 - n)` for n dense inputs), the baseline a reader needs to tell interference from chance.
+    """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise MMComposeError(f"{path}: the plot is a PNG image; give a file name ending in .png")
@@ -415,7 +419,8 @@ def plot_report(report: InspectionReport, path: str | Path) -> Path:
         count = len(report.inputs_in(group))
         for column, (attribute, title, cmap_name, (low, high), bar_label) in enumerate(_PANELS):
             ax = axes[row][column]
-            ax.set_title(f"{group} deltas ({count}): {title}", fontsize=10)
+            chance = f" (independent signs: {1 - 2.0 ** (1 - count):.2f})" if attribute == "sign_conflict" else ""
+            ax.set_title(f"{group} deltas ({count}): {title}{chance}", fontsize=10)
             if count < 2:
                 ax.text(0.5, 0.5, f"{count} {group} delta(s):\nnothing to compare", ha="center", va="center",
                         transform=ax.transAxes, color="dimgray")

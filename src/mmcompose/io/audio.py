@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from pathlib import Path
@@ -33,6 +34,8 @@ _HALF_TRANSITION = (_STOPBAND_DB - 8.0) / (2.285 * 2.0 * math.pi) / _ZERO_CROSSI
 # for sample-rate pairs with thousands of distinct phases.
 _WINDOW_GRID = np.linspace(0.0, 1.0, (1 << 14) + 1)
 _WINDOW = np.i0(_KAISER_BETA * np.sqrt(1.0 - _WINDOW_GRID**2)) / np.i0(_KAISER_BETA)
+#: Largest phase table (entries) kept per rate pair; 44.1 kHz -> 16 kHz needs 160 x 621.
+_TABLE_LIMIT = 1 << 21
 
 Policy = Literal["pad", "trim", "pad_or_trim", "chunk"]
 
@@ -99,20 +102,66 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
         return wave
     divisor = math.gcd(orig_rate, target_rate)
     up, down = target_rate // divisor, orig_rate // divisor
-    cutoff = 0.5 * min(1.0, up / down) / (1.0 + _HALF_TRANSITION)  # cycles per input sample
-    half_width = _ZERO_CROSSINGS / (2.0 * cutoff)  # in input samples
-    reach = math.ceil(half_width)
-    offsets = np.arange(-reach, reach + 1)
-
-    padded = np.concatenate([np.zeros(reach, np.float32), wave, np.zeros(reach + 1, np.float32)])
     num_out = -(-wave.size * up // down)
+    if up * (down + 2 * _design(up, down)[2]) <= _TABLE_LIMIT:
+        return _resample_framed(wave, up, down, num_out)
+    return _resample_gathered(wave, up, down, num_out)
+
+
+def _design(up: int, down: int) -> tuple[float, float, int]:
+    """Cut-off (cycles per input sample), filter half-width and its reach, both in input samples."""
+    cutoff = 0.5 * min(1.0, up / down) / (1.0 + _HALF_TRANSITION)
+    half_width = _ZERO_CROSSINGS / (2.0 * cutoff)
+    return cutoff, half_width, math.ceil(half_width)
+
+
+@functools.lru_cache(maxsize=8)
+def _phase_table(up: int, down: int) -> np.ndarray:
+    """(L, M + 2 * reach) taps: row j computes output k * L + j from the M + 2 * reach inputs starting at k * M.
+
+    Output k * L + j lies (j * M) // L whole inputs and (j * M) % L / L of an input past input k * M, so every
+    row is that phase's filter row shifted right by the whole part; resampling is then one matrix product.
+    """
+    cutoff, half_width, reach = _design(up, down)
+    rows = np.arange(up)
+    taps = _sinc_rows(rows * down % up / up, np.arange(-reach, reach + 1), cutoff, half_width)
+    table = np.zeros((up, down + 2 * reach), dtype=np.float32)
+    table[rows[:, None], (rows * down // up)[:, None] + np.arange(2 * reach + 1)] = taps
+    table.flags.writeable = False
+    return table
+
+
+def _resample_framed(wave: np.ndarray, up: int, down: int, num_out: int) -> np.ndarray:
+    """Common rate pairs: frames of the input (hop M) times the phase table, as BLAS matrix products.
+
+    Compared with gathering a window per output sample, this reads the input about once instead of
+    2 * reach times and runs in BLAS: 10x or more faster for 44.1 kHz -> 16 kHz.
+    """
+    table = _phase_table(up, down)
+    reach = (table.shape[1] - down) // 2
+    frames = -(-num_out // up)
+    padded = np.zeros((frames - 1) * down + table.shape[1], dtype=np.float32)
+    padded[reach : reach + wave.size] = wave
+    windows = np.lib.stride_tricks.sliding_window_view(padded, table.shape[1])[::down]
+    out = np.empty((frames, up), dtype=np.float32)
+    step = max(1, (1 << 22) // table.shape[1])  # keeps each copied block of frames around 16 MB
+    for start in range(0, frames, step):
+        np.matmul(np.ascontiguousarray(windows[start : start + step]), table.T, out=out[start : start + step])
+    return out.reshape(-1)[:num_out]
+
+
+def _resample_gathered(wave: np.ndarray, up: int, down: int, num_out: int) -> np.ndarray:
+    """Odd rate pairs, where L is in the thousands and a full phase table would be too large: each output
+    sample gathers its own input window and gets its phase's filter row."""
+    cutoff, half_width, reach = _design(up, down)
+    offsets = np.arange(-reach, reach + 1)
+    padded = np.concatenate([np.zeros(reach, np.float32), wave, np.zeros(reach + 1, np.float32)])
     out = np.empty(num_out, dtype=np.float32)
     chunk = max(1, (1 << 22) // offsets.size)  # keeps the gathered block around 16 MB
     for start in range(0, num_out, chunk):
         index = np.arange(start, min(start + chunk, num_out), dtype=np.int64) * down
         base = index // up
-        # Only the phases present in this chunk get a filter row: few for common rate pairs (44.1k->16k has
-        # 160), and never a table of `up` rows for odd rates where `up` is in the thousands.
+        # Only the phases present in this chunk get a filter row: never a table of `up` rows for odd rates.
         phases, which = np.unique(index % up, return_inverse=True)
         rows = _sinc_rows(phases / up, offsets, cutoff, half_width)
         window = padded[(base + reach)[:, None] + offsets[None, :]]
@@ -188,8 +237,16 @@ def _mono_from_array(array: np.ndarray, name: str, rate: int, max_seconds: float
         raise InputError(f"{name}: unsupported audio array dtype {array.dtype} (use float, int16 or int32)")
     if array.shape[0] > max_seconds * rate:
         raise InputError(f"{name}: audio lasts {array.shape[0] / rate:.1f} s, above max_seconds={max_seconds:g}")
-    wave = array if array.ndim == 1 else array.mean(axis=1, dtype=np.float64)
-    return wave.astype(np.float32)
+    return array.astype(np.float32) if array.ndim == 1 else _mix_down(array)
+
+
+def _mix_down(frames: np.ndarray) -> np.ndarray:
+    """The channel average of (N, channels) audio, in float64, as float32.
+
+    Written as a matrix-vector product because numpy's `mean(axis=1)` over a short last axis is ~20x slower,
+    which made mixing a stereo clip cost more than decoding it.
+    """
+    return (frames.astype(np.float64) @ np.full(frames.shape[1], 1.0 / frames.shape[1])).astype(np.float32)
 
 
 def _read_file(path: Path, name: str, max_seconds: float) -> tuple[np.ndarray, int]:
@@ -224,7 +281,7 @@ def _read_file(path: Path, name: str, max_seconds: float) -> tuple[np.ndarray, i
                 total += block.shape[0]
                 if total > max_frames:
                     raise InputError(f"{name}: audio lasts more than max_seconds={max_seconds:g}")
-                blocks.append(block.mean(axis=1, dtype=np.float64).astype(np.float32) if channels > 1 else block[:, 0])
+                blocks.append(_mix_down(block) if channels > 1 else block[:, 0])
     except InputError:
         raise
     except Exception as exc:

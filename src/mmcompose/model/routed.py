@@ -161,7 +161,9 @@ class RoutedLinear(nn.Module):
             if index is None:
                 y.add_(table[name](x))
             else:
-                flat_y.index_add_(0, index, table[name](flat_x.index_select(0, index)))
+                # index_put_ rather than index_add_: same result for unique indices, without index_add_'s
+                # parallel-region overhead, which dominates on the small updates of decoding
+                flat_y.index_put_((index,), table[name](flat_x.index_select(0, index)), accumulate=True)
         return y
 
     def _delta(self, name: str | None) -> Delta | None:

@@ -215,7 +215,8 @@ def pretrain_base(corpus_train: Path, corpus_valid: Path, out: Path, *,
     metrics: dict[str, Any] = {
         "profile": profile, "seed": seed, "settings": asdict(settings),
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
-        "train_tokens": train_tokens, "epochs": round(settings.steps * settings.batch_size * settings.seq_len / train_tokens, 2),
+        "train_tokens": train_tokens,
+        "epochs": round(settings.steps * settings.batch_size * settings.seq_len / train_tokens, 2),
         "train_loss": curve, "valid_perplexity": perplexity(model, valid_rows),
     }
     if qa_samples:

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
@@ -71,6 +72,26 @@ class TrainConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one (everything but bookkeeping)."""
         return self.model_dump(mode="json", exclude={"save_every", "keep_last", "log_every"})
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from an optional YAML file of its fields, with `overrides` (None values ignored) on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise MMComposeError(f"{path}: cannot read the training config ({' '.join(str(error).split())})") from None
+        if not isinstance(loaded, dict):
+            raise MMComposeError(f"{path}: a training config is a mapping of TrainConfig fields")
+        values = loaded
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise MMComposeError(f"{path or 'training config'}: {where}: {first['msg']}") from None
 
 
 def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, strategy: Strategy,
