@@ -309,8 +309,16 @@ def inspect_command(
 
     Reads tensors lazily, one module at a time. Example: mmcompose inspect runs/image runs/audio --plot i.png
     """
-    from mmcompose.compose.diagnostics import inspect_checkpoints, plot_report, render_table, write_report_json
+    from mmcompose.compose.diagnostics import (
+        inspect_checkpoints,
+        plot_report,
+        render_table,
+        require_png,
+        write_report_json,
+    )
 
+    if plot is not None:
+        require_png(plot)
     report = inspect_checkpoints(checkpoints)
     console.print(render_table(report))
     if json_out is not None:
@@ -415,6 +423,8 @@ def train_modality(
     Example: mmcompose train modality --base runs/base --modality image --data world/data/image_caption.json
     --data-root world --stage pretrain -o runs/image-stage1
     """
+    from accelerate import PartialState
+
     from mmcompose.train.data import load_samples
     from mmcompose.train.trainer import build_model, load_config, train
 
@@ -430,9 +440,10 @@ def train_modality(
     model = build_model(base, names, strategy=chosen, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
                         start_from=start_from or [], seed=settings.seed)
     metrics = train(model, samples, data_root, settings, out, resume=resume)
-    console.print(f"trained {'+'.join(names)} ({settings.stage}, {chosen}): {metrics['steps']} steps, loss "
-                  f"{metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} ({metrics['seconds']:.0f}s); "
-                  f"model in {out / 'model'}")
+    if PartialState().is_main_process:
+            console.print(f"trained {'+'.join(names)} ({settings.stage}, {chosen}): {metrics['steps']} steps, loss "
+                      f"{metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} ({metrics['seconds']:.0f}s); "
+                      f"model in {out / 'model'}")
 
 
 if __name__ == "__main__":

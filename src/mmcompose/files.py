@@ -29,7 +29,11 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
-            os.replace(temporary, target)
+            try:
+                os.replace(temporary, target)
+            except BaseException:
+                os.replace(old / target.name, target)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(temporary, target)

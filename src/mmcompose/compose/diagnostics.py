@@ -64,6 +64,7 @@ __all__ = [
     "inspect_checkpoints",
     "plot_report",
     "render_table",
+    "require_png",
     "sign_conflict_rate",
     "write_report_json",
 ]
@@ -184,8 +185,11 @@ def _mean(values: Iterable[float | None]) -> float | None:
 def sign_conflict_rate(deltas: Sequence[torch.Tensor], eps: float = NONZERO_EPS) -> float | None:
     """Share of coordinates where the non-zero inputs disagree in sign, among those with >= 2 non-zero.
 
-    Non-zero means `|x| > eps * max|D|` for that input's own `D`. None when no coordinate qualifies.
+    Non-zero means `|x| > eps * max|D|` for that input's own `D`. None when no coordinate qualifies
+    (fewer than two inputs, or inputs that are zero where the others are not).
     """
+    if len(deltas) < 2:
+        return None
     positive = torch.zeros(deltas[0].shape, dtype=torch.int16)
     negative = torch.zeros(deltas[0].shape, dtype=torch.int16)
     for delta in deltas:
@@ -208,7 +212,7 @@ def _measure(group: Group, path: str, labels: list[str], products: list[torch.Te
         cosines.append(PairCosine(a, b, None if value is None else max(-1.0, min(1.0, value))))
     layer, module = _locate(path)
     return ModuleRecord(group=group, layer=layer, module=module, path=path, norms=norms, cosines=cosines,
-                        sign_conflict=sign_conflict_rate(products, eps) if len(products) >= 2 else None)
+                        sign_conflict=sign_conflict_rate(products, eps))
 
 
 def _locate(path: str) -> tuple[int | None, str]:
@@ -400,15 +404,21 @@ def _grid(report: InspectionReport, group: Group, attribute: str, layers: list[i
     return grid
 
 
+def require_png(path: str | Path) -> Path:
+    """Refuse a plot name that is not .png up front, before minutes of reading a large model."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise MMComposeError(f"{path}: the plot is a PNG image; give a file name ending in .png")
+    return path
+
+
 def plot_report(report: InspectionReport, path: str | Path) -> Path:
     """A PNG heat map: one row of panels per group (cosine, sign conflict), layers x modules, atomically.
 
     The sign-conflict title quotes the rate that inputs with independent random signs would give
     (`1 - 2^(1 - n)` for n dense inputs), the baseline a reader needs to tell interference from chance.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise MMComposeError(f"{path}: the plot is a PNG image; give a file name ending in .png")
+    path = require_png(path)
     layers = sorted({r.layer for r in report.records}, key=lambda layer: (layer is None, layer or 0))
     modules = report.module_types()
     annotate = len(layers) * len(modules) <= 160
@@ -419,7 +429,9 @@ def plot_report(report: InspectionReport, path: str | Path) -> Path:
         count = len(report.inputs_in(group))
         for column, (attribute, title, cmap_name, (low, high), bar_label) in enumerate(_PANELS):
             ax = axes[row][column]
-            chance = f" (independent signs: {1 - 2.0 ** (1 - count):.2f})" if attribute == "sign_conflict" else ""
+            chance = ""
+            if attribute == "sign_conflict" and count >= 2:
+                chance = f" (independent signs: {1 - 2.0 ** (1 - count):.2f})"
             ax.set_title(f"{group} deltas ({count}): {title}{chance}", fontsize=10)
             if count < 2:
                 ax.text(0.5, 0.5, f"{count} {group} delta(s):\nnothing to compare", ha="center", va="center",

@@ -10,6 +10,7 @@ weights of an uninterrupted one: batch order is a function of (seed, epoch), eac
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -181,6 +182,18 @@ class _LossModule(nn.Module):
         return self.model(self.model.assemble(examples, padding_side="right")).loss
 
 
+def _accelerator(find_unused: bool) -> Accelerator:
+    """The run's `Accelerator`. `find_unused` tells DDP that a step may leave parameters unused: in joint
+    training or with text-only samples, a batch without some modality never reaches its branch or delta.
+
+    Without CUDA, a multi-process launch (`accelerate launch --multi_gpu --num_processes N`, torchrun) is
+    made DDP on CPU over gloo: accelerate would otherwise run N unaware copies of the job.
+    """
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
@@ -240,10 +253,10 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
                              "directory")
     if not samples:
         raise MMComposeError("no training samples")
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     started = time.perf_counter()
     groups = _parameter_groups(model, config)
     data = ExampleSet(model, samples, data_root)
+    accelerator = _accelerator(find_unused=len(data.modalities) > 1 or any(not e.inputs for e in data.examples))
     global_batch = config.batch_size * accelerator.num_processes
     per_epoch = len(data) // global_batch
     if per_epoch == 0:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mmcompose.errors import MMComposeError
+from mmcompose.files import atomic_directory
 from mmcompose.world import corpus
 from mmcompose.world import datasets as ds
 from mmcompose.world import templates as tpl
@@ -196,11 +195,7 @@ def build_world(seed: int, out_dir: Path, profile: str = "default", *, overwrite
     """
     settings = resolve_profile(profile)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise MMComposeError(f"{out_dir} already exists; choose another directory or overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         world = make_world(seed, settings.num_entities)
         _write_media(world, tmp, settings.train_renders + settings.test_renders + settings.val_renders)
         _write_data(world, settings, tmp)
@@ -213,20 +208,6 @@ def build_world(seed: int, out_dir: Path, profile: str = "default", *, overwrite
             "content_sha256": _content_hash(tmp),
         }
         _write_json(tmp / "world.json", description)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "world")
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                (old / "world").rename(out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
