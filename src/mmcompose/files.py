@@ -42,15 +42,24 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         raise
 
 
-def atomic_write_text(target: str | Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `target`."""
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (keeping `target`'s suffix, which writers such as
+    matplotlib use to pick a format); on success it is renamed over `target`, on failure removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        yield temporary
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it over `target`."""
+    with atomic_file(target) as temporary:
+        temporary.write_text(text)

@@ -123,3 +123,13 @@ class SafetensorsStream:
         self._handle.close()
         if missing is not None:
             raise RuntimeError(f"stream closed before tensor {missing} was written")
+
+    def __enter__(self) -> SafetensorsStream:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._handle.close()

@@ -113,7 +113,7 @@ def test_existing_output_and_interrupted_save_leave_nothing_behind(saved: tuple[
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mmcompose.checkpoint.store.save_file", interrupted)
+    monkeypatch.setattr("mmcompose.tensorfiles.SafetensorsStream.write", interrupted)
     target = path.parent / "second"
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, target)

@@ -81,7 +81,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 def test_resume_gives_exactly_the_uninterrupted_weights(llama_base: Path, world: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     data = samples(world, "image_instruct", 12)
-    settings = config(steps=7, save_every=2, keep_last=1, seed=3, weight_decay=0.01, warmup_ratio=0.3)
+    settings = config(steps=7, save_every=2, keep_last=1, seed=3, weight_decay=0.01, warmup_ratio=0.3, log_every=3)
     spec = tiny_spec("image")
     full = train(build_model(llama_base, [spec], strategy="decoupled", rank=2, alpha=4.0, seed=0), data, world,
                  settings, tmp_path / "full", progress=False)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmcompose.checkpoint.fingerprint import fingerprint_base
 from mmcompose.checkpoint.manifest import MANIFEST_NAME, BaseReference, Manifest, read_manifest
 from mmcompose.errors import CheckpointError
 from mmcompose.files import atomic_directory
 from mmcompose.model.mllm import MultimodalLLM, load_base
+from mmcompose.tensorfiles import SafetensorsStream
 
 TENSOR_FILE = "model.safetensors"
 
@@ -30,13 +31,16 @@ def base_reference(base_path: str, checkpoint: Path) -> str:
 
 def save_checkpoint(model: MultimodalLLM, out: str | Path, *, overwrite: bool = False) -> Path:
     out = Path(out)
-    tensors = {name: tensor.detach().contiguous() for name, tensor in model.checkpoint_tensors().items()}
+    tensors = model.checkpoint_tensors()
     manifest = Manifest(
         base=BaseReference(path=base_reference(model.base_path, out), fingerprint=model.base_fingerprint),
         model=model.spec, files=[TENSOR_FILE], provenance=model.provenance,
     )
     with atomic_directory(out, overwrite=overwrite) as temporary:
-        save_file(tensors, temporary / TENSOR_FILE, metadata={"format": "pt"})
+        layout = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+        with SafetensorsStream(temporary / TENSOR_FILE, layout) as stream:
+            for name, tensor in tensors.items():  # one at a time: no second copy of a large model in memory
+                stream.write(name, tensor)
         (temporary / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return out
 

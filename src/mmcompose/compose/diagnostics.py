@@ -28,9 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
@@ -50,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 
 from mmcompose.checkpoint.manifest import Manifest, read_manifest
 from mmcompose.errors import CheckpointError, CompositionError, MMComposeError
-from mmcompose.files import atomic_write_text
+from mmcompose.files import atomic_file, atomic_write_text
 from mmcompose.model.spec import DeltaSpec
 
 __all__ = [
@@ -458,13 +456,6 @@ def plot_report(report: InspectionReport, path: str | Path) -> Path:
                                 color="white" if dark else "black")
     names = ", ".join(report.checkpoints)
     figure.suptitle(textwrap.fill(f"Delta interference per layer and module: {names}", 90), fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
     return path

@@ -318,9 +318,9 @@ def compose_sources(config: CompositionConfig, sources: list[Source], out: str |
         parts = [(s, d) for s in sources if (d := s.delta_for("text")) is not None]
         generator = torch.Generator().manual_seed(config.seed)
         with atomic_directory(out, overwrite=overwrite) as temporary:
-            stream = SafetensorsStream(temporary / TENSOR_FILE, plan.layout)
             pending: list[torch.Tensor] = []
-            with Progress(disable=not progress, transient=True) as bar:
+            with SafetensorsStream(temporary / TENSOR_FILE, plan.layout) as stream, \
+                    Progress(disable=not progress, transient=True) as bar:
                 task = bar.add_task("composing", total=len(plan.layout))
                 for name, (dtype, _) in plan.layout.items():
                     producer = plan.producers[name]
@@ -333,7 +333,6 @@ def compose_sources(config: CompositionConfig, sources: list[Source], out: str |
                         tensor = source.read(tensor_name)
                     stream.write(name, tensor.to(dtype))
                     bar.advance(task)
-            stream.close()
             accounting = _account(sources, plan)
             fingerprint = sources[0].manifest.base.fingerprint
             reference = BaseReference(path=base_reference(str(base), out), fingerprint=fingerprint)

@@ -45,8 +45,8 @@ def merge_llms(base: str | Path, config: CompositionConfig, out: str | Path, *, 
                                        "in name, dtype or shape")
         generator = torch.Generator().manual_seed(config.seed)
         with atomic_directory(out, overwrite=overwrite) as temporary:
-            stream = SafetensorsStream(temporary / "model.safetensors", base_reader.layout)
-            with Progress(disable=not progress, transient=True) as bar:
+            with SafetensorsStream(temporary / "model.safetensors", base_reader.layout) as stream, \
+                    Progress(disable=not progress, transient=True) as bar:
                 task = bar.add_task("merging", total=len(base_reader.layout))
                 for name, (dtype, _) in base_reader.layout.items():
                     original = base_reader.get(name)
@@ -57,7 +57,6 @@ def merge_llms(base: str | Path, config: CompositionConfig, out: str | Path, *, 
                     else:
                         stream.write(name, original)
                     bar.advance(task)
-            stream.close()
             for file in COPIED_FILES:
                 if (base / file).is_file():
                     shutil.copy2(base / file, temporary / file)

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from rich.table import Table
 
-from mmcompose.files import atomic_write_text
+from mmcompose.files import atomic_file, atomic_write_text
 
 Results = dict[str, dict[str, float | None]]  # method -> task -> accuracy (None: not applicable)
 
@@ -31,7 +26,8 @@ def write_results(results: Results, tasks: list[str], path: Path, extra: dict) -
 
 def plot_results(results: Results, groups: dict[str, list[str]], path: Path, chance: float = 0.25) -> None:
     """One panel per group of tasks (e.g. MCUB, single-modality), bars = mean accuracy of each method."""
-    figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.45 * len(results) + 1.5), squeeze=False)
+    figure = Figure(figsize=(6 * len(groups), 0.45 * len(results) + 1.5))
+    axes = figure.subplots(1, len(groups), squeeze=False)
     methods = list(results)
     for axis, (name, tasks) in zip(axes[0], groups.items(), strict=True):
         values = []
@@ -47,11 +43,5 @@ def plot_results(results: Results, groups: dict[str, list[str]], path: Path, cha
         axis.set_title(f"{name} (mean of {', '.join(tasks)})" if len(tasks) > 1 else name, fontsize=9)
         axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)

@@ -86,16 +86,12 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
 def _fold_file(file: Path, target: Path, model: MultimodalLLM, text: str | None) -> None:
     """Copy one safetensors file tensor by tensor, adding `D_text` (in float32) to each adapted weight."""
     folded = {f"{path}.weight": layer.deltas[text] for path, layer in model.routed.items()} if text else {}
-    with TensorReader([file]) as reader:
-        stream = SafetensorsStream(target, reader.layout)
-        try:
-            for name in reader.layout:
-                value = reader.get(name)
-                if name in folded:
-                    value = (value.float() + folded[name].matrix().float()).to(value.dtype)
-                stream.write(name, value)
-        finally:
-            stream.close()
+    with TensorReader([file]) as reader, SafetensorsStream(target, reader.layout) as stream:
+        for name in reader.layout:
+            value = reader.get(name)
+            if name in folded:
+                value = (value.float() + folded[name].matrix().float()).to(value.dtype)
+            stream.write(name, value)
 
 
 def _corrections(model: MultimodalLLM, text: str | None) -> tuple[ModelSpec, dict[str, torch.Tensor]]:

@@ -22,8 +22,11 @@ class Component(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+NAME = r"^[A-Za-z0-9_-]+$"  # names become tensor-name components (`deltas.<name>.<module>`): no dots
+
+
 class ModalitySpec(Strict):
-    name: str
+    name: str = Field(pattern=NAME)
     placeholder: str
     processor: Component
     encoder: Component
@@ -35,7 +38,7 @@ class ModalitySpec(Strict):
 class DeltaSpec(Strict):
     """One delta on every target linear; `routes` are the route names it serves ("text" or a modality)."""
 
-    name: str
+    name: str = Field(pattern=NAME)
     kind: Literal["lora", "dense"]
     routes: list[str]
     rank: int | None = Field(None, gt=0)

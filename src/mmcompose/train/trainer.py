@@ -269,12 +269,12 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
     trainable = [p for group in groups for p in group["params"]]
     identity = {"config": config.identity(), "data": _data_identity(samples), "processes": accelerator.num_processes}
 
-    start = 0
+    start, window = 0, []  # window: per-step losses since the last log record
     if resume and previous:
         state = _load_state(previous[-1], model, optimizer, scheduler)
-        if {k: state[k] for k in identity} != identity:
+        if {k: state.get(k) for k in identity} != identity:
             raise MMComposeError(f"{previous[-1]}: saved by a run with other settings or data; cannot resume")
-        start = state["step"]
+        start, window = state["step"], state["window"]
     log_path = out_dir / LOG_FILE
     records: list[dict[str, Any]] = []
     if accelerator.is_main_process:
@@ -285,7 +285,6 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
 
     model.train()
-    window: list[float] = []
     with ExitStack() as stack:
         bar = stack.enter_context(progress_bar(progress if accelerator.is_main_process else False))
         log = stack.enter_context(log_path.open("a")) if accelerator.is_main_process else None
@@ -303,7 +302,7 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
             optimizer.zero_grad(set_to_none=True)
             window.append(accelerator.reduce(loss.detach(), reduction="mean").item())
             done = step + 1
-            if len(window) == config.log_every or done == total:
+            if done % config.log_every == 0 or done == total:
                 record = {"step": done, "epoch": round(done / per_epoch, 3), "loss": sum(window) / len(window),
                           "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                           "seconds": round(time.perf_counter() - started, 2)}
@@ -312,11 +311,12 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
                 if log is not None:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                bar.update(task, completed=done, loss=f"{record['loss']:.4f}")
+                bar.update(task, loss=f"{record['loss']:.4f}")
+            bar.update(task, completed=done)
             if config.save_every and done % config.save_every == 0 and done < total:
                 if accelerator.is_main_process:
                     _save_state(out_dir / CHECKPOINTS / f"step-{done}", model, optimizer, scheduler,
-                                {**identity, "step": done})
+                                {**identity, "step": done, "window": window})
                     for stale in step_checkpoints(out_dir)[:-config.keep_last]:
                         shutil.rmtree(stale)
                 accelerator.wait_for_everyone()
