@@ -163,13 +163,18 @@ def evaluate(
                                        "--shard merge/n).")] = "0/1",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    judge: Annotated[str, typer.Option(help="For --kind label: 'names' (label-name matching) or 'embedding' "
+                                       "(then the closest label by the model's own token embeddings).")]
+    = "names",
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
     from mmcompose.eval.benchmark import load_benchmark, load_mcub
     from mmcompose.eval.runner import merge_shards, run_benchmark
-    from mmcompose.experiment.predict import model_predictor
+    from mmcompose.experiment.predict import embedding_similarity, model_predictor
 
+    if judge not in ("names", "embedding"):
+        raise MMComposeError(f"--judge {judge!r}: expected names or embedding")
     index, _, count = shard.partition("/")
     if not count.isdigit() or not (index.isdigit() or index == "merge"):
         raise MMComposeError(f"--shard {shard!r}: expected i/n (e.g. 0/4) or merge/n")
@@ -185,10 +190,12 @@ def evaluate(
             metrics = merge_shards(out / name if multiple else out, int(count))
             console.print(f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
-    predictor = model_predictor(load_checkpoint(model).eval(), max_new_tokens)
+    loaded = load_checkpoint(model).eval()
+    predictor = model_predictor(loaded, max_new_tokens)
+    similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
-                                shard=(int(index), int(count)), batch_size=batch_size)
+                                shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity)
         console.print(f"{name}: accuracy {metrics['accuracy'] or 0:.3f} over {metrics['n']} samples "
                       f"({metrics['n_unparseable']} unparseable, {metrics['n_failed']} failed)")
 

@@ -57,3 +57,25 @@ def test_eval_bad_input(world: Path, tmp_path: Path) -> None:
                                  str(tmp_path / "none"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "not an mmcompose checkpoint" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_label_kind_with_the_embedding_judge(world: Path, llama_base: Path, tmp_path: Path) -> None:
+    from mmcompose.experiment.predict import embedding_similarity
+
+    model = MultimodalLLM.from_base(llama_base, ["point"])
+    scores = embedding_similarity(model)("night stand", ["chair", "night stand", "table"])
+    assert max(range(3), key=scores.__getitem__) == 1 and abs(scores[1] - 1) < 1e-6
+    checkpoint = save_checkpoint(model, tmp_path / "point-model")
+    point = sorted((world / "media" / "point").iterdir())[0].relative_to(world)
+    benchmark = [{"id": f"m{i}", "conversations": [{"from": "human", "value": "<point>\nWhat object is this?"},
+                                                    {"from": "gpt", "value": label}],
+                  "modal_inputs": {"point": [str(point)]}} for i, label in enumerate(["chair", "night_stand"])]
+    (tmp_path / "modelnet.json").write_text(json.dumps(benchmark))
+    common = ["eval", "--task", str(tmp_path / "modelnet.json"), "--model", str(checkpoint), "--data-root",
+              str(world), "--kind", "label", "--max-new-tokens", "3"]
+    result = runner.invoke(app, [*common, "-o", str(tmp_path / "judged"), "--judge", "embedding"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "judged" / "metrics.json").read_text())
+    assert metrics["n"] == 2 and metrics["n_unparseable"] == 0  # the embedding judge always picks a label
+    bad = runner.invoke(app, [*common, "-o", str(tmp_path / "x"), "--judge", "gpt4"])
+    assert bad.exit_code == 2 and "--judge 'gpt4'" in bad.output

@@ -6,6 +6,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
+
+from mmcompose.eval.answers import Similarity
 from mmcompose.eval.benchmark import Sample
 from mmcompose.eval.runner import Predictor
 from mmcompose.modalities import get_modality
@@ -40,3 +43,19 @@ def model_predictor(model: MultimodalLLM, max_new_tokens: int = 8, only: Sequenc
         return model.generate(examples, max_new_tokens=max_new_tokens)
 
     return predict
+
+
+def embedding_similarity(model: MultimodalLLM) -> Similarity:
+    """A local judge for closed-set answers: cosine between the mean input embeddings of the prediction and
+    of each label, using the model's own token embeddings (no remote LLM, nothing downloaded)."""
+    table = model.llm.get_input_embeddings().weight.detach()
+
+    def embed(text: str) -> torch.Tensor:
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"] or [model.tokenizer.unk_token_id or 0]
+        return table[torch.tensor(ids, device=table.device)].float().mean(0)
+
+    def similarity(prediction: str, labels: Sequence[str]) -> list[float]:
+        reference = embed(prediction)
+        return [float(torch.cosine_similarity(reference, embed(label), dim=0)) for label in labels]
+
+    return similarity
