@@ -11,9 +11,10 @@ resumes, and a second run only re-renders the report.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -207,38 +208,38 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
     tasks = load_tasks(demo.world)
     text_tasks = {t: load_benchmark(demo.world / "data" / f"text_{_file_tag(t)}_test.json", demo.world)
                   for t in MCUB_TASKS}
-    loaded: dict[Path, MultimodalLLM] = {}
-
+    @functools.cache
     def load(path: Path) -> MultimodalLLM:
-        if path not in loaded:
-            loaded[path] = load_checkpoint(path).eval()
-        return loaded[path]
+        return load_checkpoint(path).eval()
 
-    methods: dict[str, Callable[[str], Predictor | None]] = {}
+    @functools.cache
+    def text_llm() -> MultimodalLLM:
+        return MultimodalLLM.from_base(demo.base, []).eval()
+
+    def everywhere(task: str) -> bool:
+        return True
+
+    methods: dict[str, tuple[Callable[[], Predictor], Callable[[str], bool]]] = {}
     for modality in MODALITIES:
-        def single(task: str, m: str = modality, p: Path = singles[modality, "decoupled"]) -> Predictor | None:
-            return model_predictor(load(p), only=[m]) if m in _modalities_of(task) else None
-
-        methods[f"{modality}-LLM (own input only)"] = single
+        methods[f"{modality}-LLM (own input only)"] = (
+            lambda m=modality: model_predictor(load(singles[m, "decoupled"]), only=[m]),
+            lambda task, m=modality: m in _modalities_of(task))
     for name, path in composed.items():
-        methods[name] = lambda task, p=path: model_predictor(load(p))
-    methods["joint training (upper ref.)"] = lambda task: model_predictor(load(joint))
-    text_llm = MultimodalLLM.from_base(demo.base, []).eval()
-    methods["tool pipeline (captions -> LLM)"] = lambda task: (
-        tool_predictor({m: load(singles[m, "decoupled"]) for m in MODALITIES}, text_llm, max_new_tokens=10)
-        if task in MCUB_TASKS else None)
+        methods[name] = (lambda p=path: model_predictor(load(p)), everywhere)
+    methods["joint training (upper ref.)"] = (lambda: model_predictor(load(joint)), everywhere)
+    methods["tool pipeline (captions -> LLM)"] = (
+        lambda: tool_predictor({m: load(singles[m, "decoupled"]) for m in MODALITIES}, text_llm(), max_new_tokens=10),
+        lambda task: task in MCUB_TASKS)
 
     results: dict[str, dict[str, float | None]] = {}
     columns = list(tasks)
-    for method, predictor_for in methods.items():
-        results[method] = {}
-        for task, samples in tasks.items():
-            predictor = predictor_for(task)
-            results[method][task] = None if predictor is None else evaluate(
-                predictor, samples, out / "eval" / _slug(method) / _slug(task), task)
+    for method, (factory, applies) in methods.items():
+        results[method] = {task: evaluate(_lazy(factory), samples, out / "eval" / _slug(method) / _slug(task), task)
+                           if applies(task) else None for task, samples in tasks.items()}
     results["base LLM with entity names (text oracle)"] = {
-        task: (evaluate(model_predictor(text_llm), text_tasks[task], out / "eval" / "text-oracle" / _slug(task), task)
-               if task in text_tasks else None) for task in columns}
+        task: evaluate(_lazy(lambda: model_predictor(text_llm())), text_tasks[task],
+                       out / "eval" / "text-oracle" / _slug(task), task) if task in text_tasks else None
+        for task in columns}
 
     base_metrics = json.loads((demo.base / "metrics.json").read_text())
     retention = {m: {t: results[m][t] / results[f"{t}-LLM (own input only)"][t]
@@ -252,7 +253,8 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
     write_results(results, columns, out / RESULTS_FILE, extra)
     plot_results(results, {"MCUB (multi-modality)": MCUB_TASKS, "single-modality": list(MODALITIES)},
                  out / PLOT_FILE)
-    console.print(results_table(results, columns, title=f"MCUB-world accuracy (%), profile {profile}, seed {seed}"))
+    table = results_table(results, columns, title=f"MCUB-world accuracy (%), profile {profile}, seed {seed}")
+    Console(width=max(console.width, 120)).print(table)  # a table of 10 columns needs the width
     console.print(f"base LLM: perplexity {base_metrics.get('valid_perplexity', float('nan')):.2f}, text QA accuracy "
                   f"{100 * base_metrics.get('text_qa_accuracy', 0):.1f}%")
     for name, search in searches.items():
@@ -260,6 +262,19 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
                       f"(uniform {search['uniform_score']:.3f})")
     console.print(f"wrote {out / RESULTS_FILE} and {out / PLOT_FILE} in {extra['seconds']:.0f}s")
     return {"results": results, **extra}
+
+
+def _lazy(factory: Callable[[], Predictor]) -> Predictor:
+    """Build the predictor (and load its models) only if some sample still needs predicting: a cached
+    rerun of the demo then loads no model at all."""
+    built: list[Predictor] = []
+
+    def predict(samples: Sequence[Sample]) -> Sequence[str]:
+        if not built:
+            built.append(factory())
+        return built[0](samples)
+
+    return predict
 
 
 def _file_tag(task: str) -> str:

@@ -13,8 +13,18 @@ from mmcompose.files import atomic_file, atomic_write_text
 Results = dict[str, dict[str, float | None]]  # method -> task -> accuracy (None: not applicable)
 
 
+def short_task(task: str) -> str:
+    """Column headers that fit a terminal: `MCUB-3 image-audio-video` -> `M3 IAV`."""
+    if task.startswith("MCUB-3 "):
+        return "M3 " + "".join(m[0].upper() for m in task.removeprefix("MCUB-3 ").split("-"))
+    return task
+
+
 def results_table(results: Results, tasks: list[str], title: str) -> Table:
-    table = Table("method", *tasks, title=title)
+    table = Table(title=title, caption="M3 XYZ: MCUB-3 with (I)mage, (A)udio, (V)ideo, (P)oint; -: not applicable")
+    table.add_column("method", no_wrap=True)
+    for task in tasks:
+        table.add_column(short_task(task), justify="right", no_wrap=True, min_width=5)
     for method, scores in results.items():
         table.add_row(method, *("-" if scores.get(t) is None else f"{100 * scores[t]:.1f}" for t in tasks))
     return table
