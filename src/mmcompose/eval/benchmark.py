@@ -23,13 +23,15 @@ from mmcompose.eval.answers import (
     normalize_vqa,
     parse_options,
 )
+from mmcompose.eval.captions import caption_scores, normalize_caption
 
 DEFAULT_MODALITIES = ("image", "audio", "video", "point")
 """Modalities whose ``<name>`` placeholder is always counted, even when a sample has no such input."""
 
-TASK_KINDS = ("choice", "open", "label")
+TASK_KINDS = ("choice", "open", "label", "caption")
 """``choice``: an option letter (MCUB, AVQA); ``open``: short text, VQA-normalised exact match
-(MUSIC-AVQA); ``label``: one class of a closed set (ModelNet40)."""
+(MUSIC-AVQA); ``label``: one class of a closed set (ModelNet40); ``caption``: free text scored against
+reference captions with BLEU-4 and ROUGE-L (:mod:`mmcompose.eval.captions`), never right or wrong."""
 
 MCUB_ANSWER_FILE = "MCUB-answer.json"
 
@@ -41,7 +43,8 @@ class Sample:
     ``question`` is the human turn verbatim, placeholders included, because the model needs them to
     place its inputs; ``options`` are parsed from it (empty for non-choice questions). ``answer`` is the
     gpt turn, or the letter from MCUB's answer file. ``modal_inputs`` paths are joined to ``data_root``
-    when the loader was given one, otherwise they are as written in the file.
+    when the loader was given one, otherwise they are as written in the file. ``references`` are extra
+    gold captions from the sample's ``meta.references`` (only ``caption`` tasks use them).
     """
 
     id: str
@@ -51,6 +54,7 @@ class Sample:
     answer: str | None
     options: dict[str, str]
     category: str | None = None
+    references: tuple[str, ...] = ()
 
 
 def load_benchmark(
@@ -59,10 +63,12 @@ def load_benchmark(
     """Load and validate a benchmark JSON file.
 
     The file is a list of ``{"id", "conversations": [{"from": "human"|"gpt", "value"}],
-    "modal_inputs": {modality: [path, ...]}}`` with an optional ``"category"`` string. Conversations are
-    one human turn, optionally followed by the gpt turn holding the gold answer. Each modality's
-    ``<modality>`` placeholder must occur in the human turn exactly as often as it has files. With
-    ``data_root``, media paths are resolved against it and must exist; without it they stay as written.
+    "modal_inputs": {modality: [path, ...]}}`` with an optional ``"category"`` string and an optional
+    ``"meta"`` object (free-form, except that ``meta.references``, if present, must be a list of strings:
+    more reference captions). Conversations are one human turn, optionally followed by the gpt turn holding
+    the gold answer. Each modality's ``<modality>`` placeholder must occur in the human turn exactly as
+    often as it has files. With ``data_root``, media paths are resolved against it and must exist; without
+    it they stay as written.
     """
     path = Path(path)
     try:
@@ -136,6 +142,10 @@ def _parse_sample(item: Any, where: str, root: Path | None, always: tuple[str, .
     category = item.get("category")
     if category is not None and not isinstance(category, str):
         raise MMComposeError(f"{where}: 'category' must be a string, got {category!r}")
+    meta = item.get("meta")
+    references = meta.get("references", []) if isinstance(meta, dict) else []
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise MMComposeError(f"{where}: 'meta.references' must be a list of strings, got {references!r}")
     answer = conversations[1]["value"].strip() if len(conversations) == 2 else None
     return Sample(
         id=str(item["id"]),
@@ -145,6 +155,7 @@ def _parse_sample(item: Any, where: str, root: Path | None, always: tuple[str, .
         answer=answer,
         options=parse_options(question),
         category=category,
+        references=tuple(r.strip() for r in references),
     )
 
 

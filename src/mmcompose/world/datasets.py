@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from mmcompose.errors import MMComposeError
 from mmcompose.world import templates as tpl
-from mmcompose.world.entities import World
+from mmcompose.world.entities import Entity, World
 from mmcompose.world.render import MEDIA_EXTENSIONS
 
 Sample = dict[str, Any]
@@ -99,6 +99,22 @@ def caption_samples(world: World, modality: str, renders: range, rng: np.random.
     return assign_ids(samples, f"{modality}-caption", rng)
 
 
+def _choice_samples(world: World, modality: str, entity: Entity, k: int, attribute: str, positions: Iterator[int],
+                    rng: np.random.Generator) -> list[Sample]:
+    """The identity and the `attribute` multiple-choice questions about rendering `k` of `entity`."""
+    inputs = {modality: [media_path(modality, entity.name, k)]}
+    placeholder = [tpl.PLACEHOLDERS[modality]]
+    identity_q, identity_a = identity_choice(world, entity.name, next(positions), rng)
+    attribute_q, attribute_a = attribute_choice(world, entity.name, attribute, next(positions), rng)
+    value = entity.attributes[attribute]
+    return [
+        make_sample("", tpl.human_turn(placeholder, identity_q), identity_a, inputs,
+                    {"task": "identity_choice", "entities": [entity.name]}),
+        make_sample("", tpl.human_turn(placeholder, attribute_q), attribute_a, inputs,
+                    {"task": "attribute_choice", "entities": [entity.name], "attribute": attribute, "value": value}),
+    ]
+
+
 def instruct_samples(world: World, modality: str, renders: range, rng: np.random.Generator) -> list[Sample]:
     """Stage-2 instruction data: per training rendering, the identity question (open and multiple choice)
     and one attribute question (open and multiple choice), the attributes cycling over renderings."""
@@ -110,44 +126,14 @@ def instruct_samples(world: World, modality: str, renders: range, rng: np.random
             inputs = {modality: [media_path(modality, e.name, k)]}
             placeholder = [tpl.PLACEHOLDERS[modality]]
             open_attribute = attributes[j % len(attributes)]
-            choice_attribute = attributes[(j + 2) % len(attributes)]
             value = e.attributes[open_attribute]
-            identity_q, identity_a = identity_choice(world, e.name, next(positions), rng)
-            attribute_q, attribute_a = attribute_choice(world, e.name, choice_attribute, next(positions), rng)
             samples += [
-                make_sample(
-                    "",
-                    tpl.human_turn(placeholder, tpl.IDENTITY_QUESTION),
-                    tpl.caption(e.name),
-                    inputs,
-                    {"task": "identity", "entities": [e.name]},
-                ),
-                make_sample(
-                    "",
-                    tpl.human_turn(placeholder, identity_q),
-                    identity_a,
-                    inputs,
-                    {"task": "identity_choice", "entities": [e.name]},
-                ),
-                make_sample(
-                    "",
-                    tpl.human_turn(placeholder, tpl.ATTRIBUTE_QUESTIONS[open_attribute]),
-                    tpl.attribute_answer(open_attribute, value),
-                    inputs,
-                    {"task": "attribute", "entities": [e.name], "attribute": open_attribute, "value": value},
-                ),
-                make_sample(
-                    "",
-                    tpl.human_turn(placeholder, attribute_q),
-                    attribute_a,
-                    inputs,
-                    {
-                        "task": "attribute_choice",
-                        "entities": [e.name],
-                        "attribute": choice_attribute,
-                        "value": e.attributes[choice_attribute],
-                    },
-                ),
+                make_sample("", tpl.human_turn(placeholder, tpl.IDENTITY_QUESTION), tpl.caption(e.name), inputs,
+                            {"task": "identity", "entities": [e.name]}),
+                make_sample("", tpl.human_turn(placeholder, tpl.ATTRIBUTE_QUESTIONS[open_attribute]),
+                            tpl.attribute_answer(open_attribute, value), inputs,
+                            {"task": "attribute", "entities": [e.name], "attribute": open_attribute, "value": value}),
+                *_choice_samples(world, modality, e, k, attributes[(j + 2) % len(attributes)], positions, rng),
             ]
     return assign_ids(samples, f"{modality}-instruct", rng)
 
@@ -159,32 +145,7 @@ def single_test_samples(world: World, modality: str, renders: range, rng: np.ran
     samples = []
     for i, e in enumerate(world.entities):
         for j, k in enumerate(renders):
-            inputs = {modality: [media_path(modality, e.name, k)]}
-            placeholder = [tpl.PLACEHOLDERS[modality]]
-            attribute = attributes[(i + j) % len(attributes)]
-            identity_q, identity_a = identity_choice(world, e.name, next(positions), rng)
-            attribute_q, attribute_a = attribute_choice(world, e.name, attribute, next(positions), rng)
-            samples += [
-                make_sample(
-                    "",
-                    tpl.human_turn(placeholder, identity_q),
-                    identity_a,
-                    inputs,
-                    {"task": "identity_choice", "entities": [e.name]},
-                ),
-                make_sample(
-                    "",
-                    tpl.human_turn(placeholder, attribute_q),
-                    attribute_a,
-                    inputs,
-                    {
-                        "task": "attribute_choice",
-                        "entities": [e.name],
-                        "attribute": attribute,
-                        "value": e.attributes[attribute],
-                    },
-                ),
-            ]
+            samples += _choice_samples(world, modality, e, k, attributes[(i + j) % len(attributes)], positions, rng)
     return assign_ids(samples, f"{modality}-test", rng)
 
 
