@@ -157,7 +157,9 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for predictions.jsonl and metrics.json.")],
     data_root: Annotated[Path | None, typer.Option(help="Media paths are relative to this [default: the task's "
                                                    "directory, or its parent for a world's data/].")] = None,
-    kind: Annotated[str, typer.Option(help="choice (letters), open (VQA-normalised text) or label (classes).")]
+    kind: Annotated[str, typer.Option(help="choice (letters), open (VQA-normalised text), label (classes) or "
+                                      "caption (free text: corpus BLEU-4 and mean ROUGE-L against the gpt turn "
+                                      "and meta.references; raise --max-new-tokens).")]
     = "choice",
     shard: Annotated[str, typer.Option(help="i/n: run shard i of n (merge later with the same command and "
                                        "--shard merge/n).")] = "0/1",
@@ -188,7 +190,8 @@ def evaluate(
     if index == "merge":
         for name in tasks:
             metrics = merge_shards(out / name if multiple else out, int(count))
-            console.print(f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
+            console.print(_caption_summary(name, metrics) if metrics.get("kind") == "caption"
+                          else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
     loaded = load_checkpoint(model).eval()
     predictor = model_predictor(loaded, max_new_tokens)
@@ -196,8 +199,16 @@ def evaluate(
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
                                 shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity)
+        if kind == "caption":
+            console.print(_caption_summary(name, metrics))
+            continue
         console.print(f"{name}: accuracy {metrics['accuracy'] or 0:.3f} over {metrics['n']} samples "
                       f"({metrics['n_unparseable']} unparseable, {metrics['n_failed']} failed)")
+
+
+def _caption_summary(name: str, metrics: dict[str, Any]) -> str:
+    return (f"{name}: BLEU-4 {metrics['bleu4'] or 0:.3f}, ROUGE-L {metrics['rouge_l'] or 0:.3f} over "
+            f"{metrics['n']} samples ({metrics['n_failed']} failed)")
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "

@@ -237,13 +237,17 @@ def _attach_mcub_answer(sample: Sample, answers: dict[str, str], file: Path, ans
     return sample
 
 
-def gold_answer(sample: Sample, kind: str, labels: Sequence[str] | None = None) -> str:
-    """The canonical gold a prediction is compared to: an option letter, the answer text, or a label.
+def gold_answer(sample: Sample, kind: str, labels: Sequence[str] | None = None) -> str | list[str]:
+    """The canonical gold a prediction is compared to: an option letter, the answer text, a label, or
+    for ``caption`` the list of reference captions (the gpt turn, then ``meta.references``; duplicates
+    dropped).
 
     Raises :class:`InputError` naming the sample when the gold is missing or unusable for ``kind``, so a
     run can check every sample before spending time on the model.
     """
     check_kind(kind)
+    if kind == "caption":
+        return _caption_references(sample)
     if sample.answer is None:
         raise InputError(f"sample {sample.id!r}: no gold answer")
     if kind == "choice":
@@ -264,6 +268,17 @@ def gold_answer(sample: Sample, kind: str, labels: Sequence[str] | None = None) 
     raise InputError(f"sample {sample.id!r}: gold label {sample.answer!r} is not one of the {len(labels)} labels")
 
 
+def _caption_references(sample: Sample) -> list[str]:
+    own = [sample.answer] if sample.answer is not None else []
+    references = list(dict.fromkeys([*own, *sample.references]))
+    if not references:
+        raise InputError(f"sample {sample.id!r}: no gold answer (no gpt turn and no meta.references)")
+    for reference in references:
+        if not normalize_caption(reference):
+            raise InputError(f"sample {sample.id!r}: reference caption {reference!r} is empty after normalisation")
+    return references
+
+
 def score(
     sample: Sample,
     prediction: str,
@@ -276,8 +291,11 @@ def score(
 
     ``parsed`` is ``None`` when the prediction cannot be read (which scores as wrong): the chosen letter
     for ``choice``, the VQA-normalised text for ``open``, the matched label for ``label`` (which needs
-    ``labels``; ``similarity`` is the optional embedding fallback of :func:`match_label`).
+    ``labels``; ``similarity`` is the optional embedding fallback of :func:`match_label`). A caption is
+    never right or wrong: use :func:`score_caption` for ``caption``.
     """
+    if kind == "caption":
+        raise ValueError("kind 'caption' is scored by score_caption")
     gold = gold_answer(sample, kind, labels)
     if kind == "choice":
         parsed = extract_choice(prediction, sample.options or None)
@@ -288,6 +306,17 @@ def score(
     assert labels is not None  # gold_answer has checked it
     label = match_label(prediction, labels, similarity)
     return label, label == gold
+
+
+def score_caption(sample: Sample, prediction: str) -> tuple[str, dict[str, float]]:
+    """Score a free-text caption against the sample's references: ``(normalised prediction, scores)``.
+
+    ``scores`` holds the smoothed sentence ``bleu`` and ``rouge_l`` of
+    :func:`~mmcompose.eval.captions.caption_scores`; corpus BLEU-4 needs the whole run (the runner's
+    ``summarize``).
+    """
+    references = gold_answer(sample, "caption")
+    return normalize_caption(prediction), caption_scores(prediction, references)
 
 
 def check_kind(kind: str) -> None:

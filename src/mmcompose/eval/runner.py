@@ -24,7 +24,8 @@ from rich.progress import (
 
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import Similarity
-from mmcompose.eval.benchmark import Sample, check_kind, gold_answer, score
+from mmcompose.eval.benchmark import Sample, check_kind, gold_answer, score, score_caption
+from mmcompose.eval.captions import corpus_bleu
 from mmcompose.files import atomic_write_text
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -72,6 +73,10 @@ def run_benchmark(
     error's message and the run goes on; any other exception stops the run. Gold answers are checked for
     every sample before the first prediction, so a bad benchmark fails fast. For ``kind="label"``,
     ``labels`` defaults to the distinct gold answers of ``samples`` (the same for every shard).
+
+    For ``kind="caption"`` a record's ``gold`` is the list of reference captions, ``parsed`` the
+    normalised prediction, ``correct`` is ``None`` (a caption is not right or wrong) and ``scores`` holds
+    its sentence ``bleu`` and ``rouge_l`` (both 0 for a failed sample).
     """
     index, count = _check_shard(shard)
     check_kind(kind)
@@ -143,14 +148,19 @@ def merge_shards(out_dir: str | Path, n_shards: int) -> dict[str, Any]:
 
 
 def summarize(records: Sequence[dict[str, Any]], task: str, kind: str) -> dict[str, Any]:
-    """Accuracy over all records (failed and unparseable ones count as wrong), plus per-category counts."""
-    metrics: dict[str, Any] = {"task": task, "kind": kind, **_counts(records)}
-    metrics["n_unparseable"] = sum(r["error"] is None and r["parsed"] is None for r in records)
+    """Accuracy over all records (failed and unparseable ones count as wrong), plus per-category counts.
+
+    For ``caption``: corpus ``bleu4`` and mean ``rouge_l`` instead of accuracy (see :func:`_caption_counts`).
+    """
+    counts = _caption_counts if kind == "caption" else _counts
+    metrics: dict[str, Any] = {"task": task, "kind": kind, **counts(records)}
+    if kind != "caption":
+        metrics["n_unparseable"] = sum(r["error"] is None and r["parsed"] is None for r in records)
     metrics["n_failed"] = sum(r["error"] is not None for r in records)
     categories = {r.get("category") for r in records}
     if categories != {None}:
         metrics["categories"] = {
-            name: _counts([r for r in records if (r.get("category") or "(none)") == name])
+            name: counts([r for r in records if (r.get("category") or "(none)") == name])
             for name in sorted(c or "(none)" for c in categories)
         }
     return metrics
@@ -162,6 +172,21 @@ def _counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n": len(records),
         "n_correct": n_correct,
         "accuracy": n_correct / len(records) if records else None,
+    }
+
+
+def _caption_counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Corpus BLEU-4 of the normalised predictions and the mean of the records' ROUGE-L.
+
+    A failed sample is scored as an empty caption: ROUGE-L 0, and in BLEU it adds no n-grams but its
+    (shortest) reference length, so it lowers the brevity penalty.
+    """
+    if not records:
+        return {"n": 0, "bleu4": None, "rouge_l": None}
+    return {
+        "n": len(records),
+        "bleu4": corpus_bleu([r["parsed"] or "" for r in records], [r["gold"] for r in records]),
+        "rouge_l": sum(r["scores"]["rouge_l"] for r in records) / len(records),
     }
 
 
@@ -180,7 +205,7 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 def _predict_batch(
     samples: Sequence[Sample],
     positions: list[int],
-    golds: list[str],
+    golds: list[str | list[str]],
     predict: Predictor,
     kind: str,
     labels: Sequence[str] | None,
@@ -204,7 +229,7 @@ def _predict_batch(
 def _record(
     sample: Sample,
     position: int,
-    gold: str,
+    gold: str | list[str],
     prediction: str | MMComposeError,
     kind: str,
     labels: Sequence[str] | None,
@@ -218,25 +243,19 @@ def _record(
     }
     if isinstance(prediction, MMComposeError):
         message = " ".join(str(prediction).split()) or type(prediction).__name__
-        return {
-            **record,
-            "prediction": None,
-            "gold": gold,
-            "parsed": None,
-            "correct": False,
-            "error": message,
-        }
-    if not isinstance(prediction, str):
+        record.update(prediction=None, gold=gold, parsed=None, correct=False, error=message)
+        scores = {"bleu": 0.0, "rouge_l": 0.0}
+    elif not isinstance(prediction, str):
         raise TypeError(f"predict returned {type(prediction).__name__} for sample {sample.id!r}; expected str")
-    parsed, correct = score(sample, prediction, kind, labels=labels, similarity=similarity)
-    return {
-        **record,
-        "prediction": prediction,
-        "gold": gold,
-        "parsed": parsed,
-        "correct": correct,
-        "error": None,
-    }
+    elif kind == "caption":
+        parsed, scores = score_caption(sample, prediction)
+        record.update(prediction=prediction, gold=gold, parsed=parsed, error=None)
+    else:
+        parsed, correct = score(sample, prediction, kind, labels=labels, similarity=similarity)
+        record.update(prediction=prediction, gold=gold, parsed=parsed, correct=correct, error=None)
+    if kind == "caption":  # a caption is not right or wrong; it has scores instead
+        record.update(correct=None, scores=scores)
+    return record
 
 
 def _dumps(record: dict[str, Any]) -> str:
