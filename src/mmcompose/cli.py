@@ -164,7 +164,8 @@ def evaluate(
     shard: Annotated[str, typer.Option(help="i/n: run shard i of n (merge later with the same command and "
                                        "--shard merge/n).")] = "0/1",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer in tokens [default: 64 for "
+                                                       "captions, 16 otherwise].")] = None,
     judge: Annotated[str, typer.Option(help="For --kind label: 'names' (label-name matching) or 'embedding' "
                                        "(then the closest label by the model's own token embeddings).")]
     = "names",
@@ -194,7 +195,7 @@ def evaluate(
                           else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
     loaded = load_checkpoint(model).eval()
-    predictor = model_predictor(loaded, max_new_tokens)
+    predictor = model_predictor(loaded, max_new_tokens or (64 if kind == "caption" else 16))
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,

@@ -20,12 +20,14 @@ from mmcompose.eval.benchmark import (
     load_mcub,
     score,
 )
+from mmcompose.eval.captions import corpus_bleu, rouge_l, sentence_bleu
 from mmcompose.eval.runner import merge_shards, run_benchmark, shard_files, summarize
 
 __all__ = [
     "DEFAULT_MODALITIES",
     "TASK_KINDS",
     "Sample",
+    "corpus_bleu",
     "extract_choice",
     "gold_answer",
     "label_key",
@@ -35,8 +37,10 @@ __all__ = [
     "merge_shards",
     "normalize_vqa",
     "parse_options",
+    "rouge_l",
     "run_benchmark",
     "score",
+    "sentence_bleu",
     "shard_files",
     "summarize",
     "vqa_match",
