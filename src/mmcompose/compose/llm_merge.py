@@ -51,9 +51,12 @@ def merge_llms(base: str | Path, config: CompositionConfig, out: str | Path, *, 
                 for name, (dtype, _) in base_reader.layout.items():
                     original = base_reader.get(name)
                     if original.is_floating_point():
-                        deltas = [reader.get(name).float() - original.float() for reader in tuned]
+                        base_value = original.float()
+                        deltas = (reader.get(name).float() - base_value for reader in tuned)
+                        if config.merge != "linear":  # linear accumulates a generator; the others need all
+                            deltas = list(deltas)
                         merged = OPERATORS[config.merge](deltas, lambdas, params, generator)
-                        stream.write(name, (original.float() + merged).to(dtype))
+                        stream.write(name, merged.add_(base_value).to(dtype))
                     else:
                         stream.write(name, original)
                     bar.advance(task)

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, task_arithmetic
+from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 
 from mmcompose.errors import CompositionError
 
@@ -221,10 +221,32 @@ def _elect_and_merge(
 # ----------------------------------------------------------------------------------------------- operators
 
 
-def linear(deltas: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
-    """Task arithmetic: ``sum_m lambda_m * D_m`` (NaiveMC; mergekit's and PEFT's ``task_arithmetic``)."""
-    stacked, weights, out_dtype = _stack(deltas, lambdas)
-    return task_arithmetic(list(stacked), weights.flatten()).to(out_dtype)
+def linear(deltas: Iterable[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic: ``sum_m lambda_m * D_m`` (NaiveMC; mergekit's and PEFT's ``task_arithmetic``).
+
+    Accumulated one delta at a time, so ``deltas`` may be a generator and peak memory stays at one delta
+    plus the sum, whatever the number of inputs (the other operators need every delta at once).
+    """
+    values = _check_lambdas(lambdas, None)
+    total: torch.Tensor | None = None
+    dtypes: list[torch.dtype] = []
+    for index, delta in enumerate(deltas):
+        if index >= len(values):
+            raise CompositionError(f"more deltas than lambdas ({len(values)})")
+        dtypes.append(delta.dtype)
+        compute_dtype, _ = _compute_dtype(dtypes)
+        if total is None:
+            total = torch.zeros(delta.shape, dtype=compute_dtype, device=delta.device)
+        elif delta.shape != total.shape:
+            raise CompositionError(
+                f"deltas of one tensor must share one shape, got {tuple(total.shape)} and {tuple(delta.shape)}"
+            )
+        total = total.to(compute_dtype).add_(delta.to(device=total.device, dtype=compute_dtype), alpha=values[index])
+    if total is None:
+        raise CompositionError("a merge needs at least one delta")
+    if len(dtypes) != len(values):
+        raise CompositionError(f"{len(dtypes)} deltas for {len(values)} lambdas")
+    return total.to(_compute_dtype(dtypes)[1])
 
 
 def ties(
