@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import parse_options
 from mmcompose.files import atomic_directory
-from mmcompose.model.conversation import format_conversation
+from mmcompose.model.conversation import TEMPLATES, format_conversation
 from mmcompose.train.data import load_samples
 from mmcompose.train.progress import progress_bar
 from mmcompose.train.tokenizer import train_tokenizer
@@ -34,7 +34,12 @@ METRICS_FILE = "metrics.json"
 
 @dataclass(frozen=True)
 class BaseProfile:
-    """Model size and training budget; sized so `default` takes about 2 minutes on a 2-core CPU."""
+    """Model size and training budget.
+
+    `prose_repeats`: how often each prose document (one that is not a dialogue, i.e. does not open with the
+    chat template's `USER:`) appears per epoch. Facts live in prose; when dialogues outnumber it ten to one,
+    a small model learns the dialogue surface long before it learns any fact.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -46,6 +51,7 @@ class BaseProfile:
     steps: int
     learning_rate: float
     warmup_steps: int
+    prose_repeats: int = 1
     weight_decay: float = 0.1
 
 
@@ -83,11 +89,14 @@ def pack(encoded: list[list[int]], order: np.ndarray | range, bos: int, eos: int
     return rows
 
 
-def _batches(encoded: list[list[int]], settings: BaseProfile, bos: int, eos: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless batches of packed rows; epoch `e` shuffles documents with a generator seeded by (seed, e)."""
+def _batches(encoded: list[list[int]], repeats: list[int], settings: BaseProfile, bos: int, eos: int,
+             seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of packed rows. An epoch is every document `repeats[i]` times, shuffled by a generator
+    seeded with (seed, epoch)."""
+    pool = np.repeat(np.arange(len(encoded)), repeats)
     epoch = 0
     while True:
-        order = np.random.default_rng((seed, epoch)).permutation(len(encoded))
+        order = np.random.default_rng((seed, epoch)).permutation(pool)
         rows = pack(encoded, order, bos, eos, settings.seq_len)
         for start in range(0, len(rows) - settings.batch_size + 1, settings.batch_size):
             yield torch.stack(rows[start:start + settings.batch_size])
@@ -120,27 +129,43 @@ def perplexity(model: LlamaForCausalLM, rows: list[torch.Tensor], batch_size: in
     return math.exp(total / count)
 
 
-@torch.no_grad()
-def choice_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, samples: list[dict[str, Any]],
-                    template: str = "plain", batch_size: int = 64) -> float:
-    """Multiple-choice accuracy, choosing the option letter whose answer (` B`) the model finds most likely.
+def _rendered_options(sample: dict[str, Any], index: int) -> tuple[dict[str, str], str]:
+    """Each option written the way this sample's gold answer is (its letter, or its text), and the gold letter."""
+    name = sample.get("id", f"sample #{index}")
+    turns = sample["conversations"]
+    options = parse_options(turns[0]["value"])
+    if turns[-1]["from"] != "gpt" or not options:
+        raise MMComposeError(f"{name}: a multiple-choice sample needs lettered options and its answer as gpt turn")
+    gold = turns[-1]["value"].strip()
+    if gold in options:
+        return {letter: letter for letter in options}, gold
+    letters = {text: letter for letter, text in options.items()}
+    if gold in letters:
+        return dict(options), letters[gold]
+    raise MMComposeError(f"{name}: the answer {gold!r} is neither an option letter nor an option's text")
 
-    Scoring the letters rather than parsing free text measures what the model knows, not how it phrases it;
-    prompts are tokenized exactly as the multimodal assembler does (`<s>` + prompt, then the target).
+
+@torch.no_grad()
+def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: list[dict[str, Any]],
+                    template: str = "plain", batch_size: int = 64) -> float:
+    """Multiple-choice accuracy: the model picks the option whose answer it finds most likely.
+
+    Options are written as the gold answer is (` B`, or the option's text when the data answers with text),
+    and scored by the summed log-probability of their tokens after the prompt. Scoring rather than parsing
+    free text measures what the model knows, not how it phrases it; prompts are tokenized as the multimodal
+    assembler does (`<s>` + prompt, then the answer).
     """
     model.eval()
     candidates: list[tuple[int, str, list[int], int]] = []  # (sample, letter, ids, prompt length)
     golds: list[str] = []
     for index, sample in enumerate(samples):
-        prompt, target = format_conversation(sample["conversations"], template)
-        if target is None:
-            raise MMComposeError(f"{sample.get('id', index)}: a multiple-choice sample needs its answer as gpt turn")
-        golds.append(target.strip())
+        rendered, gold = _rendered_options(sample, index)
+        golds.append(gold)
+        prompt, _ = format_conversation(sample["conversations"], template)
         prompt_ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-        letters = parse_options(sample["conversations"][0]["value"]) or dict.fromkeys("ABCD")
-        for letter in letters:
-            answer = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
-            candidates.append((index, letter, prompt_ids + answer, len(prompt_ids)))
+        for letter, answer in rendered.items():
+            answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            candidates.append((index, letter, prompt_ids + answer_ids, len(prompt_ids)))
     best: dict[int, tuple[float, str]] = {}
     for start in range(0, len(candidates), batch_size):
         chunk = candidates[start:start + batch_size]
@@ -188,7 +213,9 @@ def pretrain_base(corpus_train: Path, corpus_valid: Path, out: Path, *,
     model = LlamaForCausalLM(config)
     optimizer = _optimizer(model, settings)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    batches = _batches(encoded, settings, bos, eos, seed)
+    dialogue = TEMPLATES["plain"].user.strip()
+    repeats = [1 if document.startswith(dialogue) else settings.prose_repeats for document in documents]
+    batches = _batches(encoded, repeats, settings, bos, eos, seed)
     curve: list[float] = []
     window: list[float] = []
     model.train()
@@ -211,12 +238,12 @@ def pretrain_base(corpus_train: Path, corpus_valid: Path, out: Path, *,
 
     valid_encoded = tokenizer(valid_documents, add_special_tokens=False)["input_ids"]
     valid_rows = pack(valid_encoded, range(len(valid_encoded)), bos, eos, settings.seq_len, keep_remainder=True)
-    train_tokens = sum(len(ids) + 2 for ids in encoded)
+    epoch_tokens = sum((len(ids) + 2) * times for ids, times in zip(encoded, repeats, strict=True))
     metrics: dict[str, Any] = {
         "profile": profile, "seed": seed, "settings": asdict(settings),
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
-        "train_tokens": train_tokens,
-        "epochs": round(settings.steps * settings.batch_size * settings.seq_len / train_tokens, 2),
+        "epoch_tokens": epoch_tokens,
+        "epochs": round(settings.steps * settings.batch_size * settings.seq_len / epoch_tokens, 2),
         "train_loss": curve, "valid_perplexity": perplexity(model, valid_rows),
     }
     if qa_samples:
