@@ -14,6 +14,7 @@ decode tokens/s, each as a ratio to the base. Run: `python benchmarks/routing.py
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -71,14 +72,10 @@ def build(base: Path, strategy: str, rank: int) -> MultimodalLLM:
     return model.eval()
 
 
-def timed(function, repeats: int) -> float:
+def time_once(function) -> float:
+    start = time.perf_counter()
     function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -86,9 +83,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as scratch:
         base_path = make_base(Path(scratch) / "base")
@@ -117,36 +115,49 @@ def main() -> None:
             return run
 
         composed.fold_text_route()
-        results = {"base": {}, "routed": {}, "masked": {}}
+        masked = build(base_path, "decoupled", args.rank)  # the same seeds: the same weights as `composed`
+        masked.branches.load_state_dict(composed.branches.state_dict())
+        ids = masked.spec.route_ids()
+        prompt_masks = {d.name: torch.isin(batch.routes, torch.tensor([ids[r] for r in d.routes])).unsqueeze(-1).float()
+                        for d in masked.spec.deltas}
+        text_masks = {d.name: (None if "text" in d.routes else torch.zeros(1, 1, 1)) for d in masked.spec.deltas}
+        layers = []
+        for path, layer in masked.routed.items():
+            parent, _, attribute = path.rpartition(".")
+            layers.append(MaskedLinear(layer, prompt_masks))
+            setattr(masked.llm.get_submodule(parent), attribute, layers[-1])
+
+        def with_masks(masks: dict, function):
+            def run() -> None:
+                for layer in layers:
+                    layer.route_masks = masks
+                function()
+            return run
+
+        variants = {
+            "base": (prefill(base), decode(base)),
+            "routed": (prefill(composed), decode(composed)),
+            "masked": (with_masks(prompt_masks, prefill(masked)), with_masks(text_masks, decode(masked))),
+        }
+        samples = {name: {"prefill": [], "decode": []} for name in variants}
         with torch.no_grad():
-            for name, model in (("base", base), ("routed", composed)):
-                results[name]["prefill"] = timed(prefill(model), args.repeats)
-                results[name]["decode"] = timed(decode(model), args.repeats)
-            composed.unfold_text_route()
-            flat_routes = batch.routes
-            ids = composed.spec.route_ids()
-            masks = {}
-            for delta in composed.spec.deltas:
-                members = torch.tensor([ids[r] for r in delta.routes])
-                masks[delta.name] = torch.isin(flat_routes, members).unsqueeze(-1).float()
-            text_only = {d.name: (torch.zeros(1, 1, 1) if "text" not in d.routes else None)
-                         for d in composed.spec.deltas}
-            for path, layer in composed.routed.items():
-                parent, _, attribute = path.rpartition(".")
-                setattr(composed.llm.get_submodule(parent), attribute, MaskedLinear(layer, masks))
-            results["masked"]["prefill"] = timed(prefill(composed), args.repeats)
-            for module in composed.llm.modules():
-                if isinstance(module, MaskedLinear):
-                    module.route_masks = text_only
-            results["masked"]["decode"] = timed(decode(composed), args.repeats)
+            for first, second in variants.values():  # warm-up
+                first()
+                second()
+            for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+                for name, (first, second) in variants.items():
+                    samples[name]["prefill"].append(time_once(first))
+                    samples[name]["decode"].append(time_once(second))
+        results = {name: {k: statistics.median(v) for k, v in timing.items()} for name, timing in samples.items()}
 
     tokens = int(batch.attention_mask.sum())
     lines = [
         f"## routing ({date.today().isoformat()})",
         "",
         f"- command: `python benchmarks/routing.py --rank {args.rank} --new-tokens {args.new_tokens} "
-        f"--repeats {args.repeats}`",
-        f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, 2 threads",
+        f"--repeats {args.repeats} --threads {args.threads}`",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
+        f"thread(s), load average {os.getloadavg()[0]:.1f} at the end; variants interleaved, medians",
         f"- model: LLaMA {parameters / 1e6:.1f}M parameters, 4 modalities, decoupled rank {args.rank} "
         f"(4 modality deltas + text delta), prompt {tokens} tokens ({int((batch.routes > 0).sum())} modality)",
         "",
