@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from report import publish
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -133,10 +134,7 @@ def main() -> None:
         lines.append(f"| {method} | {floor:.1f} | {theirs['seconds']:.1f} | {mine['seconds']:.1f} "
                      f"| {mine['seconds'] / theirs['seconds']:.2f}x | {mine['seconds'] / floor:.2f}x "
                      f"| {theirs['rss_anon_mib']:.0f} | {mine['rss_anon_mib']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as handle:
-        handle.write("\n" + text)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

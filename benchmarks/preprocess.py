@@ -45,6 +45,7 @@ import soundfile as sf
 import torch
 import trimesh
 from PIL import Image
+from report import publish
 
 from mmcompose.io import load_audio, load_image, load_points, load_video
 from mmcompose.io.video import uniform_indices
@@ -253,11 +254,7 @@ def main() -> None:
             if len(floors) > 1 and stage.label != stages[0].label:
                 ratio += f" [{seconds / floors[1]:.2f}]"
             lines.append(f"| {kind} | {stage.label} | {len(files[kind]) / seconds:,.1f} | {ratio} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    separator = "\n" if args.results.is_file() and args.results.stat().st_size else ""
-    with args.results.open("a") as handle:
-        handle.write(separator + report)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

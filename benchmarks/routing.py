@@ -23,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from report import publish
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -170,10 +171,7 @@ def main() -> None:
         decode_ratio = results["base"]["decode"] / result["decode"]
         lines.append(f"| {name} | {1000 * result['prefill']:.1f} | {prefill_ratio:.3f}x "
                      f"| {speed:.1f} | {decode_ratio:.3f}x |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as handle:
-        handle.write("\n" + text)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

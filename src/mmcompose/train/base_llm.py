@@ -56,11 +56,17 @@ class BaseProfile:
 
 
 BASE_PROFILES: dict[str, BaseProfile] = {
-    "default": BaseProfile(vocab_size=1024, hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512,
-                           seq_len=128, batch_size=16, steps=600, learning_rate=3e-3, warmup_steps=30),
-    "quick": BaseProfile(vocab_size=768, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344,
-                         seq_len=128, batch_size=16, steps=200, learning_rate=3e-3, warmup_steps=20),
+    # The world's default corpus: every fact known (>95% by completion scoring) after ~800 steps.
+    "default": BaseProfile(vocab_size=576, hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512,
+                           seq_len=128, batch_size=16, steps=800, learning_rate=2e-3, warmup_steps=40,
+                           prose_repeats=6),
+    # Seconds, for tests and the quick demo: learns the corpus' surface, few facts.
+    "quick": BaseProfile(vocab_size=480, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344,
+                         seq_len=128, batch_size=16, steps=150, learning_rate=3e-3, warmup_steps=15,
+                         prose_repeats=6),
 }
+"""Vocabulary sizes sit just below where BPE would give every plural its own token (`zevuks`): a plural is
+then its singular's token plus `s`, and facts stated in the plural teach the same entity token."""
 
 
 def read_documents(path: Path) -> list[str]:
