@@ -131,3 +131,12 @@ def test_moved_world_directory_still_finds_its_base(llama_base: Path, tmp_path: 
     moved = tmp_path / "moved"
     shutil.move(world, moved)
     assert load_checkpoint(moved / "models" / "point").spec == model.spec
+
+
+def test_load_in_bfloat16(saved: tuple[MultimodalLLM, Path]) -> None:
+    model, path = saved
+    half = load_checkpoint(path, dtype=torch.bfloat16)
+    assert {t.dtype for t in half.checkpoint_tensors().values()} == {torch.bfloat16}
+    logits = _logits(half)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), _logits(model), atol=0.1, rtol=0.05)

@@ -85,6 +85,7 @@ def load_checkpoint(directory: str | Path, *, base: str | Path | None = None,
     model.provenance = dict(manifest.provenance)
     tensors = read_tensors(directory, manifest.files)
     if dtype is not None:
+        model.branches.to(dtype)
         tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
     model.load_checkpoint_tensors(tensors)
     return model

@@ -105,6 +105,10 @@ class MultimodalLLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
+    def _dtype_of(self, modality: str) -> torch.dtype:
+        """Inputs follow their branch's dtype, so a bf16 model takes the processors' float32 tensors."""
+        return next(self.branches[modality].parameters()).dtype
+
     # --- inputs -------------------------------------------------------------------------------------
     def example(self, prompt: str, inputs: dict[str, Sequence[Any]] | None = None, target: str | None = None,
                 id: str = "") -> Example:
@@ -126,7 +130,7 @@ class MultimodalLLM(nn.Module):
         embed = self.llm.get_input_embeddings()
         return self.assembler(
             examples,
-            encode=lambda modality, x: self.branches[modality](x.to(self.device)),
+            encode=lambda modality, x: self.branches[modality](x.to(self.device, self._dtype_of(modality))),
             embed_tokens=lambda ids: embed(ids.to(self.device)),
             padding_side=padding_side,
         )
