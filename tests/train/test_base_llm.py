@@ -78,3 +78,12 @@ def test_pretrain_base_refuses_bad_requests(world: Path, tmp_path: Path) -> None
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(MMComposeError, match="empty"):
         pretrain_base(tmp_path / "empty.txt", corpus / "valid.txt", tmp_path / "y", profile="quick")
+
+
+@pytest.mark.slow
+def test_quick_profile_end_to_end(world: Path, tmp_path: Path) -> None:
+    corpus = world / "corpus"
+    metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", tmp_path / "base", profile="quick",
+                            text_qa=world / "data" / "text_qa.json", progress=False)
+    assert metrics["train_loss"][-1] < 1.0 < metrics["train_loss"][0]
+    assert metrics["vocab_size"] == BASE_PROFILES["quick"].vocab_size
