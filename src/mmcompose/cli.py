@@ -388,14 +388,14 @@ app.add_typer(train_app, name="train")
 def train_base(
     world: Annotated[Path, typer.Option(help="A world directory (mmcompose world build): corpus/ and data/.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the base LLM (written atomically).")],
-    profile: Annotated[str, typer.Option(help="default (~2 min on 2 cores) or quick (tests and CI).")] = "default",
+    profile: Annotated[str, typer.Option(help="default (~4 min on 2 cores) or quick (~30 s, CI).")] = "default",
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and of the data order.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Pretrain the world's base LLM from scratch on its corpus: tokenizer + small LLaMA, then evaluate it.
 
-    Writes OUT (a transformers model directory) with metrics.json: held-out perplexity on
-    corpus/valid.txt and text-only attribute multiple-choice accuracy on data/text_qa.json.
+    Writes OUT (a transformers model directory) with metrics.json: perplexity on corpus/valid.txt and
+    text-only attribute multiple-choice accuracy on data/text_qa.json.
     """
     from mmcompose.train.base_llm import pretrain_base
 
@@ -435,10 +435,14 @@ def train_modality(
     seed: Annotated[int | None, typer.Option(help="Seed of new parameters and of the data order (default: 0).")]
     = None,
 ) -> None:
-    """Train a modality model: stage 1 (pretrain: encoder, connector and boundary tokens on captions) or
-    stage 2 (instruct: the LLM deltas of STRATEGY as well, starting --from stage 1).
+    """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
-    Works in one process and under `accelerate launch` (e.g. --cpu --num_processes 2).
+    Stage 1 trains the encoder, connector and boundary tokens on captions with the LLM frozen; stage 2 also
+    trains the LLM deltas of STRATEGY. Step checkpoints (--save-every) make a run resumable (--resume).
+
+    Several processes: accelerate launch --multi_gpu --num_processes 2 -m mmcompose.cli train modality ...
+    (on a machine without GPUs this is DDP on CPU over gloo).
+
     Example: mmcompose train modality --base runs/base --modality image --data world/data/image_caption.json
     --data-root world --stage pretrain -o runs/image-stage1
     """

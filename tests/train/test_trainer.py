@@ -162,3 +162,12 @@ def test_bad_inputs_are_one_line_errors(llama_base: Path, world: Path, tmp_path:
     (tmp_path / "bad.yaml").write_text("stage: instruct\nlearning_rate: 3\n")
     with pytest.raises(MMComposeError, match="learning_rate"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("strategy", ["full", "connector-only"])
+def test_other_strategies_train_what_they_have(llama_base: Path, world: Path, tmp_path: Path, strategy: str) -> None:
+    model = build_model(llama_base, [tiny_spec("video")], strategy=strategy, seed=0)
+    before = {k: v.clone() for k, v in model.checkpoint_tensors().items()}
+    train(model, samples(world, "video_instruct", 4), world, config(steps=2), tmp_path / "run", progress=False)
+    changed = {k.split(".")[0] for k, v in tensors(tmp_path / "run").items() if not torch.equal(v, before[k])}
+    assert changed == ({"modalities", "deltas"} if strategy == "full" else {"modalities"})
