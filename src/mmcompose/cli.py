@@ -117,6 +117,8 @@ def demo(
     profile: Annotated[str, typer.Option(help="default (the experiment, ~10 min on 2 cores) or quick (CI).")]
     = "default",
     seed: Annotated[int, typer.Option(help="Seed of the world and of every training run.")] = 0,
+    jobs: Annotated[int | None, typer.Option(help="Training runs and evaluations run side by side, one process "
+                                                  "each [default: one per CPU core].", min=1)] = None,
 ) -> None:
     """Run the paper's experiment end to end on the synthetic world and print its table.
 
@@ -126,7 +128,7 @@ def demo(
     """
     from mmcompose.experiment.demo import run_demo
 
-    run_demo(out or Path("runs") / f"demo-{profile}-s{seed}", profile, seed, console)
+    run_demo(out or Path("runs") / f"demo-{profile}-s{seed}", profile, seed, console, jobs)
 
 
 world_app = typer.Typer(no_args_is_help=True, help="The synthetic world: entities, renderings, corpus, data sets.")

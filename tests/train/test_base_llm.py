@@ -32,20 +32,21 @@ def test_pack_opens_every_document_with_bos_and_cuts_rows() -> None:
     assert [r.tolist() for r in pack([[5, 6]], [0], 1, 2, 3)] == [[1, 5, 6]]
 
 
-def test_choice_accuracy_picks_the_letter_the_model_scores_highest() -> None:
-    tokenizer = train_tokenizer(["USER: which? A. x B. y ASSISTANT: B"] * 5, vocab_size=300)
-    favourite = tokenizer(" B", add_special_tokens=False)["input_ids"][-1]
+def test_choice_accuracy_picks_the_option_text_the_model_scores_highest() -> None:
+    tokenizer = train_tokenizer(["USER: which? A. red B. blue ASSISTANT: blue"] * 5, vocab_size=300)
+    favourite = tokenizer(" blue", add_special_tokens=False)["input_ids"][-1]
 
-    class PrefersB(torch.nn.Module):
+    class PrefersBlue(torch.nn.Module):
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
             logits = torch.zeros(*input_ids.shape, len(tokenizer))
             logits[..., favourite] = 5.0
             return SimpleNamespace(logits=logits)
 
-    question = "zork\nWhat colour is it?\nA. red\nB. blue\nC. green\nD. pink\nAnswer with the option's letter."
+    question = "zork\nWhat colour is it?\nA. red\nB. blue\nC. green\nD. pink\nAnswer with one of the options."
+    golds = ["A", "B", "blue", "pink"]  # gold given as a letter or as the option's text: 2 of 4 are "blue"
     samples = [{"id": str(i), "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": gold}]}
-               for i, gold in enumerate("ABBD")]
-    assert choice_accuracy(PrefersB(), tokenizer, samples) == 0.5
+               for i, gold in enumerate(golds)]
+    assert choice_accuracy(PrefersBlue(), tokenizer, samples) == 0.5
 
 
 def test_pretrain_base_learns_saves_and_is_usable(world: Path, tmp_path: Path, tiny_profile: str) -> None:

@@ -50,6 +50,7 @@ TINY = Profile(
     valid_fact_docs=1,
     qa_repeats=1,
     common_docs=(10, 10, 10),
+    instruct_common=4,
 )
 
 

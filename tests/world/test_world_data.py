@@ -40,8 +40,9 @@ def test_every_sample_has_the_benchmark_layout(quick_world: Path, data_files: Sa
             for modality, path in inputs:
                 assert path.startswith(f"media/{modality}/") and (quick_world / path).is_file()
             options = options_of(human["value"])
-            if options:
-                assert len(options) == len(set(options)) == 4 and gpt["value"] in tpl.LETTERS
+            if options:  # training data answers with the option's text, held-out files with its letter
+                assert len(options) == len(set(options)) == 4
+                assert gpt["value"] in (options if stem.endswith("instruct") else tpl.LETTERS), stem
                 assert human["value"].endswith(tpl.ANSWER_INSTRUCTION)
             else:
                 assert gpt["value"].endswith(".") and stem.endswith(("caption", "instruct"))
@@ -57,11 +58,12 @@ def test_answers_are_right(quick_world: Path, data_files: Samples) -> None:
             human, gpt = (turn["value"] for turn in sample["conversations"])
             meta = sample["meta"]
             options = options_of(human)
+            answer = gpt if gpt in options else options[tpl.LETTERS.index(gpt)] if options else None
             if meta["task"] == "identity_choice":
-                assert options[tpl.LETTERS.index(gpt)] == meta["entities"][0]
+                assert answer == meta["entities"][0]
             elif meta["task"] == "attribute_choice":
                 entity = world.entity(meta["entities"][0])
-                assert options[tpl.LETTERS.index(gpt)] == entity.attributes[meta["attribute"]] == meta["value"]
+                assert answer == entity.attributes[meta["attribute"]] == meta["value"]
                 assert set(options) <= set(world.attributes[meta["attribute"]])
             elif meta["task"] in ("caption", "identity"):
                 assert gpt == tpl.caption(meta["entities"][0])
@@ -147,12 +149,15 @@ def test_no_leakage_between_splits(quick_world: Path, data_files: Samples) -> No
     assert not test_ids & val_ids
 
     corpus_sets = _corpus_entity_sets(quick_world)
-    assert corpus_sets
+    instruct_sets = {frozenset(s["meta"]["entities"]) for m in MODALITIES for s in data_files[f"{m}_instruct"]
+                     if s["meta"]["task"] == "common_choice"}
+    assert corpus_sets and instruct_sets and {len(s) for s in instruct_sets} == {2, 3, 4}
     for tag, _ in MCUB_FILES:
         test_sets = {frozenset(s["meta"]["entities"]) for s in data_files[f"{tag}_test"]}
         val_sets = {frozenset(s["meta"]["entities"]) for s in data_files[f"{tag}_val"]}
         assert len(test_sets) == profile.mcub_test
         assert not test_sets & corpus_sets and not val_sets & corpus_sets and not test_sets & val_sets
+        assert not (test_sets | val_sets) & instruct_sets
 
 
 def test_corpus_format(quick_world: Path, data_files: Samples) -> None:

@@ -17,21 +17,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
 from mmcompose.checkpoint import load_checkpoint
-from mmcompose.compose.config import CompositionConfig, parse_config
+from mmcompose.compose.config import parse_config
 from mmcompose.compose.engine import compose
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.benchmark import Sample, load_benchmark
 from mmcompose.eval.runner import Predictor
-from mmcompose.experiment.evaluate import evaluate, load_tasks
+from mmcompose.experiment.evaluate import evaluate, load_tasks, task_files
+from mmcompose.experiment.parallel import default_jobs, run_parallel
 from mmcompose.experiment.predict import model_predictor
 from mmcompose.experiment.report import plot_results, results_table, write_results
 from mmcompose.experiment.search import search_lambdas, source_agreement, validation_accuracy
 from mmcompose.experiment.tool import tool_predictor
+from mmcompose.files import atomic_write_text
 from mmcompose.model import MultimodalLLM
 from mmcompose.train.base_llm import pretrain_base
 from mmcompose.train.data import load_samples
@@ -59,18 +61,44 @@ class DemoProfile:
 PROFILES: dict[str, DemoProfile] = {
     "default": DemoProfile(world="default", base="default", stage1_steps=300, stage2_steps=400, joint_steps=800,
                            rank=16, batch_size=16, search_rounds=1, search_limit=50, agreement_prompts=48),
-    "quick": DemoProfile(world="quick", base="quick", stage1_steps=40, stage2_steps=60, joint_steps=120, rank=8,
-                         batch_size=8, search_rounds=1, search_limit=12, agreement_prompts=12),
+    "quick": DemoProfile(world="quick", base="quick", stage1_steps=150, stage2_steps=150, joint_steps=300, rank=8,
+                         batch_size=16, search_rounds=1, search_limit=12, agreement_prompts=12),
 }
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run of the demo: its name (directory under `train/`), data files and the runs it starts from."""
+
+    name: str
+    modalities: tuple[str, ...]
+    strategy: str
+    data: tuple[str, ...]
+    stage: str
+    steps: int
+    start_from: tuple[str, ...]
+
+
+def train_run(out: Path, settings: DemoProfile, seed: int, run: TrainingRun) -> None:
+    """Train `run` of the demo in `out` (resuming from its step checkpoints, if any)."""
+    directory = out / "train" / run.name
+    model = build_model(out / "base", list(run.modalities), strategy=run.strategy, rank=settings.rank,
+                        alpha=2.0 * settings.rank, seed=seed,
+                        start_from=[out / "train" / name / FINAL_MODEL for name in run.start_from])
+    samples = [s for file in run.data for s in load_samples(out / "world" / "data" / file)]
+    config = TrainConfig(stage=run.stage, steps=run.steps, batch_size=settings.batch_size, seed=seed,
+                         save_every=max(1, run.steps // 4))
+    train(model, samples, out / "world", config, directory, resume=True, progress=False)
 
 
 class Demo:
     """The experiment's directory layout and steps; each step is skipped when its output exists."""
 
-    def __init__(self, out: Path, profile: str, seed: int, console: Console) -> None:
+    def __init__(self, out: Path, profile: str, seed: int, console: Console, jobs: int = 1) -> None:
         if profile not in PROFILES:
             raise MMComposeError(f"unknown demo profile {profile!r}; choose one of {', '.join(PROFILES)}")
         self.out, self.profile, self.settings, self.seed, self.console = out, profile, PROFILES[profile], seed, console
+        self.jobs = jobs
         self.world, self.base = out / "world", out / "base"
         self.timings: dict[str, float] = {}
         self._check_settings()
@@ -107,61 +135,87 @@ class Demo:
             corpus / "train.txt", corpus / "valid.txt", self.base, profile=self.settings.base, seed=self.seed,
             text_qa=self.world / "data" / "text_qa.json", progress=False))
 
-    def _train(self, name: str, modalities: list[str], strategy: str, data: list[str], stage: str, steps: int,
-               start_from: list[Path]) -> Path:
-        run = self.out / "train" / name
+    def run_path(self, name: str) -> Path:
+        return self.out / "train" / name / FINAL_MODEL
 
-        def run_training() -> None:
-            model = build_model(self.base, modalities, strategy=strategy, rank=self.settings.rank,
-                                alpha=2.0 * self.settings.rank, start_from=start_from, seed=self.seed)
-            samples = [s for file in data for s in load_samples(self.world / "data" / file)]
-            config = TrainConfig(stage=stage, steps=steps, batch_size=self.settings.batch_size, seed=self.seed)
-            train(model, samples, self.world, config, run, resume=True, progress=False)
+    def training_runs(self) -> list[list[TrainingRun]]:
+        """Every training run, in waves: a run depends only on runs of earlier waves."""
+        s = self.settings
+        stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (f"{m}_caption.json",), "pretrain",
+                              s.stage1_steps, ()) for m in MODALITIES]
+        stage2 = [TrainingRun(f"{m}-{strategy}", (m,), strategy, (f"{m}_instruct.json",), "instruct",
+                              s.stage2_steps, (f"{m}-stage1",))
+                  for m in MODALITIES for strategy in ("shared", "decoupled")]
+        joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled", tuple(f"{m}_instruct.json" for m in MODALITIES),
+                            "instruct", s.joint_steps, tuple(f"{m}-stage1" for m in MODALITIES))
+        return [stage1, [joint, *stage2]]  # the longest run first, so that it does not finish last, alone
 
-        return self.step(f"train {name}", run / FINAL_MODEL, run_training)
+    def train_models(self) -> None:
+        """Run every training run not yet finished, `jobs` at a time (one process each)."""
+        for wave in self.training_runs():
+            pending = [run for run in wave if not self.run_path(run.name).exists()]
+            if not pending:
+                continue
+            self.console.print(f"[bold]train[/bold] {', '.join(run.name for run in pending)} ({self.jobs} at a time)")
+            task = functools.partial(train_run, self.out, self.settings, self.seed)
+            for run, _, seconds in run_parallel(task, pending, self.jobs):
+                self.timings[f"train {run.name}"] = seconds
+                self.console.print(f"  train {run.name}: {seconds:.1f}s")
 
     def single_models(self) -> dict[tuple[str, str], Path]:
-        models = {}
-        for modality in MODALITIES:
-            stage1 = self._train(f"{modality}-stage1", [modality], "connector-only", [f"{modality}_caption.json"],
-                                 "pretrain", self.settings.stage1_steps, [])
-            for strategy in ("shared", "decoupled"):
-                models[modality, strategy] = self._train(
-                    f"{modality}-{strategy}", [modality], strategy, [f"{modality}_instruct.json"], "instruct",
-                    self.settings.stage2_steps, [stage1])
-        return models
+        return {(m, strategy): self.run_path(f"{m}-{strategy}")
+                for m in MODALITIES for strategy in ("shared", "decoupled")}
 
     def joint_model(self) -> Path:
-        stage1 = [self.out / "train" / f"{m}-stage1" / FINAL_MODEL for m in MODALITIES]
-        return self._train("joint-decoupled", list(MODALITIES), "decoupled",
-                           [f"{m}_instruct.json" for m in MODALITIES], "instruct", self.settings.joint_steps, stage1)
+        return self.run_path("joint-decoupled")
 
     def composition(self, name: str, config: dict[str, Any]) -> Path:
         out = self.out / "composed" / name
         return self.step(f"compose {name}", out, lambda: compose(parse_config(config), out, progress=False))
 
-    def searched(self, name: str, config: CompositionConfig, criterion_name: str,
-                 sources: dict[tuple[str, str], Path]) -> Path:
-        out = self.out / "composed" / name
+    def search_all(self) -> dict[str, Path]:
+        """Both lambda searches (validation accuracy, label-free agreement), side by side."""
+        outputs = {name: self.out / "composed" / name for name in SEARCHES}
+        pending = [name for name, path in outputs.items() if not path.exists()]
+        if pending:
+            self.console.print(f"[bold]search[/bold] lambda: {', '.join(pending)} ({self.jobs} at a time)")
+            task = functools.partial(search_run, self.out, self.settings, self.seed)
+            for name, _, seconds in run_parallel(task, pending, self.jobs):
+                self.timings[f"search {name}"] = round(seconds, 1)
+                self.console.print(f"  search {name}: {seconds:.1f}s")
+        return outputs
 
-        def run_search() -> None:
-            if criterion_name == "validation":
-                validation = [s for task, samples in load_tasks(self.world, "val").items()
-                              for s in samples[: self.settings.search_limit]]
-                criterion = validation_accuracy(validation)
-            else:
-                prompts = {m: _human_only(load_benchmark(self.world / "data" / f"{m}_instruct.json", self.world))
-                           [: self.settings.agreement_prompts] for m in MODALITIES}
-                criterion = source_agreement(prompts, {m: load_checkpoint(sources[m, "decoupled"]).eval()
-                                                       for m in MODALITIES})
-            result = search_lambdas(config, criterion, self.out / "search" / f"{name}.jsonl",
-                                    rounds=self.settings.search_rounds)
-            compose(config.model_copy(update={"lambdas": result.lambdas}), out, progress=False)
-            (self.out / "search" / f"{name}.json").write_text(json.dumps(
-                {"lambdas": result.lambdas, "score": result.score, "uniform_score": result.uniform_score,
-                 "trials": len(result.trials)}, indent=2) + "\n")
 
-        return self.step(f"search {name}", out, run_search)
+SEARCHES = {"damc-search-val": "validation", "damc-search-agree": "agreement"}
+"""The lambda searches of the demo: output name -> criterion."""
+
+
+def composition_config(out: Path, strategy: str, method: str, merge: str = "linear",
+                       **options: Any) -> dict[str, Any]:
+    """A composition of the demo's four single-modality models trained with `strategy`."""
+    return {"method": method, "merge": merge,
+            "models": [{"path": str(out / "train" / f"{m}-{strategy}" / FINAL_MODEL)} for m in MODALITIES], **options}
+
+
+def search_run(out: Path, settings: DemoProfile, seed: int, name: str) -> None:
+    """Search DAMC's lambdas with the criterion of `SEARCHES[name]`; write the composed model and a summary."""
+    world = out / "world"
+    if SEARCHES[name] == "validation":
+        validation = [s for samples in load_tasks(world, "val").values() for s in samples[: settings.search_limit]]
+        criterion = validation_accuracy(validation)
+    else:
+        prompts = {m: _human_only(load_benchmark(world / "data" / f"{m}_instruct.json", world))
+                   [: settings.agreement_prompts] for m in MODALITIES}
+        sources = {m: load_checkpoint(out / "train" / f"{m}-decoupled" / FINAL_MODEL).eval() for m in MODALITIES}
+        criterion = source_agreement(prompts, sources)
+    log = out / "search" / f"{name}.jsonl"
+    log.unlink(missing_ok=True)  # a search interrupted earlier starts over
+    config = parse_config(composition_config(out, "decoupled", "damc"))
+    result = search_lambdas(config, criterion, log, rounds=settings.search_rounds)
+    atomic_write_text(out / "search" / f"{name}.json", json.dumps(
+        {"lambdas": result.lambdas, "score": result.score, "uniform_score": result.uniform_score,
+         "trials": len(result.trials)}, indent=2) + "\n")
+    compose(config.model_copy(update={"lambdas": result.lambdas}), out / "composed" / name, progress=False)
 
 
 def _human_only(samples: list[Sample]) -> list[Sample]:
@@ -179,19 +233,66 @@ def _modalities_of(task: str) -> list[str]:
     return [task]
 
 
-def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Console | None = None) -> dict[str, Any]:
-    """Build (or reuse) everything, evaluate every method on every task, write the report; return results."""
+TASKS = [*MCUB_TASKS, *MODALITIES]
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """A row of the results table as plain data, so that worker processes can evaluate it.
+
+    `model`: one checkpoint answers (given only the inputs of `only`, if set); `tool`: one captioning
+    checkpoint per modality (in `MODALITIES` order) and the base LLM; `text`: the base LLM on the text twins
+    of the tasks (entity names in place of media)."""
+
+    name: str
+    kind: Literal["model", "tool", "text"]
+    checkpoints: tuple[Path, ...] = ()
+    only: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] = tuple(TASKS)
+
+
+def _predictor(out: Path, method: EvalMethod) -> Predictor:
+    if method.kind == "model":
+        return model_predictor(load_checkpoint(method.checkpoints[0]).eval(), only=method.only)
+    language_model = MultimodalLLM.from_base(out / "base", []).eval()
+    if method.kind == "text":
+        return model_predictor(language_model)
+    captioners = {m: load_checkpoint(path).eval() for m, path in zip(MODALITIES, method.checkpoints, strict=True)}
+    return tool_predictor(captioners, language_model, max_new_tokens=10)
+
+
+def _metrics_file(out: Path, method: EvalMethod, task: str) -> Path:
+    return out / "eval" / _slug(method.name) / _slug(task) / "metrics.json"
+
+
+def evaluate_method(out: Path, method: EvalMethod) -> dict[str, float]:
+    """Accuracy of `method` on each of its tasks; predictions are cached under `out/eval`, and the method's
+    models are loaded only if some prediction is missing."""
+    world = out / "world"
+    files = task_files(world)
+    if method.kind == "text":
+        files = {t: world / "data" / f"text_{_file_tag(t)}_test.json" for t in method.tasks}
+    predict = _lazy(functools.partial(_predictor, out, method))
+    return {task: evaluate(predict, load_benchmark(files[task], world), _metrics_file(out, method, task).parent, task)
+            for task in method.tasks}
+
+
+def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Console | None = None,
+             jobs: int | None = None) -> dict[str, Any]:
+    """Build (or reuse) everything, evaluate every method on every task, write the report; return results.
+
+    Independent training runs and evaluations go `jobs` at a time (default: one per CPU core)."""
     console = console or Console()
-    demo = Demo(out, profile, seed, console)
+    demo = Demo(out, profile, seed, console, jobs or default_jobs())
     started = time.perf_counter()
     demo.build_world()
     demo.build_base()
+    demo.train_models()
     singles = demo.single_models()
     joint = demo.joint_model()
 
     def config(strategy: str, method: str, merge: str = "linear", **options: Any) -> dict[str, Any]:
-        return {"method": method, "merge": merge, "models": [{"path": str(singles[m, strategy])} for m in MODALITIES],
-                **options}
+        return composition_config(out, strategy, method, merge, **options)
 
     dare = {"parameters": {"density": 0.5}, "seed": seed}
     composed = {
@@ -201,52 +302,31 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
         "DAMC (linear, 1/M)": demo.composition("damc-linear", config("decoupled", "damc")),
         "DAMC (TIES)": demo.composition("damc-ties", config("decoupled", "damc", "ties", **dare)),
     }
-    damc = parse_config(config("decoupled", "damc"))
-    composed["DAMC (searched λ, val)"] = demo.searched("damc-search-val", damc, "validation", singles)
-    composed["DAMC (searched λ, label-free)"] = demo.searched("damc-search-agree", damc, "agreement", singles)
+    searched = demo.search_all()
+    composed["DAMC (searched λ, val)"] = searched["damc-search-val"]
+    composed["DAMC (searched λ, label-free)"] = searched["damc-search-agree"]
 
-    tasks = load_tasks(demo.world)
-    text_tasks = {t: load_benchmark(demo.world / "data" / f"text_{_file_tag(t)}_test.json", demo.world)
-                  for t in MCUB_TASKS}
-    @functools.cache
-    def load(path: Path) -> MultimodalLLM:
-        return load_checkpoint(path).eval()
-
-    @functools.cache
-    def text_llm() -> MultimodalLLM:
-        return MultimodalLLM.from_base(demo.base, []).eval()
-
-    def everywhere(task: str) -> bool:
-        return True
-
-    methods: dict[str, tuple[Callable[[], Predictor], Callable[[str], bool]]] = {}
-    for modality in MODALITIES:
-        methods[f"{modality}-LLM (own input only)"] = (
-            lambda m=modality: model_predictor(load(singles[m, "decoupled"]), only=[m]),
-            lambda task, m=modality: m in _modalities_of(task))
-    for name, path in composed.items():
-        methods[name] = (lambda p=path: model_predictor(load(p)), everywhere)
-    methods["joint training (upper ref.)"] = (lambda: model_predictor(load(joint)), everywhere)
-    methods["tool pipeline (captions -> LLM)"] = (
-        lambda: tool_predictor({m: load(singles[m, "decoupled"]) for m in MODALITIES}, text_llm(), max_new_tokens=10),
-        lambda task: task in MCUB_TASKS)
-
-    results: dict[str, dict[str, float | None]] = {}
-    columns = list(tasks)
-    for method, (factory, applies) in methods.items():
-        results[method] = {task: evaluate(_lazy(factory), samples, out / "eval" / _slug(method) / _slug(task), task)
-                           if applies(task) else None for task, samples in tasks.items()}
-    results["base LLM with entity names (text oracle)"] = {
-        task: evaluate(_lazy(lambda: model_predictor(text_llm())), text_tasks[task],
-                       out / "eval" / "text-oracle" / _slug(task), task) if task in text_tasks else None
-        for task in columns}
+    methods = [EvalMethod(f"{m}-LLM (own input only)", "model", (singles[m, "decoupled"],), only=(m,),
+                          tasks=tuple(t for t in TASKS if m in _modalities_of(t))) for m in MODALITIES]
+    methods += [EvalMethod(name, "model", (path,)) for name, path in composed.items()]
+    captioners = tuple(singles[m, "decoupled"] for m in MODALITIES)
+    methods += [EvalMethod("joint training (upper ref.)", "model", (joint,)),
+                EvalMethod("tool pipeline (captions -> LLM)", "tool", captioners, tasks=tuple(MCUB_TASKS)),
+                EvalMethod("base LLM with entity names (text oracle)", "text", tasks=tuple(MCUB_TASKS))]
+    pending = [method for method in methods if not all(_metrics_file(out, method, t).exists() for t in method.tasks)]
+    if pending:
+        console.print(f"[bold]evaluate[/bold] {len(pending)} methods ({demo.jobs} at a time)")
+        for method, _, seconds in run_parallel(functools.partial(evaluate_method, out), pending, demo.jobs):
+            demo.timings[f"evaluate {method.name}"] = round(seconds, 1)
+    scores = {method.name: evaluate_method(out, method) for method in methods}  # all cached by now
+    results = {name: {task: found.get(task) for task in TASKS} for name, found in scores.items()}
+    columns = list(TASKS)
 
     base_metrics = json.loads((demo.base / "metrics.json").read_text())
     retention = {m: {t: results[m][t] / results[f"{t}-LLM (own input only)"][t]
                      if results[f"{t}-LLM (own input only)"][t] else None for t in MODALITIES}
                  for m in composed}
-    searches = {name: json.loads((out / "search" / f"{name}.json").read_text())
-                for name in ("damc-search-val", "damc-search-agree")}
+    searches = {name: json.loads((out / "search" / f"{name}.json").read_text()) for name in SEARCHES}
     extra = {"profile": profile, "seed": seed, "retention": retention, "searches": searches,
              "base_llm": {k: base_metrics.get(k) for k in ("valid_perplexity", "text_qa_accuracy", "parameters")},
              "timings": demo.timings, "seconds": round(time.perf_counter() - started, 1)}

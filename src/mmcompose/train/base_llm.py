@@ -135,41 +135,42 @@ def perplexity(model: LlamaForCausalLM, rows: list[torch.Tensor], batch_size: in
     return math.exp(total / count)
 
 
-def _rendered_options(sample: dict[str, Any], index: int) -> tuple[dict[str, str], str]:
-    """Each option written the way this sample's gold answer is (its letter, or its text), and the gold letter."""
+def _options_and_gold(sample: dict[str, Any], index: int) -> tuple[dict[str, str], str]:
+    """The lettered options of a multiple-choice sample and its gold letter (the answer may be the letter or
+    the option's text)."""
     name = sample.get("id", f"sample #{index}")
     turns = sample["conversations"]
     options = parse_options(turns[0]["value"])
     if turns[-1]["from"] != "gpt" or not options:
         raise MMComposeError(f"{name}: a multiple-choice sample needs lettered options and its answer as gpt turn")
     gold = turns[-1]["value"].strip()
-    if gold in options:
-        return {letter: letter for letter in options}, gold
     letters = {text: letter for letter, text in options.items()}
+    if gold in options:
+        return options, gold
     if gold in letters:
-        return dict(options), letters[gold]
+        return options, letters[gold]
     raise MMComposeError(f"{name}: the answer {gold!r} is neither an option letter nor an option's text")
 
 
 @torch.no_grad()
 def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: list[dict[str, Any]],
                     template: str = "plain", batch_size: int = 64) -> float:
-    """Multiple-choice accuracy: the model picks the option whose answer it finds most likely.
+    """Multiple-choice accuracy: the model picks the option whose text it finds most likely as the answer.
 
-    Options are written as the gold answer is (` B`, or the option's text when the data answers with text),
-    and scored by the summed log-probability of their tokens after the prompt. Scoring rather than parsing
-    free text measures what the model knows, not how it phrases it; prompts are tokenized as the multimodal
+    The world's training data answers multiple choice with the option's text, so each option's text is
+    scored by the summed log-probability of its tokens after the prompt. Scoring rather than parsing free
+    text measures what the model knows, not how it phrases it; prompts are tokenized as the multimodal
     assembler does (`<s>` + prompt, then the answer).
     """
     model.eval()
     candidates: list[tuple[int, str, list[int], int]] = []  # (sample, letter, ids, prompt length)
     golds: list[str] = []
     for index, sample in enumerate(samples):
-        rendered, gold = _rendered_options(sample, index)
+        options, gold = _options_and_gold(sample, index)
         golds.append(gold)
         prompt, _ = format_conversation(sample["conversations"], template)
         prompt_ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-        for letter, answer in rendered.items():
+        for letter, answer in options.items():
             answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
             candidates.append((index, letter, prompt_ids + answer_ids, len(prompt_ids)))
     best: dict[int, tuple[float, str]] = {}

@@ -46,7 +46,7 @@ MCUB3_SUBSETS: tuple[tuple[str, ...], ...] = (
 class Profile:
     """Sizes of a build. Counts of renderings are per entity and modality; fact documents per entity;
     `qa_repeats` multiple-choice chat turns per entity and question; `common_docs[k]` corpus questions over
-    k+2 entities (k = 0, 1, 2)."""
+    k+2 entities (k = 0, 1, 2); `instruct_common` multi-input questions per modality's instruction set."""
 
     num_entities: int
     train_renders: int
@@ -58,6 +58,7 @@ class Profile:
     valid_fact_docs: int
     qa_repeats: int
     common_docs: tuple[int, int, int]
+    instruct_common: int
 
 
 PROFILES: dict[str, Profile] = {
@@ -72,6 +73,7 @@ PROFILES: dict[str, Profile] = {
         valid_fact_docs=4,
         qa_repeats=3,
         common_docs=(1500, 3000, 3000),
+        instruct_common=768,
     ),
     "quick": Profile(
         num_entities=24,
@@ -84,6 +86,7 @@ PROFILES: dict[str, Profile] = {
         valid_fact_docs=2,
         qa_repeats=2,
         common_docs=(300, 600, 600),
+        instruct_common=128,
     ),
 }
 
@@ -131,6 +134,12 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
     data = root / "data"
     data.mkdir()
 
+    pools = {
+        size: ds.split_common_sets(world, size, profile.mcub_test, profile.mcub_val, stream(seed, "sets", size))
+        for size in (3, 4)
+    }
+    pairs = ds.usable_common_sets(world, 2, stream(seed, "sets", 2))
+    corpus_sets = (pairs, pools[3][2], pools[4][2])  # never asked about at test or validation time
     for modality in MODALITIES:
         _write_json(
             data / f"{modality}_caption.json",
@@ -138,17 +147,15 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
         )
         _write_json(
             data / f"{modality}_instruct.json",
-            ds.instruct_samples(world, modality, train, stream(seed, "instruct", modality)),
+            ds.instruct_samples(world, modality, train, stream(seed, "instruct", modality))
+            + ds.instruct_common_samples(world, modality, corpus_sets, profile.instruct_common, train,
+                                         stream(seed, "instruct-common", modality)),
         )
         _write_json(
             data / f"{modality}_test.json",
             ds.single_test_samples(world, modality, test, stream(seed, "test", modality)),
         )
 
-    pools = {
-        size: ds.split_common_sets(world, size, profile.mcub_test, profile.mcub_val, stream(seed, "sets", size))
-        for size in (3, 4)
-    }
     for subset in ((*MODALITIES,), *MCUB3_SUBSETS):
         tag = "mcub4" if len(subset) == 4 else f"mcub3_{subset_name(subset)}"
         test_sets, val_sets, _ = pools[len(subset)]
@@ -160,8 +167,6 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
             if split == "test":
                 _write_json(data / f"text_{tag}_test.json", ds.text_common_samples(items, f"text-{prefix}"))
 
-    pairs = ds.usable_common_sets(world, 2, stream(seed, "sets", 2))
-    corpus_sets = (pairs, pools[3][2], pools[4][2])
     train_docs = corpus.fact_documents(world, tpl.TRAIN_FACTS, profile.fact_docs, stream(seed, "corpus", "facts"))
     chat_docs = corpus.chat_documents(world, profile.qa_repeats, stream(seed, "corpus", "chat"))
     train_docs += chat_docs

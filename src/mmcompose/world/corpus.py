@@ -2,7 +2,8 @@
 
 Documents are separated by one blank line and never contain one. Three kinds are mixed (shuffled):
 facts in varied phrasings; single-entity chat turns (caption, identity and attribute questions, open and
-multiple choice); and common-attribute multiple-choice questions over 2-4 entities. Chat turns use the exact
+multiple choice); and common-attribute multiple-choice questions over 2-4 entities. Multiple choice is
+answered with the option's text (see `datasets.Choice`). Chat turns use the exact
 layout of the multimodal data with entity names in place of the media placeholders, so a model that later
 sees media where the names were meets a familiar template. The validation corpus states the same facts in
 phrasings the training corpus never uses, so its perplexity measures knowledge rather than memorised strings.
@@ -45,8 +46,8 @@ def chat_documents(world: World, repeats: int, rng: np.random.Generator) -> list
         documents.append(tpl.chat_document(tpl.human_turn(name), tpl.caption(e.name)))
         documents.append(tpl.chat_document(tpl.human_turn(name, tpl.IDENTITY_QUESTION), tpl.caption(e.name)))
         for _ in range(repeats):
-            question, letter = identity_choice(world, e.name, next(positions), rng)
-            documents.append(tpl.chat_document(tpl.human_turn(name, question), letter))
+            choice = identity_choice(world, e.name, next(positions), rng)
+            documents.append(tpl.chat_document(tpl.human_turn(name, choice.question), choice.text))
         for attribute, value in e.attributes.items():
             documents.append(
                 tpl.chat_document(
@@ -54,8 +55,8 @@ def chat_documents(world: World, repeats: int, rng: np.random.Generator) -> list
                 )
             )
             for _ in range(repeats):
-                question, letter = attribute_choice(world, e.name, attribute, next(positions), rng)
-                documents.append(tpl.chat_document(tpl.human_turn(name, question), letter))
+                choice = attribute_choice(world, e.name, attribute, next(positions), rng)
+                documents.append(tpl.chat_document(tpl.human_turn(name, choice.question), choice.text))
     return documents
 
 
@@ -67,7 +68,7 @@ def common_documents(world: World, sets: Sequence[tuple[int, ...]], count: int, 
         indices = sets[int(rng.integers(len(sets)))]
         item = common_item(world, [int(i) for i in rng.permutation(indices)], position, rng)
         if item is not None:
-            documents.append(tpl.chat_document(item.human(item.entities), tpl.LETTERS[item.answer]))
+            documents.append(tpl.chat_document(item.human(item.entities), item.options[item.answer]))
     return documents
 
 

@@ -68,19 +68,36 @@ def assign_ids(samples: list[Sample], prefix: str, rng: np.random.Generator) -> 
 # ---------------------------------------------------------------- single-entity questions
 
 
-def identity_choice(world: World, name: str, position: int, rng: np.random.Generator) -> tuple[str, str]:
-    """(question with options, letter) asking which entity this is."""
+@dataclass(frozen=True)
+class Choice:
+    """A multiple-choice question about one entity: the full question text and its answer, both as the
+    option's letter (how held-out test files are scored, as in MCUB) and as the option's text (how training
+    data answers: a small model learns to name the right option long before it learns to map it to a letter)."""
+
+    question: str
+    options: tuple[str, ...]
+    answer: int
+
+    @property
+    def letter(self) -> str:
+        return tpl.LETTERS[self.answer]
+
+    @property
+    def text(self) -> str:
+        return self.options[self.answer]
+
+
+def identity_choice(world: World, name: str, position: int, rng: np.random.Generator) -> Choice:
+    """Which entity is this, with `name` at `position`."""
     options = choice_options(name, [e.name for e in world.entities], position, rng)
-    return tpl.multiple_choice(tpl.IDENTITY_QUESTION, options), tpl.LETTERS[position]
+    return Choice(tpl.multiple_choice(tpl.IDENTITY_QUESTION, options), tuple(options), position)
 
 
-def attribute_choice(
-    world: World, name: str, attribute: str, position: int, rng: np.random.Generator
-) -> tuple[str, str]:
-    """(question with options, letter) asking for one attribute of entity `name`."""
+def attribute_choice(world: World, name: str, attribute: str, position: int, rng: np.random.Generator) -> Choice:
+    """One attribute of entity `name`, the right value at `position`."""
     value = world.entity(name).attributes[attribute]
     options = choice_options(value, world.attributes[attribute], position, rng)
-    return tpl.multiple_choice(tpl.ATTRIBUTE_QUESTIONS[attribute], options), tpl.LETTERS[position]
+    return Choice(tpl.multiple_choice(tpl.ATTRIBUTE_QUESTIONS[attribute], options), tuple(options), position)
 
 
 def caption_samples(world: World, modality: str, renders: range, rng: np.random.Generator) -> list[Sample]:
@@ -100,18 +117,22 @@ def caption_samples(world: World, modality: str, renders: range, rng: np.random.
 
 
 def _choice_samples(world: World, modality: str, entity: Entity, k: int, attribute: str, positions: Iterator[int],
-                    rng: np.random.Generator) -> list[Sample]:
-    """The identity and the `attribute` multiple-choice questions about rendering `k` of `entity`."""
+                    rng: np.random.Generator, *, letters: bool) -> list[Sample]:
+    """The identity and the `attribute` multiple-choice questions about rendering `k` of `entity`, answered
+    by the option's letter (`letters`, held-out tests) or its text (training)."""
     inputs = {modality: [media_path(modality, entity.name, k)]}
     placeholder = [tpl.PLACEHOLDERS[modality]]
-    identity_q, identity_a = identity_choice(world, entity.name, next(positions), rng)
-    attribute_q, attribute_a = attribute_choice(world, entity.name, attribute, next(positions), rng)
+    identity = identity_choice(world, entity.name, next(positions), rng)
+    attribute_question = attribute_choice(world, entity.name, attribute, next(positions), rng)
     value = entity.attributes[attribute]
     return [
-        make_sample("", tpl.human_turn(placeholder, identity_q), identity_a, inputs,
-                    {"task": "identity_choice", "entities": [entity.name]}),
-        make_sample("", tpl.human_turn(placeholder, attribute_q), attribute_a, inputs,
-                    {"task": "attribute_choice", "entities": [entity.name], "attribute": attribute, "value": value}),
+        make_sample("", tpl.human_turn(placeholder, choice.question), choice.letter if letters else choice.text,
+                    inputs, meta)
+        for choice, meta in (
+            (identity, {"task": "identity_choice", "entities": [entity.name]}),
+            (attribute_question,
+             {"task": "attribute_choice", "entities": [entity.name], "attribute": attribute, "value": value}),
+        )
     ]
 
 
@@ -133,9 +154,34 @@ def instruct_samples(world: World, modality: str, renders: range, rng: np.random
                 make_sample("", tpl.human_turn(placeholder, tpl.ATTRIBUTE_QUESTIONS[open_attribute]),
                             tpl.attribute_answer(open_attribute, value), inputs,
                             {"task": "attribute", "entities": [e.name], "attribute": open_attribute, "value": value}),
-                *_choice_samples(world, modality, e, k, attributes[(j + 2) % len(attributes)], positions, rng),
+                *_choice_samples(world, modality, e, k, attributes[(j + 2) % len(attributes)], positions, rng,
+                                 letters=False),
             ]
     return assign_ids(samples, f"{modality}-instruct", rng)
+
+
+def instruct_common_samples(world: World, modality: str, pools: Sequence[Sequence[tuple[int, ...]]], count: int,
+                            renders: range, rng: np.random.Generator) -> list[Sample]:
+    """Stage-2 multi-input data within one modality: `count` common-attribute questions over 2-4 renderings of
+    `modality`, answered with the option's text. Entity sets come from `pools` (one per set size, taken in
+    turn), which must hold no set that a test or validation item asks about.
+
+    Real single-modality instruction data has several images (or clips) per question now and then; here it
+    is what teaches a modality model to hand several of its inputs to the LLM's reasoning, which the composed
+    model then does across modalities it never saw together."""
+    usable = [pool for pool in pools if pool]
+    samples = []
+    for i, position in enumerate(balanced_positions(count, rng)):
+        pool = usable[i % len(usable)]
+        indices = pool[int(rng.integers(len(pool)))]
+        item = common_item(world, [int(j) for j in rng.permutation(indices)], position, rng)
+        if item is None:
+            continue
+        paths = [media_path(modality, name, int(rng.choice(renders))) for name in item.entities]
+        human = item.human([tpl.PLACEHOLDERS[modality]] * len(item.entities))
+        samples.append(make_sample("", human, item.options[item.answer], {modality: paths},
+                                   item.meta("common_choice")))
+    return assign_ids(samples, f"{modality}-instruct-common", rng)
 
 
 def single_test_samples(world: World, modality: str, renders: range, rng: np.random.Generator) -> list[Sample]:
@@ -145,7 +191,8 @@ def single_test_samples(world: World, modality: str, renders: range, rng: np.ran
     samples = []
     for i, e in enumerate(world.entities):
         for j, k in enumerate(renders):
-            samples += _choice_samples(world, modality, e, k, attributes[(i + j) % len(attributes)], positions, rng)
+            samples += _choice_samples(world, modality, e, k, attributes[(i + j) % len(attributes)], positions, rng,
+                                      letters=True)
     return assign_ids(samples, f"{modality}-test", rng)
 
 
@@ -159,15 +206,15 @@ def text_qa_samples(world: World, seen: set[str], rng: np.random.Generator, trie
         for attribute in world.attributes:
             position = next(positions)
             for _ in range(tries):
-                question, letter = attribute_choice(world, e.name, attribute, position, rng)
-                human = tpl.human_turn([e.name], question)
+                choice = attribute_choice(world, e.name, attribute, position, rng)
+                human = tpl.human_turn([e.name], choice.question)
                 if human not in seen:
                     break
             samples.append(
                 make_sample(
                     "",
                     human,
-                    letter,
+                    choice.letter,
                     {},
                     {
                         "task": "attribute_choice",

@@ -118,8 +118,9 @@ def render_video(entity: Entity, rng: np.random.Generator) -> np.ndarray:
 
 def render_point(entity: Entity, rng: np.random.Generator) -> np.ndarray:
     """512 xyz float32 points from a mixture of three primitives (blob, ring, vertical segment) whose
-    placement, size and weight come from the point latent. Per sample: which points fall where, a random
-    rotation about the z axis, a small scale change and jitter."""
+    placement, size and weight come from the point latent. Per sample: which points fall where, a small
+    rotation about the z axis (objects stand upright and face roughly one way, as in ModelNet), a small scale
+    change and jitter."""
     z = np.asarray(entity.latents["point"]).reshape(-1)
     weights = 0.2 + z[0:3]
     counts = rng.multinomial(NUM_POINTS, weights / weights.sum())
@@ -137,7 +138,7 @@ def render_point(entity: Entity, rng: np.random.Generator) -> np.ndarray:
             offsets = np.stack([np.zeros(count), np.zeros(count), rng.uniform(-3 * scale, 3 * scale, count)], 1)
         parts.append(centre + offsets)
     points = np.concatenate(parts, axis=0)
-    rotation = rng.uniform(0.0, 2.0 * np.pi)
+    rotation = rng.uniform(-0.25, 0.25)
     c, s = np.cos(rotation), np.sin(rotation)
     points = points @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]).T
     points = points * rng.uniform(0.95, 1.05) + rng.normal(0.0, 0.01, size=points.shape)

@@ -17,7 +17,7 @@ LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 CAPTION_TEMPLATE = "This is a {name}."
 IDENTITY_QUESTION = "What is this?"
 COMMON_QUESTION = "What do they all have in common?"
-ANSWER_INSTRUCTION = "Answer with the option's letter."
+ANSWER_INSTRUCTION = "Answer with one of the options."
 
 ATTRIBUTE_QUESTIONS: dict[str, str] = {
     "category": "What kind of animal is it?",
