@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from mmcompose.eval.benchmark import Sample, load_benchmark
@@ -30,5 +29,3 @@ def task_files(world: Path, split: str = "test") -> dict[str, Path]:
 def load_tasks(world: Path, split: str = "test") -> dict[str, list[Sample]]:
     return {task: load_benchmark(path, world) for task, path in task_files(world, split).items()}
 
-
-Method = Callable[[str], Predictor | None]  # task -> predictor, or None when the method does not apply

@@ -25,7 +25,7 @@ def _transformer(width: int, depth: int, heads: int) -> nn.Module:
 class ImagePatchEncoder(nn.Module):
     """`(B, 3, H, W)` float images -> `(B, (H/patch)*(W/patch), width)` patch tokens."""
 
-    def __init__(self, image_size: int = 32, patch_size: int = 4, width: int = 128, depth: int = 2,
+    def __init__(self, image_size: int = 32, patch_size: int = 8, width: int = 128, depth: int = 2,
                  heads: int = 4) -> None:
         super().__init__()
         self.options = dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads)
@@ -86,11 +86,13 @@ class VideoFrameEncoder(nn.Module):
 
 
 def farthest_point_sample(points: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices `(B, count)` of a farthest-point subset, deterministic (starts from point 0)."""
+    """Indices `(B, count)` of a farthest-point subset. It starts from the point farthest from the centroid,
+    not from whichever point a file lists first, so the same shape gives its groups in the same order
+    whatever the order of its points: the LLM reads the groups as a sequence."""
     batch, num_points, _ = points.shape
     chosen = torch.zeros(batch, count, dtype=torch.long, device=points.device)
     distance = torch.full((batch, num_points), float("inf"), device=points.device)
-    current = torch.zeros(batch, dtype=torch.long, device=points.device)
+    current = (points - points.mean(1, keepdim=True)).pow(2).sum(-1).argmax(-1)
     rows = torch.arange(batch, device=points.device)
     for step in range(count):
         chosen[:, step] = current
@@ -122,7 +124,12 @@ class PointGroupEncoder(nn.Module):
         grouped = torch.gather(xyz.unsqueeze(1).expand(-1, self.num_groups, -1, -1), 2,
                                neighbours.unsqueeze(-1).expand(-1, -1, -1, 3))
         dtype = self.point_mlp[0].weight.dtype
-        local = (grouped - centres.unsqueeze(2)).to(dtype)
+        # Offsets within a group are a few hundredths of the unit sphere: at that scale the pooled local features
+        # barely differ between shapes and learn slowly. Dividing by the cloud's mean offset length brings them to
+        # unit scale and keeps every group's size relative to the others.
+        local = grouped - centres.unsqueeze(2)
+        scale = local.norm(dim=-1).mean(dim=(1, 2)).clamp_min(1e-6).view(-1, 1, 1, 1)
+        local = (local / scale).to(dtype)
         tokens = self.point_mlp(local).amax(dim=2) + self.position(centres.to(dtype))
         return self.blocks(tokens)
 
