@@ -3,18 +3,22 @@
 Reading uses safetensors' lazy `safe_open`. The safetensors Python API can only write a whole dict at
 once, so `SafetensorsStream` writes the format directly: the 8-byte little-endian header length, the JSON
 header with every tensor's dtype, shape and byte offsets (known before any data, because composition
-knows its output shapes in advance), then each tensor's raw bytes in header order.
+knows its output shapes in advance), then each tensor's raw bytes at its offset.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -92,37 +96,61 @@ class TensorReader:
 
 
 class SafetensorsStream:
-    """Write a safetensors file whose layout is declared up front; tensors arrive one by one, in order."""
+    """Write a safetensors file whose layout is declared up front: whole tensors one by one, in layout order
+    (`write`), or flat parts of tensors at their place in the file, in any order and from any thread
+    (`write_part`, so parallel producers need no buffer to put their results back in order)."""
 
     def __init__(self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
         self.layout = layout
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        self._places: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, (dtype, shape) in layout.items():
-            size = torch.empty((), dtype=dtype).element_size()
-            for dim in shape:
-                size *= dim
+            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._places[name] = (offset, offset + size)
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as safetensors does
-        self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._data = 8 + len(encoded)
+        self._unwritten = {name: stop - start for name, (start, stop) in self._places.items()}
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pwrite(struct.pack("<Q", len(encoded)) + encoded, 0)
         self._pending = iter(layout)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the layout, whole."""
         expected = next(self._pending, None)
         dtype, shape = self.layout.get(name, (None, None))
         if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"stream expected {expected} {dtype} {shape}, got {name} {tensor.dtype} "
                                f"{tuple(tensor.shape)}")
-        self._handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, start: int, part: torch.Tensor) -> None:
+        """Write `part` as the flat entries `[start, start + part.numel())` of tensor `name`."""
+        dtype, shape = self.layout[name]
+        begin, end = self._places[name]
+        data = part.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        offset = begin + start * part.element_size()
+        if part.dtype != dtype or start < 0 or offset + len(data) > end:
+            raise RuntimeError(f"stream: {name} ({dtype}, {shape}) has no entries [{start}, {start + part.numel()}) "
+                               f"of {part.dtype}")
+        self._pwrite(data, self._data + offset)
+        with self._lock:
+            self._unwritten[name] -= len(data)
+
+    def _pwrite(self, data: bytes | np.ndarray, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
 
     def close(self) -> None:
-        missing = next(self._pending, None)
-        self._handle.close()
-        if missing is not None:
-            raise RuntimeError(f"stream closed before tensor {missing} was written")
+        self._release()
+        incomplete = next((name for name, left in self._unwritten.items() if left), None)
+        if incomplete is not None:
+            raise RuntimeError(f"stream closed before tensor {incomplete} was written")
 
     def __enter__(self) -> SafetensorsStream:
         return self
@@ -132,4 +160,9 @@ class SafetensorsStream:
         if kind is None:
             self.close()
         else:
-            self._handle.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

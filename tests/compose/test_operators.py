@@ -21,6 +21,8 @@ from mmcompose.compose.operators import (
     linear,
     lora_concat,
     magnitude_prune,
+    magnitude_trims,
+    merge_chunks,
     ties,
     validate_parameters,
 )
@@ -240,6 +242,49 @@ def test_float64_inputs_stay_float64():
 def test_meta_device_inputs_keep_their_device():
     deltas = [torch.empty(4, 4, device="meta") for _ in range(2)]
     assert linear(deltas, [0.5, 0.5]).device.type == "meta"
+
+
+# ------------------------------------------------------------------------------- trimming and streaming
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [5, 64, 1000])
+def test_magnitude_trims_keep_the_top_k_with_ties_by_lowest_index(dtype, chunk):
+    # Small integers tie a lot, also across chunk boundaries; the reference is a stable sort by -|D|.
+    g = gen(7)
+    deltas = torch.randint(-4, 5, (3, 200), generator=g).to(dtype) * 0.125
+    densities = [0.3, 0.5, 0.01]
+    spans = [(s, min(s + chunk, 200)) for s in range(0, 200, chunk)]
+    trims = magnitude_trims(lambda: (deltas[:, a:b].abs() for a, b in spans), 200, densities)
+    for delta, density, trim in zip(deltas, densities, trims, strict=True):
+        k = max(1, int(density * 200))
+        expected = torch.zeros(200, dtype=torch.bool)
+        expected[torch.sort(-delta.abs(), stable=True).indices[:k]] = True
+        kept = torch.cat([trim.apply_(delta[a:b].clone(), a) for a, b in spans]) != 0
+        assert torch.equal(kept, expected & (delta != 0))
+        above, tied = delta.abs() > trim.threshold, delta.abs() == trim.threshold
+        assert int(above.sum()) + int(tied[: trim.last_tie + 1].sum()) == k
+
+
+def test_magnitude_trims_keep_everything_at_full_density_or_for_a_single_entry():
+    assert magnitude_trims(lambda: [torch.ones(2, 1)], 1, [0.5, 1.0]) == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        *ALL_CALLS,
+        ("ties", {"density": [0.3, 1.0, 0.7], "normalize": "count", "sign_method": "count"}),
+        ("ties", {"density": 0.2, "normalize": "none"}),
+    ],
+)
+def test_merge_chunks_equals_the_in_memory_operator(name, params):
+    g = gen(8)
+    deltas = [torch.randint(-3, 4, (9, 11), generator=g) * 0.25 for _ in range(3)]
+    stacked = torch.stack(deltas).view(3, -1)
+    chunks = merge_chunks(name, lambda a, b: stacked[:, a:b].clone(), 99, [0.2, 0.5, 0.3], params, gen(1), chunk=10)
+    expected = OPERATORS[name](deltas, [0.2, 0.5, 0.3], params, gen(1))
+    assert torch.equal(torch.cat(list(chunks)), expected.flatten())
 
 
 # ------------------------------------------------------------------------------------ registry, validation

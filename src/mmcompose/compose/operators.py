@@ -8,7 +8,8 @@ factor-space helpers are the exact :func:`lora_concat` and the explicitly legacy
 
 Numerics: operators compute in float32 (float64 if any input is float64), on the device of the first delta,
 and return the promoted input dtype, so bf16 checkpoints do not accumulate bf16 rounding over many inputs.
-Inputs are never modified in place.
+Inputs are never modified in place. :func:`merge_chunks` gives the same results from deltas read chunk by chunk
+(how full fine-tunes are merged, see ``llm_merge``), in memory bounded by the chunk size.
 
 How these semantics relate to mergekit 0.1.5 and PEFT 0.21.2 (``peft.utils.merge_utils``):
 
@@ -32,25 +33,27 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
-from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 
 from mmcompose.errors import CompositionError
 
 __all__ = [
     "OPERATORS",
     "MergeOperator",
+    "Trim",
     "dare_linear",
     "dare_ties",
     "factorwise_mean",
     "linear",
     "lora_concat",
     "magnitude_prune",
+    "magnitude_trims",
+    "merge_chunks",
     "ties",
     "validate_parameters",
 ]
@@ -58,8 +61,11 @@ __all__ = [
 SignMethod = Literal["sum", "count"]
 Normalize = Literal["weights", "count", "none"]
 Density = float | Sequence[float]
+DeltaChunks = Callable[[int, int], torch.Tensor]
+"""``deltas(start, stop)``: flat entries ``[start, stop)`` of M deltas as one (M, stop - start) float tensor that the
+merge may overwrite; it may be one buffer reused by every call, as the merge holds no chunk across calls."""
 
-_PEFT_SIGN_METHOD = {"sum": "total", "count": "frequency"}
+CHUNK = 1 << 18  # entries per chunk in merge_chunks: 1 MiB of float32 per delta stays in cache (2^16..2^20 measured)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -160,28 +166,97 @@ def _stack(
     return stacked, weights.view(-1, *([1] * len(shape))), out_dtype
 
 
-def _magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the top ``max(1, int(density * numel))`` entries by magnitude, ties by lowest index.
+@dataclass(frozen=True)
+class Trim:
+    """Magnitude trimming of one delta to exactly ``k`` entries: every entry with ``|D| > threshold`` survives, and of
+    the entries with ``|D| == threshold`` those up to flat index ``last_tie``, so ties go to the lowest index first."""
 
-    A k-th-value threshold plus a tie fill is used instead of a full argsort, so the memory cost stays one
-    boolean per entry rather than one int64 index per entry.
+    threshold: float
+    last_tie: int
+
+    def apply_(self, delta: torch.Tensor, offset: int) -> torch.Tensor:
+        """Zero, in place, the dropped entries of the flat chunk ``delta`` that starts at entry ``offset``.
+
+        ``hardshrink(x, c)`` zeroes ``|x| <= c`` in one pass: entries up to ``last_tie`` use for ``c`` the float
+        just below the threshold (so ties survive), the others the threshold itself.
+        """
+        threshold = torch.tensor(self.threshold, dtype=delta.dtype)
+        below = torch.nextafter(threshold, torch.zeros_like(threshold)).item()
+        cut = min(max(self.last_tie + 1 - offset, 0), len(delta))
+        for part, cutoff in ((delta[:cut], below), (delta[cut:], self.threshold)):
+            if len(part):
+                part.copy_(torch.hardshrink(part, cutoff))
+        return delta
+
+
+def _buckets(magnitudes: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each non-negative float (exponent and leading mantissa bits): monotonic in its value."""
+    bits = magnitudes.view(torch.int32 if magnitudes.element_size() == 4 else torch.int64)
+    return bits >> (8 * magnitudes.element_size() - 16)
+
+
+def magnitude_trims(
+    magnitudes: Callable[[], Iterable[torch.Tensor]], numel: int, densities: Sequence[float]
+) -> list[Trim | None]:
+    """For M deltas of ``numel`` entries, the :class:`Trim` keeping each one's top ``max(1, int(density * numel))``
+    entries by magnitude (None: it keeps every entry). ``magnitudes()`` yields ``|D|`` as consecutive flat float32
+    or float64 chunks of shape (M, n); it is called twice.
+
+    The first pass counts the entries per 16-bit bucket of the float bits, which locates the bucket holding the
+    k-th largest magnitude; the second collects that bucket's entries and flat indices, among which the threshold
+    and the last kept tie are exact. Two vectorised passes over chunks cost a fraction of a sort or of
+    ``torch.kthvalue`` over the whole delta (~20 ns per entry on CPU) and need no copy of the delta.
     """
-    n = delta.numel()
-    k = max(1, int(density * n))
-    if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
-    magnitudes = delta.abs().flatten()
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values
-    keep = magnitudes > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        tied = torch.nonzero(magnitudes == threshold).flatten()[:missing]
-        keep[tied] = True
-    return keep.view_as(delta)
+    ks = [max(1, int(density * numel)) for density in densities]
+    rows = [i for i, k in enumerate(ks) if k < numel]
+    trims: list[Trim | None] = [None] * len(ks)
+    if not rows:
+        return trims
+    counts: Any = 0
+    for chunk in magnitudes():
+        counts = counts + torch.stack([torch.bincount(_buckets(chunk[i]), minlength=1 << 15) for i in rows])
+        like = chunk
+    histogram = dict(zip(rows, counts, strict=True))
+    at_or_above = {i: histogram[i].flip(0).cumsum(0).flip(0) for i in rows}  # entries in buckets >= b
+    bucket = {i: int((at_or_above[i] >= ks[i]).sum()) - 1 for i in rows}
+    # The bucket's entries go to buffers sized from the counts: small pieces kept across the pass would fragment
+    # the heap between the chunk-sized temporaries (measured: +1 GB RSS on a 65M-entry tensor).
+    members = {i: int(histogram[i][bucket[i]]) for i in rows}
+    values = {i: like.new_empty(members[i]) for i in rows}
+    indices = {i: torch.empty(members[i], dtype=torch.int64, device=like.device) for i in rows}
+    filled = dict.fromkeys(rows, 0)
+    offset = 0
+    for chunk in magnitudes():
+        buckets = _buckets(chunk)
+        for i in rows:
+            index = torch.nonzero(buckets[i] == bucket[i]).flatten()
+            end = filled[i] + len(index)
+            torch.index_select(chunk[i], 0, index, out=values[i][filled[i] : end])
+            torch.add(index, offset, out=indices[i][filled[i] : end])
+            filled[i] = end
+        offset += chunk.shape[1]
+    for i in rows:
+        above = int(at_or_above[i][bucket[i] + 1]) if bucket[i] + 1 < len(at_or_above[i]) else 0
+        need = ks[i] - above  # how many of the bucket's entries survive
+        threshold = torch.kthvalue(values[i], members[i] - need + 1).values
+        missing = need - int((values[i] > threshold).sum())
+        trims[i] = Trim(threshold.item(), int(indices[i][values[i] == threshold][missing - 1]))
+    return trims
 
 
-def _trim(stacked: torch.Tensor, densities: list[float]) -> torch.Tensor:
-    return torch.stack([d * _magnitude_keep(d, rho) for d, rho in zip(stacked, densities, strict=True)])
+def _trim(flat: torch.Tensor, trims: Sequence[Trim | None], offset: int) -> torch.Tensor:
+    """Apply each row's trim, in place, to a (M, n) chunk starting at flat entry ``offset``."""
+    for row, trim in zip(flat, trims, strict=True):
+        if trim is not None:
+            trim.apply_(row, offset)
+    return flat
+
+
+def _trim_whole(stacked: torch.Tensor, densities: list[float]) -> torch.Tensor:
+    """Trim each delta of a (M, ...) stack in place, the whole stack as one chunk."""
+    flat = stacked.view(len(stacked), -1)
+    _trim(flat, magnitude_trims(lambda: [flat.abs()], flat.shape[1], densities), 0)
+    return stacked
 
 
 def _drop_and_rescale(
@@ -200,22 +275,37 @@ def _drop_and_rescale(
     return torch.stack(kept)
 
 
+def _sum_rows(stack: torch.Tensor) -> torch.Tensor:
+    """``stack.sum(dim=0)``, same order, as elementwise adds: torch's sum over the first dim of a (M, n) tensor
+    measured ~6x slower on CPU."""
+    total = stack[0].clone()
+    for row in stack[1:]:
+        total.add_(row)
+    return total
+
+
 def _elect_and_merge(
     sparse: torch.Tensor, weights: torch.Tensor, sign_method: SignMethod, normalize: Normalize
 ) -> torch.Tensor:
     """TIES sign election on the weighted deltas, then the disjoint merge of the entries that agree with it.
 
-    Zero entries (trimmed, dropped or zero-weighted) have sign 0 and so never count as agreeing.
+    Overwrites ``sparse``. Zero entries (trimmed, dropped or zero-weighted) have sign 0 and so never agree. Same
+    result as PEFT's ``calculate_majority_sign_mask`` + ``disjoint_merge`` and mergekit's ``get_mask`` (elected sign
+    + for a zero election) in fewer passes: multiplied by the elected sign, exactly the agreeing entries are > 0.
     """
-    weighted = sparse * weights
-    agree = calculate_majority_sign_mask(weighted, method=_PEFT_SIGN_METHOD[sign_method])
-    if normalize == "count":
-        return disjoint_merge(weighted, agree)
-    merged = (weighted * agree).sum(dim=0)
-    if normalize == "weights":
-        divisor = (weights * agree).sum(dim=0)
-        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return merged
+    weighted = sparse.mul_(weights)
+    election = _sum_rows(weighted if sign_method == "sum" else weighted.sign())
+    # +-1; +1 for an election of +0 (one of -0 means every entry is -0, which agrees with no sign anyway)
+    elected = torch.copysign(torch.ones((), dtype=election.dtype, device=election.device), election)
+    agreeing = weighted.mul_(elected).clamp_min_(0)  # |entry| where the entry agrees with the elected sign, else 0
+    merged = _sum_rows(agreeing).mul_(elected)
+    if normalize == "none":
+        return merged
+    agree = agreeing.sign_()
+    divisor = _sum_rows(agree if normalize == "count" else agree.mul_(weights))
+    # A divisor is 0 only where nothing agrees and merged is 0; else it is >= the smallest positive weight (or 1).
+    smallest = 1.0 if normalize == "count" else min((w for w in weights.flatten().tolist() if w > 0), default=1.0)
+    return merged.div_(divisor.clamp_min_(smallest))
 
 
 # ----------------------------------------------------------------------------------------------- operators
@@ -267,7 +357,7 @@ def ties(
     stacked, weights, out_dtype = _stack(deltas, lambdas)
     densities = _per_input(_check_density(density, len(deltas)), len(deltas))
     merged = _elect_and_merge(
-        _trim(stacked, densities),
+        _trim_whole(stacked, densities),
         weights,
         _check_sign_method(sign_method, None),
         _check_normalize(normalize, None),
@@ -288,7 +378,7 @@ def dare_linear(
     """
     stacked, weights, out_dtype = _stack(deltas, lambdas)
     densities = _per_input(_check_density(density, len(deltas)), len(deltas))
-    return (_drop_and_rescale(stacked, densities, generator) * weights).sum(dim=0).to(out_dtype)
+    return _sum_rows(_drop_and_rescale(stacked, densities, generator).mul_(weights)).to(out_dtype)
 
 
 def dare_ties(
@@ -325,7 +415,7 @@ def magnitude_prune(
     """
     stacked, weights, out_dtype = _stack(deltas, lambdas)
     densities = _per_input(_check_density(density, len(deltas)), len(deltas))
-    return (_trim(stacked, densities) * weights).sum(dim=0).to(out_dtype)
+    return _sum_rows(_trim_whole(stacked, densities).mul_(weights)).to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------- LoRA helpers
@@ -477,3 +567,47 @@ def validate_parameters(
     for key, default in operator.optional.items():
         checked[key] = _PARAMETER_CHECKS[key](params.get(key, default), n_inputs)
     return checked
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+
+
+def merge_chunks(
+    name: str,
+    deltas: DeltaChunks,
+    numel: int,
+    lambdas: Sequence[float],
+    params: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    chunk: int = CHUNK,
+) -> Iterator[torch.Tensor]:
+    """Operator ``name`` on M deltas of ``numel`` entries that are read chunk by chunk through ``deltas`` (one
+    per lambda): the merged delta as consecutive flat chunks, in the deltas' dtype, each one valid until the next
+    is requested (it may live in the chunk that ``deltas`` returned, which the merge overwrites).
+
+    ``linear`` reads each chunk once; ``ties`` and ``magnitude_prune`` three times (two passes find each delta's
+    trim threshold, see :func:`magnitude_trims`). Memory stays at a few chunks whatever the tensor size, and the
+    results equal the in-memory operators'. The DARE operators draw one random mask per whole input, so that a
+    merge is reproducible from the generator alone; they get the whole deltas as one chunk.
+    """
+    checked = validate_parameters(name, params or {}, lambdas=lambdas)
+    spans = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
+    if name == "linear":
+        for start, stop in spans:  # linear's sum, accumulated in place in the first row
+            first, *rest = deltas(start, stop)
+            merged = first.mul_(lambdas[0])
+            for row, weight in zip(rest, lambdas[1:], strict=True):
+                merged.add_(row, alpha=weight)
+            yield merged
+    elif name in ("ties", "magnitude_prune"):
+        densities = _per_input(checked["density"], len(lambdas))
+        trims = magnitude_trims(lambda: (deltas(start, stop).abs_() for start, stop in spans), numel, densities)
+        for start, stop in spans:
+            trimmed = _trim(deltas(start, stop), trims, start)
+            weights = torch.tensor(lambdas, dtype=trimmed.dtype, device=trimmed.device).view(-1, 1)
+            if name == "ties":
+                yield _elect_and_merge(trimmed, weights, checked["sign_method"], checked["normalize"])
+            else:
+                yield _sum_rows(trimmed.mul_(weights))
+    else:
+        yield OPERATORS[name](list(deltas(0, numel)), lambdas, params, generator)
