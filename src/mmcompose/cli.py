@@ -114,7 +114,7 @@ def compose(
 def demo(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/demo-PROFILE-sSEED].")]
     = None,
-    profile: Annotated[str, typer.Option(help="default (the experiment, ~10 min on 2 cores) or quick (CI).")]
+    profile: Annotated[str, typer.Option(help="default (the experiment; > 10 min cold on 2 cores) or quick (CI).")]
     = "default",
     seed: Annotated[int, typer.Option(help="Seed of the world and of every training run.")] = 0,
     jobs: Annotated[int | None, typer.Option(help="Training runs and evaluations run side by side, one process "
