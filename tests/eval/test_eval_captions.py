@@ -1,5 +1,6 @@
 """Captioning metrics (BLEU-4, ROUGE-L) checked against hand-computed values, and the `caption` task kind."""
 
+import functools
 import json
 import math
 from collections import Counter
@@ -22,6 +23,7 @@ from mmcompose.eval.captions import (
     sentence_bleu,
 )
 from mmcompose.eval.runner import merge_shards, run_benchmark
+from tests.eval.fakes import ScriptedModel, read_lines
 
 DOG = "a small brown dog runs in the park"
 DOG_REF = "a small brown dog plays in the park"
@@ -193,26 +195,7 @@ def check_metrics(metrics: dict[str, Any]) -> None:
         assert categories[name] == pytest.approx(expected)
 
 
-class FakeCaptioner:
-    def __init__(self, kill_after: int | None = None) -> None:
-        self.calls: Counter[str] = Counter()
-        self.kill_after = kill_after
-
-    def __call__(self, samples: list[Sample]) -> list[str]:
-        return [self.answer(sample) for sample in samples]
-
-    def answer(self, sample: Sample) -> str:
-        if self.kill_after is not None and sum(self.calls.values()) == self.kill_after:
-            raise KeyboardInterrupt
-        self.calls[sample.id] += 1
-        answer = ANSWERS[sample.id]
-        if answer is None:
-            raise InputError(f"sample {sample.id!r}: image not decodable")
-        return answer
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+FakeCaptioner = functools.partial(ScriptedModel, ANSWERS, "image not decodable")
 
 
 def test_samples_carry_meta_references(tmp_path: Path) -> None:

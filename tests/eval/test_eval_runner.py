@@ -1,5 +1,6 @@
 """The runner: per-sample JSONL, resume after a kill, shards + merge, failed samples, metrics."""
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,7 @@ from mmcompose.errors import InputError, MMComposeError
 from mmcompose.eval.answers import parse_options
 from mmcompose.eval.benchmark import Sample
 from mmcompose.eval.runner import merge_shards, run_benchmark, shard_files
+from tests.eval.fakes import ScriptedModel, read_lines
 
 QUESTION = "<image><audio><video> Shared?\nA. has wings\nB. lives in the desert\nC. is red\nD. eats fish"
 
@@ -32,28 +34,8 @@ def make_samples() -> list[Sample]:
     ]
 
 
-class FakeModel:
-    """Answers from CASES, counts calls, and can simulate a kill after ``kill_after`` predictions."""
-
-    def __init__(self, kill_after: int | None = None) -> None:
-        self.calls: Counter[str] = Counter()
-        self.kill_after = kill_after
-
-    def __call__(self, samples: list[Sample]) -> list[str]:
-        return [self.answer(sample) for sample in samples]
-
-    def answer(self, sample: Sample) -> str:
-        if self.kill_after is not None and sum(self.calls.values()) == self.kill_after:
-            raise KeyboardInterrupt
-        self.calls[sample.id] += 1
-        answer = CASES[sample.id][2]
-        if answer is None:
-            raise InputError(f"sample {sample.id!r}: audio file is\nnot decodable")
-        return answer
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+FakeModel = functools.partial(ScriptedModel, {sid: answer for sid, (_, _, answer) in CASES.items()},
+                              "audio file is\nnot decodable")
 
 
 EXPECTED_METRICS = {
