@@ -291,8 +291,7 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
     singles = demo.single_models()
     joint = demo.joint_model()
 
-    def config(strategy: str, method: str, merge: str = "linear", **options: Any) -> dict[str, Any]:
-        return composition_config(out, strategy, method, merge, **options)
+    config = functools.partial(composition_config, out)
 
     dare = {"parameters": {"density": 0.5}, "seed": seed}
     composed = {
