@@ -114,8 +114,9 @@ def compose(
 def demo(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/demo-PROFILE-sSEED].")]
     = None,
-    profile: Annotated[str, typer.Option(help="default (the experiment; > 10 min cold on 2 cores) or quick (CI).")]
-    = "default",
+    profile: Annotated[str, typer.Option(
+        help="default (~8 min cold on 2 cores), quick (CI: a shorter joint run) or large (more of everything; "
+             "well over 10 min).")] = "default",
     seed: Annotated[int, typer.Option(help="Seed of the world and of every training run.")] = 0,
     jobs: Annotated[int | None, typer.Option(help="Training runs and evaluations run side by side, one process "
                                                   "each [default: one per CPU core].", min=1)] = None,
@@ -140,7 +141,7 @@ app.add_typer(world_app, name="world")
 def world_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="World directory to create (written atomically).")],
     seed: Annotated[int, typer.Option(help="Everything in the world is a function of this seed.")] = 0,
-    profile: Annotated[str, typer.Option(help="default (48 entities) or quick (24 entities, for CI).")] = "default",
+    profile: Annotated[str, typer.Option(help="small (24 entities) or large (48 entities).")] = "small",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Generate a world: media in real formats (PNG, WAV, MP4, NPY), text corpus, training and MCUB data."""
@@ -390,7 +391,8 @@ app.add_typer(train_app, name="train")
 def train_base(
     world: Annotated[Path, typer.Option(help="A world directory (mmcompose world build): corpus/ and data/.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the base LLM (written atomically).")],
-    profile: Annotated[str, typer.Option(help="default (~4 min on 2 cores) or quick (~30 s, CI).")] = "default",
+    profile: Annotated[str, typer.Option(help="small (for the small world; ~2.5 min on 2 cores) or large "
+                                              "(for the large world; ~5 min).")] = "small",
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and of the data order.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -430,6 +432,9 @@ def train_modality(
     epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: 1).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per step and process (default: 16).")] = None,
     lr: Annotated[float | None, typer.Option(help="One peak learning rate for every parameter group.")] = None,
+    encoder_steps: Annotated[int | None, typer.Option(
+        help="pretrain: first train each encoder alone to tell its captions apart, for this many steps (an encoder "
+             "that starts from random weights learns slowly through the frozen LLM; default: 0).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank of the deltas.")] = 16,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: 2 x rank).")] = None,
     save_every: Annotated[int | None, typer.Option(help="Step checkpoint every N steps (0: none).")] = None,
@@ -439,8 +444,9 @@ def train_modality(
 ) -> None:
     """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
-    Stage 1 trains the encoder, connector and boundary tokens on captions with the LLM frozen; stage 2 also
-    trains the LLM deltas of STRATEGY. Step checkpoints (--save-every) make a run resumable (--resume).
+    Stage 1 trains the encoder, connector and boundary tokens on captions with the LLM frozen (with
+    --encoder-steps, each encoder first learns alone to tell the captions apart); stage 2 also trains the LLM
+    deltas of STRATEGY. Step checkpoints (--save-every) make a run resumable (--resume).
 
     Several processes: accelerate launch --multi_gpu --num_processes 2 -m mmcompose.cli train modality ...
     (on a machine without GPUs this is DDP on CPU over gloo).
@@ -455,7 +461,7 @@ def train_modality(
 
     rates = None if lr is None else {"encoder": lr, "connector": lr, "boundary": lr, "deltas": lr}
     settings = load_config(config, stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
-                           save_every=save_every, seed=seed)
+                           encoder_steps=encoder_steps, save_every=save_every, seed=seed)
     chosen = strategy or ("connector-only" if settings.stage == "pretrain" else None)
     if chosen not in ("connector-only", "shared", "decoupled", "full"):
         raise MMComposeError(f"--strategy {strategy!r}: choose connector-only, shared, decoupled or full"

@@ -18,13 +18,13 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("w") / "world"
-    result = runner.invoke(app, ["world", "build", "--seed", "3", "--profile", "quick", "-o", str(out)])
+    result = runner.invoke(app, ["world", "build", "--seed", "3", "--profile", "small", "-o", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
 
 def test_world_build_refuses_an_existing_directory(world: Path) -> None:
-    again = runner.invoke(app, ["world", "build", "--profile", "quick", "-o", str(world)])
+    again = runner.invoke(app, ["world", "build", "--profile", "small", "-o", str(world)])
     assert again.exit_code == 2 and "already exists" in again.output
 
 

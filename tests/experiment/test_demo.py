@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from mmcompose.experiment.demo import MCUB_TASKS, run_demo
+from mmcompose.experiment.demo import PROFILES as DEMO_PROFILES
 from mmcompose.world import PROFILES
 
 
@@ -53,6 +54,6 @@ def test_composed_model_beats_chance_on_mcub(demo: tuple[Path, dict]) -> None:
     """Four options: chance is 25%. Over MCUB-4 and the four MCUB-3 files, DAMC must be right more often than
     a guesser would be with probability 1/1000."""
     results = demo[1]["results"]["DAMC (linear, 1/M)"]
-    items = PROFILES["quick"].mcub_test
+    items = PROFILES[DEMO_PROFILES["quick"].world].mcub_test
     correct = round(sum(results[task] * items for task in MCUB_TASKS))
     assert binomial_tail(correct, items * len(MCUB_TASKS), 0.25) < 1e-3, results

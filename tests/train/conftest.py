@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmcompose.model import Component, ModalitySpec
+from mmcompose.train import trainer
 from mmcompose.world import build_world
 from tests.model.helpers import tiny_modality
 
@@ -38,9 +40,26 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_world(3, tmp_path_factory.mktemp("train-world") / "world", profile="quick")
+    return build_world(3, tmp_path_factory.mktemp("train-world") / "world", profile="small")
 
 
 def samples(world: Path, name: str, count: int | None = None) -> list[dict[str, Any]]:
     data = json.loads((world / "data" / f"{name}.json").read_text())
     return data[:count]
+
+
+def saved_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """The final model tensors of the training run in `run`."""
+    return load_file(run / "model" / "model.safetensors")
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Simulate a kill right after the step-`step` checkpoint is complete."""
+    save = trainer._save_state
+
+    def save_then_die(directory: Path, *args: object) -> None:
+        save(directory, *args)
+        if directory.name == f"step-{step}":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", save_then_die)

@@ -21,8 +21,8 @@ TINY = BaseProfile(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, in
 
 @pytest.fixture
 def tiny_profile(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setitem(BASE_PROFILES, "quick", TINY)
-    return "quick"
+    monkeypatch.setitem(BASE_PROFILES, "small", TINY)
+    return "small"
 
 
 def test_pack_opens_every_document_with_bos_and_cuts_rows() -> None:
@@ -75,16 +75,16 @@ def test_pretrain_base_refuses_bad_requests(world: Path, tmp_path: Path) -> None
         pretrain_base(corpus / "train.txt", corpus / "valid.txt", tmp_path / "x", profile="huge")  # type: ignore[arg-type]
     (tmp_path / "taken").mkdir()
     with pytest.raises(MMComposeError, match="already exists"):
-        pretrain_base(corpus / "train.txt", corpus / "valid.txt", tmp_path / "taken", profile="quick")
+        pretrain_base(corpus / "train.txt", corpus / "valid.txt", tmp_path / "taken", profile="small")
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(MMComposeError, match="empty"):
-        pretrain_base(tmp_path / "empty.txt", corpus / "valid.txt", tmp_path / "y", profile="quick")
+        pretrain_base(tmp_path / "empty.txt", corpus / "valid.txt", tmp_path / "y", profile="small")
 
 
 @pytest.mark.slow
-def test_quick_profile_end_to_end(world: Path, tmp_path: Path) -> None:
+def test_small_profile_end_to_end(world: Path, tmp_path: Path) -> None:
     corpus = world / "corpus"
-    metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", tmp_path / "base", profile="quick",
+    metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", tmp_path / "base", profile="small",
                             text_qa=world / "data" / "text_qa.json", progress=False)
     assert metrics["train_loss"][-1] < 1.0 < metrics["train_loss"][0]
-    assert metrics["vocab_size"] == BASE_PROFILES["quick"].vocab_size
+    assert metrics["vocab_size"] == BASE_PROFILES["small"].vocab_size

@@ -14,9 +14,9 @@ from tests.train.test_base_llm import TINY
 
 
 def test_train_base_command(world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(BASE_PROFILES, "quick", TINY)
+    monkeypatch.setitem(BASE_PROFILES, "small", TINY)
     result = CliRunner().invoke(app, ["train", "base", "--world", str(world), "-o", str(tmp_path / "base"),
-                                      "--profile", "quick", "--seed", "2"])
+                                      "--profile", "small", "--seed", "2"])
     assert result.exit_code == 0, result.output
     assert "text QA accuracy" in result.output and (tmp_path / "base" / "metrics.json").is_file()
 

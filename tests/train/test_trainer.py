@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mmcompose.checkpoint import load_checkpoint
 from mmcompose.errors import MMComposeError
-from mmcompose.train import trainer
 from mmcompose.train.trainer import LearningRates, TrainConfig, build_model, load_config, step_checkpoints, train
-from tests.train.conftest import samples, tiny_spec
+from tests.train.conftest import interrupt_after, samples, saved_tensors, tiny_spec
 
 FAST = LearningRates(encoder=3e-3, connector=3e-3, boundary=3e-3, deltas=3e-3)
 
@@ -21,10 +19,6 @@ FAST = LearningRates(encoder=3e-3, connector=3e-3, boundary=3e-3, deltas=3e-3)
 def config(**changes: object) -> TrainConfig:
     return TrainConfig.model_validate({"stage": "instruct", "batch_size": 4, "steps": 6, "lr": FAST,
                                        "warmup_ratio": 0.0, "log_every": 1, **changes})
-
-
-def tensors(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model" / "model.safetensors")
 
 
 def test_stage1_then_stage2_lowers_the_loss_and_trains_only_its_parameters(llama_base: Path, world: Path,
@@ -41,11 +35,11 @@ def test_stage1_then_stage2_lowers_the_loss_and_trains_only_its_parameters(llama
                          start_from=[tmp_path / "stage1" / "model"], seed=1)
     assert stage2.spec.modalities == stage1.spec.modalities
     branch = {k: v for k, v in stage2.checkpoint_tensors().items() if k.startswith("modalities.")}
-    assert all(torch.equal(v, tensors(tmp_path / "stage1")[k]) for k, v in branch.items())
+    assert all(torch.equal(v, saved_tensors(tmp_path / "stage1")[k]) for k, v in branch.items())
     second = train(stage2, samples(world, "image_instruct", 16), world, config(steps=16), tmp_path / "stage2",
                    progress=False)
     assert second["final_loss"] < second["first_loss"]
-    saved = tensors(tmp_path / "stage2")
+    saved = saved_tensors(tmp_path / "stage2")
     assert any(k.startswith("deltas.image.") and v.abs().sum() > 0 for k, v in saved.items() if ".lora_B" in k)
     assert any(k.startswith("deltas.language.") and v.abs().sum() > 0 for k, v in saved.items() if ".lora_B" in k)
     loaded = load_checkpoint(tmp_path / "stage2" / "model")
@@ -60,22 +54,10 @@ def test_pretrain_freezes_deltas_and_can_freeze_the_encoder(llama_base: Path, wo
     before = {k: v.clone() for k, v in model.checkpoint_tensors().items()}
     train(model, samples(world, "audio_caption", 8), world, config(stage="pretrain", steps=2, train_encoder=False),
           tmp_path / "run", progress=False)
-    after = tensors(tmp_path / "run")
+    after = saved_tensors(tmp_path / "run")
     changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert changed and all(k.startswith(("modalities.audio.connector.", "modalities.audio.prefix",
                                          "modalities.audio.suffix")) for k in changed)
-
-
-def _interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Simulate a kill right after the step-`step` checkpoint is complete."""
-    save = trainer._save_state
-
-    def save_then_die(directory: Path, *args: object) -> None:
-        save(directory, *args)
-        if directory.name == f"step-{step}":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_save_state", save_then_die)
 
 
 def test_resume_gives_exactly_the_uninterrupted_weights(llama_base: Path, world: Path, tmp_path: Path,
@@ -86,7 +68,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(llama_base: Path, world:
     full = train(build_model(llama_base, [spec], strategy="decoupled", rank=2, alpha=4.0, seed=0), data, world,
                  settings, tmp_path / "full", progress=False)
 
-    _interrupt_after(monkeypatch, 4)
+    interrupt_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         train(build_model(llama_base, [spec], strategy="decoupled", rank=2, alpha=4.0, seed=0), data, world,
               settings, tmp_path / "cut", progress=False)
@@ -100,7 +82,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(llama_base: Path, world:
     resumed = train(build_model(llama_base, [spec], strategy="decoupled", rank=2, alpha=4.0, seed=9), data, world,
                     settings, tmp_path / "cut", resume=True, progress=False)
     assert resumed["resumed_from_step"] == 4
-    expected, found = tensors(tmp_path / "full"), tensors(tmp_path / "cut")
+    expected, found = saved_tensors(tmp_path / "full"), saved_tensors(tmp_path / "cut")
     assert expected.keys() == found.keys()
     assert all(torch.equal(expected[k], found[k]) for k in expected)
     losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())]
@@ -111,7 +93,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(llama_base: Path, world:
 def test_resume_refuses_other_settings(llama_base: Path, world: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     data = samples(world, "image_instruct", 8)
-    _interrupt_after(monkeypatch, 1)
+    interrupt_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(build_model(llama_base, [tiny_spec("image")], strategy="shared", rank=2, seed=0), data, world,
               config(steps=3, save_every=1), tmp_path / "run", progress=False)
@@ -127,7 +109,7 @@ def test_joint_training_over_several_modalities(llama_base: Path, world: Path, t
                         seed=0)
     metrics = train(model, data, world, config(steps=3), tmp_path / "joint", progress=False)
     assert metrics["modalities"] == ["image", "point"]
-    saved = tensors(tmp_path / "joint")
+    saved = saved_tensors(tmp_path / "joint")
     for delta in ("language", "image", "point"):
         assert any(v.abs().sum() > 0 for k, v in saved.items() if k.startswith(f"deltas.{delta}.") and "lora_B" in k)
 
@@ -141,7 +123,7 @@ def test_build_model_takes_each_branch_from_its_stage1(llama_base: Path, world: 
                         start_from=[tmp_path / "image" / "model", tmp_path / "audio" / "model"])
     own = joint.checkpoint_tensors()
     for name in ("image", "audio"):
-        for key, value in tensors(tmp_path / name).items():
+        for key, value in saved_tensors(tmp_path / name).items():
             assert torch.equal(own[key], value)
     with pytest.raises(MMComposeError, match="'point' is in none"):
         build_model(llama_base, ["image", "point"], strategy="shared", start_from=[tmp_path / "image" / "model"])
@@ -169,5 +151,5 @@ def test_other_strategies_train_what_they_have(llama_base: Path, world: Path, tm
     model = build_model(llama_base, [tiny_spec("video")], strategy=strategy, seed=0)
     before = {k: v.clone() for k, v in model.checkpoint_tensors().items()}
     train(model, samples(world, "video_instruct", 4), world, config(steps=2), tmp_path / "run", progress=False)
-    changed = {k.split(".")[0] for k, v in tensors(tmp_path / "run").items() if not torch.equal(v, before[k])}
+    changed = {k.split(".")[0] for k, v in saved_tensors(tmp_path / "run").items() if not torch.equal(v, before[k])}
     assert changed == ({"modalities", "deltas"} if strategy == "full" else {"modalities"})

@@ -17,26 +17,26 @@ from mmcompose.world import build as build_module
 from mmcompose.world.entities import stream
 from mmcompose.world.render import RENDERERS
 
-QUICK_SEED = 7  # the seed of the `quick_world` fixture
+SMALL_SEED = 7  # the seed of the `small_world` fixture
 
 
-def test_layout(quick_world: Path) -> None:
+def test_layout(small_world: Path) -> None:
     subsets = ["-".join(s) for s in MCUB3_SUBSETS]
     expected = {"text_qa", "mcub4_test", "mcub4_val", "text_mcub4_test"}
     expected |= {f"{m}_{kind}" for m in MODALITIES for kind in ("caption", "instruct", "test")}
     expected |= {f"mcub3_{s}_{split}" for s in subsets for split in ("test", "val")}
     expected |= {f"text_mcub3_{s}_test" for s in subsets}
-    assert {p.stem for p in (quick_world / "data").iterdir()} == expected
-    assert {p.name for p in (quick_world / "corpus").iterdir()} == {"train.txt", "valid.txt"}
-    description = json.loads((quick_world / "world.json").read_text())
-    assert description["seed"] == QUICK_SEED and description["profile"] == "quick"
+    assert {p.stem for p in (small_world / "data").iterdir()} == expected
+    assert {p.name for p in (small_world / "corpus").iterdir()} == {"train.txt", "valid.txt"}
+    description = json.loads((small_world / "world.json").read_text())
+    assert description["seed"] == SMALL_SEED and description["profile"] == "small"
     assert len(description["content_sha256"]) == 64
-    profile = PROFILES["quick"]
+    profile = PROFILES["small"]
     renders = profile.train_renders + profile.test_renders + profile.val_renders
     for modality in MODALITIES:
-        assert len(list((quick_world / "media" / modality).iterdir())) == profile.num_entities * renders
-    assert load_world(quick_world) == make_world(QUICK_SEED, profile.num_entities)
-    assert not [p for p in quick_world.parent.iterdir() if p != quick_world]
+        assert len(list((small_world / "media" / modality).iterdir())) == profile.num_entities * renders
+    assert load_world(small_world) == make_world(SMALL_SEED, profile.num_entities)
+    assert not [p for p in small_world.parent.iterdir() if p != small_world]
 
 
 TINY = Profile(
@@ -92,22 +92,22 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_every_media_file_decodes(quick_world: Path, modality: str) -> None:
+def test_every_media_file_decodes(small_world: Path, modality: str) -> None:
     shape, dtype = SHAPES[modality]
-    for path in (quick_world / "media" / modality).iterdir():
+    for path in (small_world / "media" / modality).iterdir():
         array = _decode(path)
         assert array.shape == shape and array.dtype == dtype, path.name
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_files_hold_the_rendering(quick_world: Path, modality: str) -> None:
+def test_files_hold_the_rendering(small_world: Path, modality: str) -> None:
     """A file decodes to its renderer's output (exactly, or within the format's quantisation)."""
-    world = load_world(quick_world)
+    world = load_world(small_world)
     index, k = 5, 3
     entity = world.entities[index]
-    expected = RENDERERS[modality](entity, stream(QUICK_SEED, "render", MODALITIES.index(modality), index, k))
+    expected = RENDERERS[modality](entity, stream(SMALL_SEED, "render", MODALITIES.index(modality), index, k))
     ext = {"image": "png", "audio": "wav", "video": "mp4", "point": "npy"}[modality]
-    decoded = _decode(quick_world / "media" / modality / f"{entity.name}_{k}.{ext}")
+    decoded = _decode(small_world / "media" / modality / f"{entity.name}_{k}.{ext}")
     error = np.abs(decoded.astype(np.float64) - expected.astype(np.float64))
     tolerance = {"image": 0.0, "audio": 1.0 / 32768, "video": 8.0, "point": 0.0}[modality]
     assert error.mean() <= tolerance
@@ -121,14 +121,14 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(build_module, "_write_media", fail_midway)
     with pytest.raises(RuntimeError, match="disk full"):
-        build_world(1, tmp_path / "world", profile="quick")
+        build_world(1, tmp_path / "world", profile="small")
     assert list(tmp_path.iterdir()) == []
 
     existing = tmp_path / "kept"
     existing.mkdir()
     (existing / "old.txt").write_text("old")
     with pytest.raises(RuntimeError, match="disk full"):
-        build_world(1, existing, profile="quick", overwrite=True)
+        build_world(1, existing, profile="small", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["kept"]
     assert (existing / "old.txt").read_text() == "old"
 
@@ -140,8 +140,8 @@ def test_overwrite_replaces_only_when_complete(tmp_path: Path, monkeypatch: pyte
     target.mkdir()
     (target / "old.txt").write_text("old")
     with pytest.raises(MMComposeError, match="already exists"):
-        build_world(1, target, profile="quick")
-    build_world(1, target, profile="quick", overwrite=True)
+        build_world(1, target, profile="small")
+    build_world(1, target, profile="small", overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["new.txt", "world.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["world"]
 

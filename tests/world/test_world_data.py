@@ -25,7 +25,7 @@ def render_index(path: str) -> int:
     return int(Path(path).stem.rsplit("_", 1)[1])
 
 
-def test_every_sample_has_the_benchmark_layout(quick_world: Path, data_files: Samples) -> None:
+def test_every_sample_has_the_benchmark_layout(small_world: Path, data_files: Samples) -> None:
     ids = [s["id"] for samples in data_files.values() for s in samples]
     assert len(ids) == len(set(ids))
     for stem, samples in data_files.items():
@@ -38,7 +38,7 @@ def test_every_sample_has_the_benchmark_layout(quick_world: Path, data_files: Sa
             placeholders = re.findall(r"<(?:image|audio|video|point)>", human["value"])
             assert placeholders == [tpl.PLACEHOLDERS[m] for m, _ in inputs]
             for modality, path in inputs:
-                assert path.startswith(f"media/{modality}/") and (quick_world / path).is_file()
+                assert path.startswith(f"media/{modality}/") and (small_world / path).is_file()
             options = options_of(human["value"])
             if options:  # training data answers with the option's text, held-out files with its letter
                 assert len(options) == len(set(options)) == 4
@@ -51,8 +51,8 @@ def test_every_sample_has_the_benchmark_layout(quick_world: Path, data_files: Sa
                 assert named == sample["meta"]["entities"]
 
 
-def test_answers_are_right(quick_world: Path, data_files: Samples) -> None:
-    world = load_world(quick_world)
+def test_answers_are_right(small_world: Path, data_files: Samples) -> None:
+    world = load_world(small_world)
     for stem, samples in data_files.items():
         for sample in samples:
             human, gpt = (turn["value"] for turn in sample["conversations"])
@@ -79,10 +79,10 @@ MCUB_FILES = [("mcub4", MODALITIES)] + [(f"mcub3_{'-'.join(s)}", s) for s in MCU
 
 @pytest.mark.parametrize(("tag", "modalities"), MCUB_FILES)
 def test_mcub_items_have_exactly_one_shared_option(
-    quick_world: Path, data_files: Samples, tag: str, modalities: tuple[str, ...]
+    small_world: Path, data_files: Samples, tag: str, modalities: tuple[str, ...]
 ) -> None:
-    world = load_world(quick_world)
-    profile = PROFILES["quick"]
+    world = load_world(small_world)
+    profile = PROFILES["small"]
     for split, size in (("test", profile.mcub_test), ("val", profile.mcub_val)):
         samples = data_files[f"{tag}_{split}"]
         assert len(samples) == size
@@ -114,10 +114,10 @@ def test_text_twins_match_the_mcub_tests(data_files: Samples) -> None:
             assert text["conversations"][0]["value"] == human
 
 
-def _corpus_entity_sets(quick_world: Path) -> set[frozenset[str]]:
-    names = {e.name for e in load_world(quick_world).entities}
+def _corpus_entity_sets(small_world: Path) -> set[frozenset[str]]:
+    names = {e.name for e in load_world(small_world).entities}
     found = set()
-    for document in (quick_world / "corpus" / "train.txt").read_text().split("\n\n"):
+    for document in (small_world / "corpus" / "train.txt").read_text().split("\n\n"):
         if tpl.COMMON_QUESTION in document:
             lines = document.removeprefix("USER: ").split("\n")
             entities = frozenset(lines[: lines.index(tpl.COMMON_QUESTION)])
@@ -126,8 +126,8 @@ def _corpus_entity_sets(quick_world: Path) -> set[frozenset[str]]:
     return found
 
 
-def test_no_leakage_between_splits(quick_world: Path, data_files: Samples) -> None:
-    profile = PROFILES["quick"]
+def test_no_leakage_between_splits(small_world: Path, data_files: Samples) -> None:
+    profile = PROFILES["small"]
     train_end = profile.train_renders
     test_end = train_end + profile.test_renders
     media = {
@@ -148,7 +148,7 @@ def test_no_leakage_between_splits(quick_world: Path, data_files: Samples) -> No
     val_ids = {s["id"] for stem, samples in data_files.items() if stem.endswith("val") for s in samples}
     assert not test_ids & val_ids
 
-    corpus_sets = _corpus_entity_sets(quick_world)
+    corpus_sets = _corpus_entity_sets(small_world)
     instruct_sets = {frozenset(s["meta"]["entities"]) for m in MODALITIES for s in data_files[f"{m}_instruct"]
                      if s["meta"]["task"] == "common_choice"}
     assert corpus_sets and instruct_sets and {len(s) for s in instruct_sets} == {2, 3, 4}
@@ -160,10 +160,10 @@ def test_no_leakage_between_splits(quick_world: Path, data_files: Samples) -> No
         assert not (test_sets | val_sets) & instruct_sets
 
 
-def test_corpus_format(quick_world: Path, data_files: Samples) -> None:
-    world = load_world(quick_world)
-    train = (quick_world / "corpus" / "train.txt").read_text()
-    valid = (quick_world / "corpus" / "valid.txt").read_text()
+def test_corpus_format(small_world: Path, data_files: Samples) -> None:
+    world = load_world(small_world)
+    train = (small_world / "corpus" / "train.txt").read_text()
+    valid = (small_world / "corpus" / "valid.txt").read_text()
     documents = train.rstrip("\n").split("\n\n")
     assert all(d.strip() and "\n\n" not in d for d in documents)
     chats = [d for d in documents if d.startswith("USER: ")]
@@ -180,8 +180,8 @@ def test_corpus_format(quick_world: Path, data_files: Samples) -> None:
     assert not {s["conversations"][0]["value"] for s in data_files["text_qa"]} & humans
 
 
-def test_common_items_are_reproducible_and_seed_dependent(quick_world: Path) -> None:
-    world = load_world(quick_world)
+def test_common_items_are_reproducible_and_seed_dependent(small_world: Path) -> None:
+    world = load_world(small_world)
     first = split_common_sets(world, 4, 10, 5, np.random.default_rng(0))
     assert first == split_common_sets(world, 4, 10, 5, np.random.default_rng(0))
     assert first != split_common_sets(world, 4, 10, 5, np.random.default_rng(1))

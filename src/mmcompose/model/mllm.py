@@ -110,6 +110,11 @@ class MultimodalLLM(nn.Module):
         return next(self.branches[modality].parameters()).dtype
 
     # --- inputs -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def input_length(self, modality: str, processed: torch.Tensor) -> int:
+        """How many LLM positions one processed input of `modality` takes, boundary tokens included."""
+        return self.branches[modality](processed.unsqueeze(0).to(self.device, self._dtype_of(modality))).shape[1]
+
     def example(self, prompt: str, inputs: dict[str, Sequence[Any]] | None = None, target: str | None = None,
                 id: str = "") -> Example:
         """Process raw inputs (paths or arrays) with each modality's processor into an `Example`."""

@@ -56,13 +56,13 @@ class BaseProfile:
 
 
 BASE_PROFILES: dict[str, BaseProfile] = {
-    # The default world: every fact known (completion scoring) and names copied into answers after 1200 steps.
-    "default": BaseProfile(vocab_size=576, hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512,
-                           seq_len=128, batch_size=16, steps=1200, learning_rate=2e-3, warmup_steps=40,
-                           prose_repeats=6),
-    # For CI and the quick demo: most facts of the quick world (text QA 0.74), common-attribute questions
-    # with names 0.88 (800 steps: 0.43 and 0.53, too little for the modality models to build on).
-    "quick": BaseProfile(vocab_size=480, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344,
+    # The large world: every fact known (completion scoring) and names copied into answers after 1200 steps.
+    "large": BaseProfile(vocab_size=576, hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512,
+                         seq_len=128, batch_size=16, steps=1200, learning_rate=2e-3, warmup_steps=40,
+                         prose_repeats=6),
+    # The small world (demo default and quick): most facts (text QA 0.74), common-attribute questions with names
+    # 0.88 (800 steps: 0.43 and 0.53, too little for the modality models to build on).
+    "small": BaseProfile(vocab_size=480, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=344,
                          seq_len=128, batch_size=16, steps=1200, learning_rate=3e-3, warmup_steps=20,
                          prose_repeats=6),
 }
@@ -190,7 +190,7 @@ def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 
 
 def pretrain_base(corpus_train: Path, corpus_valid: Path, out: Path, *,
-                  profile: Literal["quick", "default"] = "default", seed: int = 0, text_qa: Path | None = None,
+                  profile: Literal["small", "large"] = "small", seed: int = 0, text_qa: Path | None = None,
                   progress: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train the tokenizer and the LLM on `corpus_train`; evaluate; save both and `metrics.json` into `out`.
 

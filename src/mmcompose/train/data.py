@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from mmcompose.errors import InputError, MMComposeError
 from mmcompose.model.assembly import Example
@@ -79,15 +80,43 @@ class ExampleSet:
             prompt, target = format_conversation(sample["conversations"], model.spec.template)
             self.examples.append(Example(prompt=prompt, inputs=inputs, target=target, id=name))
         self.modalities = sorted({m for example in self.examples for m in example.inputs})
+        self.lengths = self._lengths(model)
+        self._order: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
+
+    def _lengths(self, model: MultimodalLLM) -> list[int]:
+        """Each example's sequence length, up to a constant (special tokens): its text tokens without the
+        placeholders plus the positions each of its inputs takes."""
+        per_input = {m: model.input_length(m, next(e.inputs[m][0] for e in self.examples if m in e.inputs))
+                     for m in self.modalities}
+        placeholders = [spec.placeholder for spec in model.spec.modalities]
+        texts = model.tokenizer([_without(e.prompt, placeholders) + e.target for e in self.examples],
+                                add_special_tokens=False)["input_ids"]
+        return [len(text) + sum(per_input[m] * len(xs) for m, xs in e.inputs.items())
+                for text, e in zip(texts, self.examples, strict=True)]
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def order(self, seed: int, epoch: int) -> np.ndarray:
-        """The permutation of sample indices for `epoch`: the same for every process and every resume."""
-        return np.random.default_rng((seed, epoch)).permutation(len(self.examples))
+    def order(self, seed: int, epoch: int, group: int = 0) -> np.ndarray:
+        """The permutation of sample indices for `epoch`: the same for every process and every resume.
 
-    def batch(self, seed: int, step: int, global_batch: int, rank: int, world: int) -> list[Example]:
+        With `group` (the global batch size), each run of `group` consecutive indices holds examples of similar
+        length (transformers' length grouping, as LLaVA's `group_by_modality_length`): a batch that mixes one-input
+        and four-input questions pads the short ones to the long one, measured as half the tokens of a batch.
+        """
+        key = (seed, epoch, group)
+        if self._order[0] != key:  # computed once per epoch, not once per step
+            if group:
+                state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+                generator = torch.Generator().manual_seed(state)
+                order = np.array(get_length_grouped_indices(self.lengths, group, generator=generator))
+            else:
+                order = np.random.default_rng((seed, epoch)).permutation(len(self.examples))
+            self._order = (key, order)
+        return self._order[1]
+
+    def batch(self, seed: int, step: int, global_batch: int, rank: int, world: int,
+              group_by_length: bool = False) -> list[Example]:
         """This process's share of the global batch of optimizer step `step` (0-based).
 
         An epoch is `len // global_batch` steps (the incomplete tail is dropped; reshuffling moves different
@@ -95,5 +124,12 @@ class ExampleSet:
         """
         per_epoch = len(self.examples) // global_batch
         epoch, position = divmod(step, per_epoch)
-        indices = self.order(seed, epoch)[position * global_batch:(position + 1) * global_batch]
+        order = self.order(seed, epoch, global_batch if group_by_length else 0)
+        indices = order[position * global_batch:(position + 1) * global_batch]
         return [self.examples[i] for i in indices[rank::world]]
+
+
+def _without(text: str, placeholders: Sequence[str]) -> str:
+    for placeholder in placeholders:
+        text = text.replace(placeholder, "")
+    return text

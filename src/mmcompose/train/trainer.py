@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
@@ -35,6 +35,7 @@ from mmcompose.model.assembly import Example
 from mmcompose.model.mllm import MultimodalLLM, modality_spec
 from mmcompose.model.spec import ModalitySpec, Strategy
 from mmcompose.train.data import ExampleSet, Sample
+from mmcompose.train.encoder import caption_classes, pretrain_encoder
 from mmcompose.train.progress import progress_bar
 
 CHECKPOINTS, FINAL_MODEL, LOG_FILE, METRICS_FILE = "checkpoints", "model", "log.jsonl", "metrics.json"
@@ -58,17 +59,26 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     stage: Literal["pretrain", "instruct"]
     train_encoder: bool = True
+    encoder_steps: int = Field(0, ge=0, description="pretrain stage: LLM-free encoder pretraining steps first "
+                                                    "(see train.encoder); at lr.encoder")
     lr: LearningRates = Field(default_factory=LearningRates)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(16, gt=0, description="per process")
     steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     epochs: int = Field(1, gt=0)
+    group_by_length: bool = Field(True, description="batches of similar-length examples (less padding)")
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
     save_every: int = Field(0, ge=0, description="step checkpoint every N steps (0: none)")
     keep_last: int = Field(2, gt=0, description="step checkpoints kept")
     log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _encoder_steps_only_in_pretrain(self) -> TrainConfig:
+        if self.encoder_steps and self.stage != "pretrain":
+            raise ValueError("encoder_steps belongs to the pretrain stage")
+        return self
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one (everything but bookkeeping)."""
@@ -254,8 +264,17 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
     if not samples:
         raise MMComposeError("no training samples")
     started = time.perf_counter()
-    groups = _parameter_groups(model, config)
     data = ExampleSet(model, samples, data_root)
+    # Before DDP wraps the model; every process computes the same weights (same data, same seed). A resumed run
+    # finds the pretrained encoders in its step checkpoint.
+    encoder_losses = {}
+    if config.encoder_steps and not (resume and previous):
+        for modality in data.modalities:
+            inputs, labels, num_classes = caption_classes(data.examples, modality)
+            encoder_losses[modality] = pretrain_encoder(
+                model.branches[modality].encoder, inputs, labels, num_classes, steps=config.encoder_steps,
+                batch_size=config.batch_size, lr=config.lr.encoder, seed=config.seed)
+    groups = _parameter_groups(model, config)
     accelerator = _accelerator(find_unused=len(data.modalities) > 1 or any(not e.inputs for e in data.examples))
     global_batch = config.batch_size * accelerator.num_processes
     per_epoch = len(data) // global_batch
@@ -292,7 +311,7 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
         for step in range(start, total):
             torch.manual_seed(_step_seed(config.seed, step, accelerator.process_index))
             examples = data.batch(config.seed, step, global_batch, accelerator.process_index,
-                                  accelerator.num_processes)
+                                  accelerator.num_processes, config.group_by_length)
             loss = loss_module(examples)
             accelerator.backward(loss)
             if config.grad_clip is not None:
@@ -326,6 +345,7 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
         "stage": config.stage, "strategy": model.spec.strategy, "modalities": list(model.branches),
         "samples": len(data), "steps": total, "epochs": round(total / per_epoch, 3), "global_batch": global_batch,
         "processes": accelerator.num_processes, "resumed_from_step": start,
+        "encoder_pretraining_loss": encoder_losses,
         "first_loss": records[0]["loss"] if records else None, "final_loss": records[-1]["loss"] if records else None,
         "seconds": round(time.perf_counter() - started, 2),
     }

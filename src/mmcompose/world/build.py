@@ -62,7 +62,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "default": Profile(
+    "large": Profile(
         num_entities=48,
         train_renders=12,
         test_renders=4,
@@ -75,7 +75,7 @@ PROFILES: dict[str, Profile] = {
         common_docs=(1500, 3000, 3000),
         instruct_common=768,
     ),
-    "quick": Profile(
+    "small": Profile(
         num_entities=24,
         train_renders=4,
         test_renders=2,
@@ -191,7 +191,7 @@ def resolve_profile(profile: str) -> Profile:
     return PROFILES[profile]
 
 
-def build_world(seed: int, out_dir: Path, profile: str = "default", *, overwrite: bool = False) -> Path:
+def build_world(seed: int, out_dir: Path, profile: str = "small", *, overwrite: bool = False) -> Path:
     """Generate the world of `seed` with `profile` into `out_dir` and return `out_dir`.
 
     Everything is written into a sibling temporary directory that is renamed into place at the end, so
