@@ -24,3 +24,14 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Usage" in result.output and len(result.output.splitlines()) > 3, path
+
+
+def _commands(command) -> list:
+    return [command, *(c for sub in getattr(command, "commands", {}).values() for c in _commands(sub))]
+
+
+def test_no_help_text_holds_square_brackets() -> None:
+    """Rich reads `[...]` in a help text as markup and drops it: `[default: x]` once vanished from --help."""
+    for command in _commands(get_command(app)):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        assert not [t for t in texts if "[" in t and "]" in t], command.name

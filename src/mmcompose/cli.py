@@ -112,14 +112,15 @@ def compose(
 @app.command()
 @one_line_errors
 def demo(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/demo-PROFILE-sSEED].")]
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.",
+                                                    show_default="runs/demo-PROFILE-sSEED")]
     = None,
     profile: Annotated[str, typer.Option(
         help="default (~8 min cold on 2 cores), quick (CI: a shorter joint run) or large (more of everything; "
              "well over 10 min).")] = "default",
     seed: Annotated[int, typer.Option(help="Seed of the world and of every training run.")] = 0,
     jobs: Annotated[int | None, typer.Option(help="Training runs and evaluations run side by side, one process "
-                                                  "each [default: one per CPU core].", min=1)] = None,
+                                                  "each.", show_default="one per CPU core", min=1)] = None,
 ) -> None:
     """Run the paper's experiment end to end on the synthetic world and print its table.
 
@@ -158,8 +159,8 @@ def evaluate(
                                        "(official MCUB-4.json / MCUB-3-*.json + MCUB-answer.json, or a world's).")],
     model: Annotated[Path, typer.Option("--model", help="An mmcompose checkpoint.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for predictions.jsonl and metrics.json.")],
-    data_root: Annotated[Path | None, typer.Option(help="Media paths are relative to this [default: the task's "
-                                                   "directory, or its parent for a world's data/].")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Media paths are relative to this.", show_default="the task's "
+                                                   "directory, or its parent for a world's data/")] = None,
     kind: Annotated[str, typer.Option(help="choice (letters), open (VQA-normalised text), label (classes) or "
                                       "caption (free text: corpus BLEU-4 and mean ROUGE-L against the gpt turn "
                                       "and meta.references; raise --max-new-tokens).")]
@@ -167,8 +168,8 @@ def evaluate(
     shard: Annotated[str, typer.Option(help="i/n: run shard i of n (merge later with the same command and "
                                        "--shard merge/n).")] = "0/1",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer in tokens [default: 64 for "
-                                                       "captions, 16 otherwise].")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer in tokens.",
+                                                       show_default="64 for captions, 16 otherwise")] = None,
     judge: Annotated[str, typer.Option(help="For --kind label: 'names' (label-name matching) or 'embedding' "
                                        "(then the closest label by the model's own token embeddings).")]
     = "names",
