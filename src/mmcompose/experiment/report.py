@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -34,23 +35,34 @@ def write_results(results: Results, tasks: list[str], path: Path, extra: dict) -
     atomic_write_text(path, json.dumps({"tasks": tasks, "results": results, **extra}, indent=2) + "\n")
 
 
+def panel_means(results: Results, tasks: list[str]) -> dict[str, float | None]:
+    """Each method's mean accuracy (%) over the tasks of `tasks` it takes; None if it takes none of them."""
+    means: dict[str, float | None] = {}
+    for method, scores in results.items():
+        taken = [scores[t] for t in tasks if scores.get(t) is not None]
+        means[method] = 100 * sum(taken) / len(taken) if taken else None
+    return means
+
+
 def plot_results(results: Results, groups: dict[str, list[str]], path: Path, chance: float = 0.25) -> None:
-    """One panel per group of tasks (e.g. MCUB, single-modality), bars = mean accuracy of each method."""
-    figure = Figure(figsize=(6 * len(groups), 0.45 * len(results) + 1.5))
+    """One panel per group of tasks (e.g. MCUB, single-modality), bars = mean accuracy of each method over the
+    group's tasks it takes; a method that takes none of them is marked n/a rather than drawn as 0."""
+    figure = Figure(figsize=(6 * len(groups), 0.45 * len(results) + 1.8))
     axes = figure.subplots(1, len(groups), squeeze=False)
     methods = list(results)
     for axis, (name, tasks) in zip(axes[0], groups.items(), strict=True):
-        values = []
-        for method in methods:
-            scores = [results[method][t] for t in tasks if results[method].get(t) is not None]
-            values.append(100 * sum(scores) / len(scores) if scores else 0.0)
+        means = panel_means(results, tasks)
+        values = [means[m] or 0.0 for m in methods]
         bars = axis.barh(methods, values, color=["#4c72b0" if "DAMC" in m else "#8c8c8c" for m in methods])
-        axis.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        axis.bar_label(bars, labels=["n/a" if means[m] is None else f"{means[m]:.1f}" for m in methods],
+                       padding=2, fontsize=8)
         axis.axvline(100 * chance, color="#c44e52", linestyle="--", linewidth=1, label="chance")
         axis.set_xlim(0, 105)
         axis.invert_yaxis()
         axis.set_xlabel("accuracy (%)")
-        axis.set_title(f"{name} (mean of {', '.join(tasks)})" if len(tasks) > 1 else name, fontsize=9)
+        taken = ", ".join(short_task(t) for t in tasks)
+        axis.set_title(f"{name}\n" + textwrap.fill(f"mean of the tasks it takes: {taken}", 45),
+                       fontsize=9)
         axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     with atomic_file(path) as temporary:
