@@ -116,8 +116,8 @@ def demo(
                                                     show_default="runs/demo-PROFILE-sSEED")]
     = None,
     profile: Annotated[str, typer.Option(
-        help="default (~8 min cold on 2 cores), quick (CI: a shorter joint run) or large (more of everything; "
-             "well over 10 min).")] = "default",
+        help="default (~9 min cold on 2 cores), quick (CI: fewer steps, rank 8; ~6 min) or large (48 entities, "
+             "a larger base LLM; ~25 min).")] = "default",
     seed: Annotated[int, typer.Option(help="Seed of the world and of every training run.")] = 0,
     jobs: Annotated[int | None, typer.Option(help="Training runs and evaluations run side by side, one process "
                                                   "each.", show_default="one per CPU core", min=1)] = None,
