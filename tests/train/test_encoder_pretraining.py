@@ -57,6 +57,8 @@ def test_pretraining_separates_classes_and_is_seeded() -> None:
         encoders.append(encoder)
     assert loss < 0.1 < torch.log(torch.tensor(3.0)).item()  # chance is ln 3 ~ 1.1
     assert all(torch.equal(p, q) for p, q in zip(encoders[0].parameters(), encoders[1].parameters(), strict=True))
+    with pytest.raises(MMComposeError, match="at least one step"):
+        pretrain_encoder(MeanEncoder(), inputs, labels, 3, steps=0, batch_size=8, lr=1e-2, seed=5)
 
 
 def test_train_pretrains_the_encoder_first_even_when_stage1_freezes_it(llama_base: Path, world: Path,

@@ -39,6 +39,8 @@ def pretrain_encoder(encoder: nn.Module, inputs: Sequence[torch.Tensor], labels:
                      *, steps: int, batch_size: int, lr: float, seed: int) -> float:
     """Train `encoder` in place to classify `inputs` into `labels` (AdamW, constant `lr`, batches drawn with
     replacement from a generator seeded with `seed`); return the mean loss of the last 10 steps."""
+    if steps < 1:
+        raise MMComposeError(f"encoder pretraining needs at least one step, got {steps}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     parameter = next(encoder.parameters())
