@@ -1,4 +1,4 @@
-"""Train modality models (DESIGN.md §1-2): stage 1 aligns a modality's encoder and connector on captions with
+"""Train modality models: stage 1 aligns a modality's encoder and connector on captions with
 the LLM frozen; stage 2 instruction-tunes the LLM deltas (`shared`, `decoupled`, `full`) with the branches.
 
 Runs under `accelerate` (one process, or `accelerate launch` DDP, gloo on CPU). Step checkpoints hold the
