@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,6 +90,7 @@ def compose(
     Or change a composed checkpoint without recomposing the others:
     mmcompose compose --from composed --add runs/point --remove audio -o composed2
     """
+    from mmcompose.checkpoint import read_manifest
     from mmcompose.compose.config import ModelEntry, load_config
     from mmcompose.compose.engine import compose as run_composition
     from mmcompose.compose.incremental import recompose
@@ -104,7 +104,7 @@ def compose(
     else:
         entries = [ModelEntry(path=path) for path in add or []]
         result = recompose(start, out, add=entries, remove=remove or [], overwrite=overwrite)
-    accounting = json.loads((result / "manifest.json").read_text())["provenance"]["composition"]["accounting"]
+    accounting = read_manifest(result).provenance["composition"]["accounting"]
     console.print(f"composed {result}: {accounting['output_tensors']} tensors, "
                   f"{accounting['branch_parameters'] + accounting['delta_parameters']:,} parameters")
 

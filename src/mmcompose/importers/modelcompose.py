@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from mmcompose.checkpoint import checkpoint_files, fingerprint_base, read_manifest, read_tensors
+from mmcompose.checkpoint import MANIFEST_NAME, checkpoint_files, fingerprint_base, read_manifest, read_tensors
 from mmcompose.errors import CheckpointError
 from mmcompose.importers._common import (
     Filler,
@@ -271,7 +271,7 @@ def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str
         except ValidationError as error:
             raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
         return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST_NAME).is_file():
         return _encoder_from_checkpoint(path, modality.ours)
     if (path / "config.json").is_file():
         model_type = read_json(path / "config.json").get("model_type")
