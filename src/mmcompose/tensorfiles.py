@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mmcompose.errors import CheckpointError
+from mmcompose.errors import CheckpointError, preview
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -191,20 +191,14 @@ def fingerprint_base(directory: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _preview(names: set[str]) -> str:
-    shown = sorted(names)[:3]
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return ", ".join(shown) + more
-
-
 def check_tensor_set(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
                      where: str = "checkpoint") -> None:
     """Strict comparison of a tensor set against what a model expects: the one place that words the errors."""
     missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing:
-        raise CheckpointError(f"{where}: {len(missing)} missing tensor(s): {_preview(missing)}")
+        raise CheckpointError(f"{where}: {len(missing)} missing tensor(s): {preview(missing)}")
     if unexpected:
-        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s): {_preview(unexpected)}")
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s): {preview(unexpected)}")
     for name, target in expected.items():
         value = found[name]
         if value.shape != target.shape:

@@ -5,7 +5,6 @@ the base LLM's weights."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from mmcompose.checkpoint import fingerprint_base
-from mmcompose.errors import CheckpointError
+from mmcompose.errors import CheckpointError, preview
 from mmcompose.model import ModelSpec, MultimodalLLM
 
 # The fields that decide whether two LLM configs describe the same network (vocabulary size is compared
@@ -32,12 +31,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
-
-
-def preview(names: Iterable[str], count: int = 3) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - count} more" if len(names) > count else ""
-    return ", ".join(names[:count]) + more
 
 
 class SourceKeys:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcompose.errors import CheckpointError
+from mmcompose.errors import CheckpointError, preview
 from mmcompose.modalities.encoders import farthest_point_sample
 from mmcompose.tensorfiles import load_state_dict
 
@@ -165,8 +164,8 @@ class PointBERTEncoder(nn.Module):
         missing = [key for key in expected if key not in weights
                    and not key.endswith("num_batches_tracked")]  # old BatchNorm checkpoints lack this counter
         unexpected = [key for key in weights if key not in expected]
-        problems = [f"missing {_preview(missing)}"] if missing else []
-        problems += [f"unexpected {_preview(unexpected)}"] if unexpected else []
+        problems = [f"missing {preview(missing)}"] if missing else []
+        problems += [f"unexpected {preview(unexpected)}"] if unexpected else []
         problems += [f"shape of {key}: {tuple(weights[key].shape)} in the file, {tuple(value.shape)} expected "
                      f"(check the options {self.options})" for key, value in expected.items()
                      if key in weights and weights[key].shape != value.shape][:1]
@@ -197,8 +196,3 @@ class PointBERTEncoder(nn.Module):
         groups = points[rows, neighbours]
         groups = torch.cat([groups[..., :3] - centres.unsqueeze(2), groups[..., 3:]], dim=-1)
         return groups, centres
-
-
-def _preview(keys: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
