@@ -28,9 +28,10 @@ PROMPT = "> "
 
 def commands_help(model: MultimodalLLM) -> str:
     """The interactive commands: one `/MODALITY PATH` per modality of the model, then the session's own."""
-    attach = ", ".join(f"/{name} PATH" for name in model.processors)
-    return (f"commands: {attach} attach{'es' if len(model.processors) == 1 else ''} a file to your next message; "
-            if attach else "commands: ") + "/reset starts over; /quit (or Ctrl-D) exits"
+    attach = [f"/{name} PATH" for name in model.processors]
+    verb = "attaches" if len(attach) == 1 else "attach"
+    first = f"{', '.join(attach)} {verb} a file to your next message; " if attach else ""
+    return f"commands: {first}/reset starts over; /quit (or Ctrl-D) exits"
 
 
 def parse_inputs(items: Iterable[str]) -> list[tuple[str, Path]]:
