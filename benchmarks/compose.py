@@ -3,7 +3,7 @@
 Both tools run as subprocesses in the same run on the same files, with the page cache warm for both; for
 each we record wall time and peak anonymous RSS (RssAnon sampled from /proc every 20 ms: file-backed
 pages of memory-mapped inputs are cache, not memory the merge needs); dirty pages are synced before each run.
-The I/O floor is the time to read every input byte once. Goals (issue 3): <= 0.5x mergekit's time, <= its
+The I/O floor is the time to read every input byte once. Goals: <= 0.5x mergekit's time, <= its
 anonymous RSS, <= 1.3x the floor.
 Run: `python benchmarks/compose.py` (needs ~9 GB of disk and mergekit installed); `--models DIR` keeps the
 generated models in DIR and reuses them on later runs with the same sizes.

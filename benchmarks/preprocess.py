@@ -49,7 +49,7 @@ from report import publish
 
 from mmcompose.io import load_audio, load_image, load_points, load_video
 from mmcompose.io.video import uniform_indices
-from mmcompose.modalities.pretrained import CLIPPixelProcessor
+from mmcompose.modalities.clip import CLIPPixelProcessor
 from mmcompose.modalities.processors import AudioProcessor, ImageProcessor, PointProcessor, VideoProcessor
 
 SIDE = 224

@@ -80,14 +80,14 @@ def repl(model: MultimodalLLM, items: list[str], **options) -> tuple[ChatSession
 def test_one_shot_prints_what_generate_returns(checkpoint: Path, model: MultimodalLLM, images: list[Path]) -> None:
     expected = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
     assert expected  # the check below means something only if the model says something
-    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", str(images[0]),
+    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--input", f"image={images[0]}",
                                       "--max-new-tokens", str(MAX_NEW_TOKENS), "what is this?"])
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"
 
 
 def test_one_shot_sampling_is_seeded(checkpoint: Path, model: MultimodalLLM, images: list[Path]) -> None:
-    arguments = ["chat", "--model", str(checkpoint), "--image", str(images[0]), "--max-new-tokens",
+    arguments = ["chat", "--model", str(checkpoint), "--input", f"image={images[0]}", "--max-new-tokens",
                  str(MAX_NEW_TOKENS), "--temperature", "1.5", "--seed", "7", "describe it"]
     first, second = (CliRunner().invoke(app, arguments) for _ in range(2))
     expected = expected_answer(model, [{"from": "human", "value": "<image>\ndescribe it"}], images[:1],
@@ -171,7 +171,7 @@ def test_reset_starts_a_new_conversation(model: MultimodalLLM, images: list[Path
 
 def test_interactive_cli_exits_cleanly_at_end_of_input(checkpoint: Path, model: MultimodalLLM,
                                                        images: list[Path]) -> None:
-    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--image", str(images[0]),
+    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--input", f"image={images[0]}",
                                       "--max-new-tokens", str(MAX_NEW_TOKENS)], input="what is this?\n")
     assert result.exit_code == 0, result.output
     expected = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
@@ -179,9 +179,30 @@ def test_interactive_cli_exits_cleanly_at_end_of_input(checkpoint: Path, model: 
 
 
 def test_cli_refuses_a_modality_the_model_lacks(checkpoint: Path, images: list[Path]) -> None:
-    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--audio", str(images[0]), "hi"])
+    result = CliRunner().invoke(app, ["chat", "--model", str(checkpoint), "--input", f"audio={images[0]}", "hi"])
     assert result.exit_code == 2
     assert "which this model does not have" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inputs_follow_the_models_modalities_not_a_fixed_list(llama_base: Path, images: list[Path],
+                                                               tmp_path: Path) -> None:
+    """A modality named `photo` (as composition's rename makes) takes files from --input and /photo."""
+    spec = modality_spec("image").model_copy(update={"name": "photo", "placeholder": "<photo>"})
+    renamed = MultimodalLLM.from_base(llama_base, [spec], strategy="decoupled")
+    randomize_deltas(renamed, scale=0.5)
+    path = renamed.save_pretrained(tmp_path / "photo-model")
+    model = load_checkpoint(path).eval()
+    example = model.conversation_example([{"from": "human", "value": "<photo>\nwhat is this?"}], {"photo": images[:1]})
+    expected = model.generate([example], MAX_NEW_TOKENS)[0].strip()
+    assert expected
+    result = CliRunner().invoke(app, ["chat", "--model", str(path), "-i", f"photo={images[0]}",
+                                      "--max-new-tokens", str(MAX_NEW_TOKENS), "what is this?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+    _, out, err = repl(model, [f"/photo {images[0]}", "/quit"])
+    assert "/photo PATH attaches a file" in out and "attached photo" in out and not err
+    bad = CliRunner().invoke(app, ["chat", "--model", str(path), "--input", str(images[0]), "hi"])
+    assert bad.exit_code == 2 and "--input expects MODALITY=PATH" in bad.stderr
 
 
 @pytest.mark.slow  # the executable imports torch and transformers afresh: ~10 s on 2 busy cores
@@ -193,7 +214,7 @@ def test_answers_stream_to_a_real_terminal(checkpoint: Path, model: MultimodalLL
     expected = expected_answer(model, [{"from": "human", "value": "<image>\nwhat is this?"}], images[:1])
     socket = f"mmcompose-chat-test-{tmp_path.name}"
     tmux = ["tmux", "-L", socket]
-    command = f"{executable} chat --model {checkpoint} --image {images[0]} --max-new-tokens {MAX_NEW_TOKENS}"
+    command = f"{executable} chat --model {checkpoint} --input image={images[0]} --max-new-tokens {MAX_NEW_TOKENS}"
     subprocess.run([*tmux, "new-session", "-d", "-x", "200", "-y", "50", "-s", "chat",
                     f"{command}; echo EXIT=$?; sleep 30"], check=True)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,11 +23,26 @@ from mmcompose.model.assembly import Example
 from mmcompose.model.conversation import format_conversation
 from mmcompose.model.mllm import MultimodalLLM
 
-#: Placeholders go at the start of the human turn in this order, one per line, as the training data has them.
-PLACEHOLDER_ORDER = ("image", "audio", "video", "point")
 PROMPT = "> "
-HELP = ("commands: /image PATH, /audio PATH, /video PATH, /point PATH attach a file to your next message; "
-        "/reset starts over; /quit (or Ctrl-D) exits")
+
+
+def commands_help(model: MultimodalLLM) -> str:
+    """The interactive commands: one `/MODALITY PATH` per modality of the model, then the session's own."""
+    attach = [f"/{name} PATH" for name in model.processors]
+    verb = "attaches" if len(attach) == 1 else "attach"
+    first = f"{', '.join(attach)} {verb} a file to your next message; " if attach else ""
+    return f"commands: {first}/reset starts over; /quit (or Ctrl-D) exits"
+
+
+def parse_inputs(items: Iterable[str]) -> list[tuple[str, Path]]:
+    """`--input MODALITY=PATH` values, in the order given; the model checks the modality when attaching."""
+    pairs = []
+    for item in items:
+        modality, separator, path = item.partition("=")
+        if not separator or not modality.strip() or not path:
+            raise MMComposeError(f"--input expects MODALITY=PATH (e.g. image=cat.png), got {item!r}")
+        pairs.append((modality.strip(), Path(path)))
+    return pairs
 
 
 @dataclass
@@ -104,8 +119,10 @@ class ChatSession:
                     raise InputError(f"message: has {found} {placeholder} placeholder(s) but {given} {name} "
                                      f"input(s) are attached")
             return question
-        order = [m for m in PLACEHOLDER_ORDER if m in self.pending]
-        order += [m for m in self.pending if m not in PLACEHOLDER_ORDER]
+        # One line per input at the start of the turn, in registry order (image, audio, video, point for
+        # the built-ins), as the training data has them; other modalities follow in attachment order.
+        order = [m for m in MODALITIES if m in self.pending]
+        order += [m for m in self.pending if m not in MODALITIES]
         lines = [model_placeholders[m] for m in order for _ in self.pending[m]]
         return "\n".join([*lines, question]) if question else "\n".join(lines)
 
@@ -154,7 +171,8 @@ def run_repl(session: ChatSession, out: TextIO, err: TextIO, read: Callable[[str
     Errors in a message or an attachment are printed as one line and the session goes on without that turn;
     Ctrl-C while an answer streams abandons that answer.
     """
-    _write(out, f"modalities: {', '.join(session.model.branches) or 'none (text only)'}. {HELP}\n")
+    _write(out, f"modalities: {', '.join(session.model.branches) or 'none (text only)'}. "
+                f"{commands_help(session.model)}\n")
     while True:
         try:
             line = read(PROMPT).strip()
@@ -185,15 +203,15 @@ def _command(session: ChatSession, line: str, out: TextIO) -> bool:
         session.reset()
         _write(out, "conversation cleared\n")
     elif name == "help":
-        _write(out, HELP + "\n")
-    elif name in PLACEHOLDER_ORDER or name in MODALITIES:
+        _write(out, commands_help(session.model) + "\n")
+    elif name in session.model.processors or name in MODALITIES:
         if not argument:
             raise MMComposeError(f"/{name} needs a file path")
         path = _unquote(argument)
         session.attach(name, path)
         _write(out, f"attached {name} {path} to your next message\n")
     else:
-        raise MMComposeError(f"unknown command /{name}; {HELP}")
+        raise MMComposeError(f"unknown command /{name}; {commands_help(session.model)}")
     return False
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,6 +90,7 @@ def compose(
     Or change a composed checkpoint without recomposing the others:
     mmcompose compose --from composed --add runs/point --remove audio -o composed2
     """
+    from mmcompose.checkpoint import read_manifest
     from mmcompose.compose.config import ModelEntry, load_config
     from mmcompose.compose.engine import compose as run_composition
     from mmcompose.compose.incremental import recompose
@@ -104,7 +104,7 @@ def compose(
     else:
         entries = [ModelEntry(path=path) for path in add or []]
         result = recompose(start, out, add=entries, remove=remove or [], overwrite=overwrite)
-    accounting = json.loads((result / "manifest.json").read_text())["provenance"]["composition"]["accounting"]
+    accounting = read_manifest(result).provenance["composition"]["accounting"]
     console.print(f"composed {result}: {accounting['output_tensors']} tensors, "
                   f"{accounting['branch_parameters'] + accounting['delta_parameters']:,} parameters")
 
@@ -356,29 +356,29 @@ def chat(
     model: Annotated[Path, typer.Option("--model", help="An mmcompose checkpoint.")],
     question: Annotated[str | None, typer.Argument(
         help="Ask this once and print the answer; without it, start an interactive session.")] = None,
-    image: Annotated[Path | None, typer.Option(help="An image for the (first) message.")] = None,
-    audio: Annotated[Path | None, typer.Option(help="An audio file for the (first) message.")] = None,
-    video: Annotated[Path | None, typer.Option(help="A video for the (first) message.")] = None,
-    point: Annotated[Path | None, typer.Option(help="A point cloud or mesh for the (first) message.")] = None,
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", metavar="MODALITY=PATH",
+        help="A file for the (first) message, for any modality of the model (repeatable): image=cat.png, "
+             "audio=meow.wav, or a composed model's renamed modality.")] = None,
     base: Annotated[Path | None, typer.Option(help="The base LLM directory, if not where the checkpoint says.")]
     = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily; above 0 samples.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler (with --temperature > 0).")] = 0,
 ) -> None:
-    """Talk to a model about images, audio, video and point clouds; answers stream as they are generated.
+    """Talk to a model about its modalities' files (images, audio, ...); answers stream as they are generated.
 
     Placeholders (<image>, <audio>, ...) are put at the start of the message, one line per input, unless the
-    question places them itself. Interactive commands: /image PATH, /audio PATH, /video PATH, /point PATH
-    attach a file to the next message; /reset clears the conversation; /quit or Ctrl-D exits.
+    question places them itself. Interactive commands: /MODALITY PATH (/image PATH, /audio PATH, ...)
+    attaches a file to the next message; /reset clears the conversation; /quit or Ctrl-D exits.
 
-    Example: mmcompose chat --model runs/composed --image cat.png --audio meow.wav "What makes this sound?"
+    Example: mmcompose chat --model runs/composed -i image=cat.png -i audio=meow.wav "What makes this sound?"
     """
     from mmcompose.chat import chat as run_chat
+    from mmcompose.chat import parse_inputs
     from mmcompose.checkpoint import load_checkpoint
 
-    files = {"image": image, "audio": audio, "video": video, "point": point}
-    attachments = [(modality, path) for modality, path in files.items() if path is not None]
+    attachments = parse_inputs(inputs or [])
     run_chat(load_checkpoint(model, base=base).eval(), attachments, question, max_new_tokens=max_new_tokens,
              temperature=temperature, seed=seed)
 

@@ -1,5 +1,9 @@
 """One exception type for every user-facing failure, so the CLI can print one line instead of a traceback."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class MMComposeError(Exception):
     """A problem with the user's input, configuration or files. Its message is one self-contained line."""
@@ -15,3 +19,10 @@ class CheckpointError(MMComposeError):
 
 class CompositionError(MMComposeError):
     """The requested composition is invalid (different bases, duplicate modalities, bad parameters)."""
+
+
+def preview(names: Iterable[str], count: int = 3) -> str:
+    """The first `count` names, sorted, and how many more: long name lists stay on an error's one line."""
+    names = sorted(names)
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more

@@ -1,6 +1,9 @@
-"""Safetensors files, tensor by tensor, so composition's peak memory stays near one tensor per input.
+"""Tensor files: the one reader (`TensorReader`, lazy, tensor by tensor, so composition's peak memory stays
+near one tensor per input), the one writer (`SafetensorsStream`), the base LLM's fingerprint, and the strict
+comparison of a tensor set against what a model expects.
 
-Reading uses safetensors' lazy `safe_open`. The safetensors Python API can only write a whole dict at
+Reading uses safetensors' lazy `safe_open`; foreign PyTorch pickles are only ever read with
+`torch.load(weights_only=True)` (`load_state_dict`). The safetensors Python API can only write a whole dict at
 once, so `SafetensorsStream` writes the format directly: the 8-byte little-endian header length, the JSON
 header with every tensor's dtype, shape and byte offsets (known before any data, because composition
 knows its output shapes in advance), then each tensor's raw bytes at its offset.
@@ -8,21 +11,23 @@ knows its output shapes in advance), then each tensor's raw bytes at its offset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import pickle
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from mmcompose.errors import CheckpointError
+from mmcompose.errors import CheckpointError, preview
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -58,22 +63,35 @@ DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class TensorReader:
-    """Lazy access to the tensors of several safetensors files, by name, one tensor at a time."""
+    """Lazy access to the tensors of several safetensors files, by name, one tensor at a time.
 
-    def __init__(self, files: list[Path]) -> None:
+    Unreadable files, a name in two files and unsupported dtypes are `CheckpointError`s, raised on opening.
+    """
+
+    def __init__(self, files: Sequence[Path]) -> None:
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
         self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for file in files:
+        try:
+            for file in files:
+                self._open(Path(file))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _open(self, file: Path) -> None:
+        try:
             header, _ = safetensors_header(file)
             handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            for name, info in header.items():
-                if name in self._where:
-                    raise CheckpointError(f"{file}: tensor {name} also appears in another file")
-                self._where[name] = handle
-                if info["dtype"] not in DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-                self.layout[name] = (DTYPES[info["dtype"]], tuple(info["shape"]))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({error})") from None
+        for name, info in header.items():
+            if name in self._where:
+                raise CheckpointError(f"{file}: tensor {name} also appears in another file")
+            self._where[name] = handle
+            if info["dtype"] not in DTYPES:
+                raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+            self.layout[name] = (DTYPES[info["dtype"]], tuple(info["shape"]))
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -93,6 +111,101 @@ class TensorReader:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.close()
+
+
+def read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of `files` at once (through `TensorReader`, so with its checks)."""
+    with TensorReader(files) as reader:
+        return {name: reader.get(name) for name in reader.names()}
+
+
+def checkpoint_files(directory: Path, names: Iterable[str]) -> list[Path]:
+    """The tensor files a checkpoint's manifest lists, each checked to exist."""
+    paths = []
+    for name in names:
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: tensor file {name} listed in the manifest is missing")
+        paths.append(path)
+    return paths
+
+
+def load_state_dict(path: Path, *, unwrap: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a foreign `.safetensors` file or pickled state dict. A pickle is only ever read with
+    `weights_only=True`: one that holds anything but tensors and plain containers is refused, never run.
+    `unwrap` names a top-level entry holding the state dict, taken when present (training checkpoints)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_tensors([path])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors, and mmcompose only "
+                              f"unpickles with weights_only=True (convert it to safetensors with a tool you trust)"
+                              ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable PyTorch file ({str(error).splitlines()[0]})") from None
+    if unwrap is not None and isinstance(state, dict) and isinstance(state.get(unwrap), dict):
+        state = state[unwrap]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+WINDOWS, WINDOW_BYTES = 64, 64
+
+
+def fingerprint_base(directory: str | Path) -> str:
+    """`sha256:<hex>` over every tensor of a base LLM's safetensors files, in name order, without loading them.
+
+    Hashing every byte of a 7B model costs a minute; composition only needs to tell different bases apart,
+    and two different bases (or a base and a fine-tune) differ almost everywhere. So the fingerprint hashes
+    each tensor's name, dtype and shape plus 64 evenly spaced 64-byte windows of its data. It detects a
+    different base, not a single flipped bit.
+    """
+    entries: dict[str, tuple[Path, int, dict]] = {}
+    for file in weight_files(Path(directory)):
+        header, data_start = safetensors_header(file)
+        for name, info in header.items():
+            entries[name] = (file, data_start, info)
+    digest = hashlib.sha256()
+    handles: dict[Path, object] = {}
+    try:
+        for name in sorted(entries):
+            file, data_start, info = entries[name]
+            handle = handles.setdefault(file, open(file, "rb"))  # noqa: SIM115 - closed in finally
+            begin, end = info["data_offsets"]
+            digest.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
+            span = end - begin
+            step = max(span // WINDOWS, 1)
+            for offset in range(0, span, step)[:WINDOWS]:
+                handle.seek(data_start + begin + offset)
+                digest.update(handle.read(min(WINDOW_BYTES, span - offset)))
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return "sha256:" + digest.hexdigest()
+
+
+def check_tensor_set(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                     where: str = "checkpoint") -> None:
+    """Strict comparison of a tensor set against what a model expects: the one place that words the errors."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} missing tensor(s): {preview(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected tensor(s): {preview(unexpected)}")
+    for name, target in expected.items():
+        value = found[name]
+        if value.shape != target.shape:
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(target.shape)}")
+        if value.dtype != target.dtype:
+            raise CheckpointError(f"{where}: tensor {name} has dtype {value.dtype}, expected {target.dtype}")
 
 
 class SafetensorsStream:

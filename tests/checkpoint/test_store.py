@@ -140,3 +140,15 @@ def test_load_in_bfloat16(saved: tuple[MultimodalLLM, Path]) -> None:
     logits = _logits(half)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), _logits(model), atol=0.1, rtol=0.05)
+
+
+def test_save_pretrained_and_from_pretrained_are_the_checkpoint_functions(saved: tuple[MultimodalLLM, Path],
+                                                                          tmp_path: Path) -> None:
+    model, path = saved
+    again = model.save_pretrained(tmp_path / "again")
+    assert (again / "manifest.json").read_text() == (path / "manifest.json").read_text()
+    assert load_file(again / "model.safetensors").keys() == load_file(path / "model.safetensors").keys()
+    loaded = MultimodalLLM.from_pretrained(again)
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert save_checkpoint is MultimodalLLM.save_pretrained
+    assert load_checkpoint == MultimodalLLM.from_pretrained

@@ -21,8 +21,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmcompose.errors import CheckpointError
 from mmcompose.modalities import build_encoder
-from mmcompose.modalities.encoders import CLIPVisionEncoder
-from mmcompose.modalities.pretrained import CLAPAudioEncoder, WhisperAudioEncoder
+from mmcompose.modalities.clap import CLAPAudioEncoder
+from mmcompose.modalities.clip import CLIPVisionEncoder
+from mmcompose.modalities.whisper import WhisperAudioEncoder
 from tests.modalities.tiny import CLAP_AUDIO, CLAP_FEATURES, CLIP_VISION, WHISPER, assert_equivalent, rebuilt
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,

@@ -1,4 +1,4 @@
-"""Connectors: output shapes, official key layout, and the resampler's fixed output length."""
+"""Connectors: output shapes, official key layout, the resampler's fixed output length, and registration."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmcompose.errors import MMComposeError
-from mmcompose.model.connectors import build_connector
+from mmcompose.modalities import build_connector
 
 
 @pytest.mark.parametrize("tokens", [5, 50])
@@ -29,7 +29,7 @@ def test_resampler_queries_attend_to_every_token() -> None:
 
 
 def test_bad_connector_requests() -> None:
-    with pytest.raises(MMComposeError, match="unknown connector type 'qformer'"):
-        build_connector("qformer", 4, 8)
+    with pytest.raises(MMComposeError, match="unknown connector type 'no-such-connector'"):
+        build_connector("no-such-connector", 4, 8)
     with pytest.raises(MMComposeError, match="bad options"):
         build_connector("linear", 4, 8, depth=2)

@@ -1,4 +1,4 @@
-"""A new modality from user code alone: register a toy `depth` plug-in, train-free round trip."""
+"""Plug-ins from user code alone: a toy `depth` modality and a toy connector type, train-free round trips."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from mmcompose.checkpoint import load_checkpoint, save_checkpoint
-from mmcompose.modalities import Modality, register_encoder, register_modality, register_processor
-from mmcompose.model import MultimodalLLM
+from mmcompose.modalities import (
+    Modality,
+    register_connector,
+    register_encoder,
+    register_modality,
+    register_processor,
+)
+from mmcompose.model import Component, Example, MultimodalLLM
+from tests.model.helpers import random_input, tiny_modality
 
 
 class DepthProcessor:
@@ -47,5 +54,32 @@ def test_register_a_depth_modality_without_touching_core(llama_base: Path, tmp_p
     loss.backward()
     assert model.branches["depth"].encoder.conv.weight.grad is not None
     reloaded = load_checkpoint(save_checkpoint(model, tmp_path / "depth"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits)
+
+
+class MeanPoolConnector(nn.Module):
+    """A toy connector type: one token, the projected mean of the encoder's tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.proj, self.scale = nn.Linear(in_dim, out_dim), scale
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens.mean(1, keepdim=True)) * self.scale
+
+
+def test_register_a_connector_type_without_touching_core(llama_base: Path, tmp_path: Path) -> None:
+    register_connector("mean-pool", MeanPoolConnector)
+    spec = tiny_modality("image").model_copy(update={"connector": Component(type="mean-pool",
+                                                                            options={"scale": 0.5})})
+    model = MultimodalLLM.from_base(llama_base, [spec], strategy="connector-only")
+    connector = model.branches["image"].connector
+    assert isinstance(connector, MeanPoolConnector) and connector.scale == 0.5
+    batch = model.assemble([Example(prompt="USER: <image> what? ASSISTANT:",
+                                    inputs={"image": [random_input("image", torch.Generator())]})])
+    assert int((batch.routes == 1).sum()) == 1  # one token, whatever the encoder's length
+    reloaded = MultimodalLLM.from_pretrained(model.save_pretrained(tmp_path / "pooled"))
+    assert reloaded.spec.modalities[0].connector == Component(type="mean-pool", options={"scale": 0.5})
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch).logits, model(batch).logits)

@@ -13,11 +13,12 @@ picking a merge method or lambdas, it helps to see, for every adapted module of 
   has (almost) no zeros, so for LoRA inputs the rate is over all coordinates.
 
 Everything is computed on the *product* ``(alpha / rank) * B @ A`` (or the dense ``weight``), never on
-the LoRA factors (DESIGN.md §2), and separately for two groups: *language* deltas (those serving the
-``text`` route; NaiveMC and DAMC both merge these) and *modality* deltas (those serving only modality
-routes; only NaiveMC merges these). A delta serving both (``shared``, ``full``) is counted in both groups.
+the LoRA factors (the same product has many factorisations), and separately for two groups: *language*
+deltas (those serving the ``text`` route; NaiveMC and DAMC both merge these) and *modality* deltas (those
+serving only modality routes; only NaiveMC merges these). A delta serving both (``shared``, ``full``) is
+counted in both groups.
 
-Checkpoints are read lazily with ``safetensors.safe_open``: only one module's products (one per input of
+Checkpoints are read lazily with ``TensorReader``: only one module's products (one per input of
 one group) are in memory at a time, whatever the model size. Inputs built on different base LLMs are
 refused, as composition refuses them: their deltas live in different coordinate systems, so their cosines
 and signs mean nothing even when the shapes agree.
@@ -44,12 +45,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from rich.table import Table
-from safetensors import SafetensorError, safe_open
 
-from mmcompose.checkpoint.manifest import Manifest, read_manifest
+from mmcompose.checkpoint import Manifest, checkpoint_files, read_manifest
 from mmcompose.errors import CheckpointError, CompositionError, MMComposeError
 from mmcompose.files import atomic_file, atomic_write_text
+from mmcompose.model.routed import lora_product
 from mmcompose.model.spec import DeltaSpec
+from mmcompose.tensorfiles import TensorReader
 
 __all__ = [
     "GROUPS",
@@ -225,8 +227,9 @@ def _locate(path: str) -> tuple[int | None, str]:
 class _LazyDelta:
     """One input: where its tensors are, validated from the safetensors headers, products on demand."""
 
-    def __init__(self, item: DeltaInput, spec: DeltaSpec, directory: Path, modules: dict[str, dict[str, Any]]) -> None:
-        self.item, self.spec, self.modules = item, spec, modules
+    def __init__(self, item: DeltaInput, spec: DeltaSpec, directory: Path, reader: TensorReader,
+                 modules: dict[str, set[str]]) -> None:
+        self.item, self.spec, self.reader, self.modules = item, spec, reader, modules
         if not modules:
             raise CheckpointError(f"{directory}: delta {spec.name!r} has no tensors")
         expected = {"lora_A", "lora_B"} if spec.kind == "lora" else {"weight"}
@@ -235,18 +238,17 @@ class _LazyDelta:
                 raise CheckpointError(f"{directory}: delta {spec.name!r} at {path} has tensors "
                                       f"{sorted(parts)}, expected {sorted(expected)}")
             if spec.kind == "lora":
-                a_shape, b_shape = (parts[p].get_slice(_name(spec, path, p)).get_shape() for p in ("lora_A", "lora_B"))
+                a_shape, b_shape = (reader.layout[_name(spec, path, p)][1] for p in ("lora_A", "lora_B"))
                 if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != spec.rank or b_shape[1] != spec.rank:
                     raise CheckpointError(f"{directory}: delta {spec.name!r} at {path} has lora_A {tuple(a_shape)} "
                                           f"and lora_B {tuple(b_shape)}, expected rank {spec.rank}")
 
     def product(self, path: str) -> torch.Tensor:
-        parts = self.modules[path]
         if self.spec.kind == "dense":
-            return parts["weight"].get_tensor(_name(self.spec, path, "weight")).float()
-        a = parts["lora_A"].get_tensor(_name(self.spec, path, "lora_A")).float()
-        b = parts["lora_B"].get_tensor(_name(self.spec, path, "lora_B")).float()
-        return (b @ a) * (self.spec.alpha / self.spec.rank)
+            return self.reader.get(_name(self.spec, path, "weight")).float()
+        a = self.reader.get(_name(self.spec, path, "lora_A")).float()
+        b = self.reader.get(_name(self.spec, path, "lora_B")).float()
+        return lora_product(a, b, self.spec.alpha / self.spec.rank)
 
 
 def _name(spec: DeltaSpec, path: str, part: str) -> str:
@@ -268,26 +270,19 @@ def _groups(spec: DeltaSpec) -> tuple[Group, ...]:
 def _open_deltas(label: str, directory: Path, manifest: Manifest, stack: ExitStack) -> list[_LazyDelta]:
     """Open the checkpoint's tensor files and assign every `deltas.*` tensor to its delta and module."""
     by_name = sorted(manifest.model.deltas, key=lambda d: len(d.name), reverse=True)
-    modules: dict[str, dict[str, dict[str, Any]]] = {d.name: {} for d in by_name}
-    for file in manifest.files:
-        location = directory / file
-        if not location.is_file():
-            raise CheckpointError(f"{directory}: tensor file {file} listed in the manifest is missing")
-        try:
-            handle = stack.enter_context(safe_open(location, framework="pt"))
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{location}: unreadable safetensors file ({error})") from None
-        for tensor in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            if not tensor.startswith("deltas."):
-                continue
-            owner = next((d for d in by_name if tensor.startswith(f"deltas.{d.name}.")), None)
-            if owner is None:
-                raise CheckpointError(f"{location}: tensor {tensor} belongs to no delta of the manifest")
-            path, _, part = tensor[len(f"deltas.{owner.name}."):].rpartition(".")
-            modules[owner.name].setdefault(path, {})[part] = handle
+    modules: dict[str, dict[str, set[str]]] = {d.name: {} for d in by_name}
+    reader = stack.enter_context(TensorReader(checkpoint_files(directory, manifest.files)))
+    for tensor in reader.names():
+        if not tensor.startswith("deltas."):
+            continue
+        owner = next((d for d in by_name if tensor.startswith(f"deltas.{d.name}.")), None)
+        if owner is None:
+            raise CheckpointError(f"{directory}: tensor {tensor} belongs to no delta of the manifest")
+        path, _, part = tensor[len(f"deltas.{owner.name}."):].rpartition(".")
+        modules[owner.name].setdefault(path, set()).add(part)
     return [_LazyDelta(DeltaInput(label=f"{label}/{spec.name}", checkpoint=label, delta=spec.name, kind=spec.kind,
                                   routes=tuple(spec.routes), groups=_groups(spec)),
-                       spec, directory, modules[spec.name])
+                       spec, directory, reader, modules[spec.name])
             for spec in manifest.model.deltas]
 
 

@@ -15,7 +15,6 @@ low-rank (factors concatenated, rank = sum of ranks); other operators give a den
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,22 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from mmcompose.checkpoint.manifest import MANIFEST_NAME, BaseReference, Manifest, read_manifest
-from mmcompose.checkpoint.store import TENSOR_FILE, base_reference, resolve_base
+from mmcompose.checkpoint import (
+    MANIFEST_NAME,
+    TENSOR_FILE,
+    BaseReference,
+    Manifest,
+    base_reference,
+    checkpoint_files,
+    read_manifest,
+    resolve_base,
+    write_manifest,
+)
 from mmcompose.compose.config import LEGACY_MERGE, CompositionConfig, ModelEntry
 from mmcompose.compose.operators import OPERATORS, factorwise_mean, lora_concat
 from mmcompose.errors import CheckpointError, CompositionError
 from mmcompose.files import atomic_directory
+from mmcompose.model.routed import lora_product
 from mmcompose.model.spec import DeltaSpec, ModalitySpec, ModelSpec
 from mmcompose.tensorfiles import SafetensorsStream, TensorReader
 
@@ -76,7 +85,7 @@ def open_source(entry: ModelEntry, index: int) -> Source:
                                f"which it does not have (it has: {', '.join(modalities) or 'none'})")
     renamed = [entry.rename.get(m, m) for m in modalities]
     name = model_name(entry, manifest)
-    reader = TensorReader([entry.path / f for f in manifest.files])
+    reader = TensorReader(checkpoint_files(entry.path, manifest.files))
     record = {"path": str(entry.path.resolve()), "rename": dict(entry.rename), "modalities": renamed,
               "manifest": manifest_digest(entry.path)}
     return Source(entry.path, manifest, reader, name, 0.0, entry.density, dict(entry.rename), record)
@@ -269,8 +278,7 @@ def _product(source: Source, delta: DeltaSpec, path: str) -> torch.Tensor:
     if delta.kind == "dense":
         return source.read(f"deltas.{delta.name}.{path}.weight")
     a, b = (source.read(name) for name in _input_names(delta, path))
-    scale = delta.alpha / delta.rank
-    return (b.float() @ a.float() * scale).to(a.dtype)
+    return lora_product(a.float(), b.float(), delta.alpha / delta.rank).to(a.dtype)
 
 
 def _merge_module(config: CompositionConfig, parts: list[tuple[Source, DeltaSpec]], merged: DeltaSpec, path: str,
@@ -346,7 +354,7 @@ def compose_sources(config: CompositionConfig, sources: list[Source], out: str |
                     "accounting": accounting,
                 }},
             )
-            (temporary / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+            write_manifest(temporary, manifest)
     finally:
         for source in sources:
             source.reader.close()

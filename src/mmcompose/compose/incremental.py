@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mmcompose.checkpoint.manifest import Manifest, read_manifest
+from mmcompose.checkpoint import MANIFEST_NAME, Manifest, checkpoint_files, read_manifest
 from mmcompose.compose.config import CompositionConfig, ModelEntry, parse_config
 from mmcompose.compose.engine import Source, compose_sources, manifest_digest, open_source
 from mmcompose.errors import CompositionError
@@ -122,7 +122,7 @@ def recompose(composed: str | Path, out: str | Path, *, add: Sequence[ModelEntry
     config = config.model_copy(update={"models": [*config.models, *add]})
     merged = next((d for d in manifest.model.deltas if "text" in d.routes), None)
     decomposable = merged is None or (history["merge"] == "linear" and merged.kind == "lora")
-    reader = TensorReader([composed / f for f in manifest.files])
+    reader = TensorReader(checkpoint_files(composed, manifest.files))
     sources: list[Source] = []
     try:
         for record in kept:
@@ -140,7 +140,7 @@ def recompose(composed: str | Path, out: str | Path, *, add: Sequence[ModelEntry
 
 def _reopen(record: dict[str, Any], merge: str) -> Source:
     path = Path(record["path"])
-    if not (path / "manifest.json").is_file() or manifest_digest(path) != record["manifest"]:
+    if not (path / MANIFEST_NAME).is_file() or manifest_digest(path) != record["manifest"]:
         raise CompositionError(f"a {merge!r} merge cannot be recomputed without its input {record['name']!r}: "
                                f"{path} is missing or has changed since composition")
     entry = ModelEntry(path=path, name=record["name"], rename=record["rename"], density=record["density"])

@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmcompose.checkpoint import load_checkpoint
-from mmcompose.checkpoint.manifest import read_manifest
+from mmcompose.checkpoint import load_checkpoint, read_manifest
 from mmcompose.compose.config import CompositionConfig
 from mmcompose.compose.engine import compose, model_name
 from mmcompose.eval.benchmark import Sample, score

@@ -1,4 +1,4 @@
-"""The survey's tool-learning alternative: each single-modality model captions its own input, then the
+"""The tool-learning alternative to composition: each single-modality model captions its own input, then the
 text-only base LLM answers the question with the captions in place of the media.
 
 The world's captions read "This is a <name>."; the pipeline passes the LLM the named entity (what a

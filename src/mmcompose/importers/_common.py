@@ -1,22 +1,18 @@
-"""What every importer shares: reading foreign state dicts safely, accounting for every key, and building the
-mmcompose model an import fills without loading the base LLM's weights."""
+"""What every importer shares: accounting for every key of a foreign state dict (read with
+`mmcompose.tensorfiles.load_state_dict`), and building the mmcompose model an import fills without loading
+the base LLM's weights."""
 
 from __future__ import annotations
 
 import json
-import pickle
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from mmcompose.checkpoint.fingerprint import fingerprint_base
-from mmcompose.checkpoint.store import save_checkpoint
-from mmcompose.errors import CheckpointError
+from mmcompose.checkpoint import fingerprint_base
+from mmcompose.errors import CheckpointError, preview
 from mmcompose.model import ModelSpec, MultimodalLLM
 
 # The fields that decide whether two LLM configs describe the same network (vocabulary size is compared
@@ -35,36 +31,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return value
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` file or of a pickled state dict, which is only ever unpickled with
-    `weights_only=True`: a pickle that holds anything but tensors and plain containers is refused, never run."""
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors, and mmcompose only "
-                              f"unpickles with weights_only=True (convert it to safetensors with a tool you trust)"
-                              ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: unreadable PyTorch file ({str(error).splitlines()[0]})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
-    for name, value in state.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
-    return state
-
-
-def preview(names: Iterable[str], count: int = 3) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - count} more" if len(names) > count else ""
-    return ", ".join(names[:count]) + more
 
 
 class SourceKeys:
@@ -179,4 +145,4 @@ class Filler:
             raise CheckpointError(f"{self.where}: {len(unfilled)} tensor(s) of the imported model have no source: "
                                   f"{preview(unfilled)}")
         self.model.provenance = provenance
-        return save_checkpoint(self.model, out, overwrite=overwrite)
+        return self.model.save_pretrained(out, overwrite=overwrite)

@@ -20,23 +20,29 @@ Weights are streamed file by file and tensor by tensor, keeping the base's file 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from mmcompose.checkpoint.fingerprint import fingerprint_base, weight_files
-from mmcompose.checkpoint.manifest import MANIFEST_NAME, BaseReference, Manifest, read_manifest
-from mmcompose.checkpoint.store import TENSOR_FILE, read_tensors, resolve_base
-from mmcompose.checkpoint.validate import check_tensor_set
+from mmcompose.checkpoint import (
+    TENSOR_FILE,
+    BaseReference,
+    Manifest,
+    check_tensor_set,
+    checkpoint_files,
+    fingerprint_base,
+    read_manifest,
+    read_tensors,
+    resolve_base,
+    write_checkpoint,
+)
 from mmcompose.errors import CheckpointError
 from mmcompose.files import atomic_directory
 from mmcompose.importers._common import skeleton
 from mmcompose.model import DeltaSpec, ModelSpec, MultimodalLLM
 from mmcompose.model.routed import TEXT_ROUTE, LoRADelta, difference
-from mmcompose.tensorfiles import SafetensorsStream, TensorReader
+from mmcompose.tensorfiles import SafetensorsStream, TensorReader, weight_files
 
 SUBFOLDER = "mmcompose"
 MINUS_TEXT = "minus-text"
@@ -56,7 +62,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     if fingerprint_base(base) != manifest.base.fingerprint:
         raise CheckpointError(f"{checkpoint}: the base LLM at {base} is not the one this checkpoint was built on")
     source = skeleton(base, manifest.model, manifest.base.fingerprint)
-    source.load_checkpoint_tensors(read_tensors(checkpoint, manifest.files))
+    source.load_checkpoint_tensors(read_tensors(checkpoint_files(checkpoint, manifest.files)))
     text = source.routing.route_to_delta.get(TEXT_ROUTE)
     spec, deltas = _corrections(source, text)
     branches = {name: value for name, value in source.checkpoint_tensors().items() if name.startswith("modalities.")}
@@ -76,10 +82,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
                         "original_base": manifest.base.model_dump(), "original_provenance": manifest.provenance},
         )
         (temporary / SUBFOLDER).mkdir()
-        save_file({name: value.contiguous() for name, value in tensors.items()},
-                  temporary / SUBFOLDER / TENSOR_FILE, metadata={"format": "pt"})
-        (temporary / SUBFOLDER / MANIFEST_NAME).write_text(
-            json.dumps(exported_manifest.model_dump(mode="json"), indent=2) + "\n")
+        write_checkpoint(temporary / SUBFOLDER, exported_manifest, tensors)
     return out
 
 

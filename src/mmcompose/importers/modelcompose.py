@@ -34,23 +34,21 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from mmcompose.checkpoint.fingerprint import fingerprint_base
-from mmcompose.checkpoint.manifest import read_manifest
-from mmcompose.checkpoint.store import read_tensors
+from mmcompose.checkpoint import MANIFEST_NAME, checkpoint_files, fingerprint_base, read_manifest, read_tensors
 from mmcompose.errors import CheckpointError
 from mmcompose.importers._common import (
     Filler,
     SourceKeys,
     base_config,
     check_same_llm,
-    load_state_dict,
     read_json,
     skeleton,
 )
 from mmcompose.modalities import get_modality
-from mmcompose.modalities.encoders import CLIPVisionEncoder
+from mmcompose.modalities.clip import CLIPVisionEncoder
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
+from mmcompose.tensorfiles import load_state_dict
 
 # CLIP's own normalisation, used when a CLIP directory has no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -273,7 +271,7 @@ def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str
         except ValidationError as error:
             raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
         return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST_NAME).is_file():
         return _encoder_from_checkpoint(path, modality.ours)
     if (path / "config.json").is_file():
         model_type = read_json(path / "config.json").get("model_type")
@@ -290,8 +288,8 @@ def _encoder_from_checkpoint(path: Path, modality: str) -> _Encoder:
         have = ", ".join(m.name for m in manifest.model.modalities) or "none"
         raise CheckpointError(f"{path}: has no {modality!r} modality to take an encoder from (it has: {have})")
     prefix = f"modalities.{modality}.encoder."
-    tensors = {name.removeprefix(prefix): value for name, value in read_tensors(path, manifest.files).items()
-               if name.startswith(prefix)}
+    stored = read_tensors(checkpoint_files(path, manifest.files))
+    tensors = {name.removeprefix(prefix): value for name, value in stored.items() if name.startswith(prefix)}
     return _Encoder(spec.encoder, spec.processor, tensors, f"{spec.encoder.type} from checkpoint {path}")
 
 

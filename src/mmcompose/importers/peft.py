@@ -24,13 +24,12 @@ from typing import Any, Literal, NamedTuple
 import torch
 from peft.utils.other import get_pattern_key
 
-from mmcompose.checkpoint.fingerprint import fingerprint_base
-from mmcompose.checkpoint.manifest import read_manifest
-from mmcompose.checkpoint.store import read_tensors
+from mmcompose.checkpoint import checkpoint_files, fingerprint_base, read_manifest, read_tensors
 from mmcompose.errors import CheckpointError
-from mmcompose.importers._common import Filler, load_state_dict, preview, read_json, skeleton
+from mmcompose.importers._common import Filler, preview, read_json, skeleton
 from mmcompose.model import DeltaSpec, ModalitySpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
+from mmcompose.tensorfiles import load_state_dict
 
 Route = Literal["shared", "language", "modality"]
 
@@ -208,5 +207,5 @@ def _start(checkpoint: Path | None, modality: str, fingerprint: str, routes: lis
         own = [route for route in delta.routes if route in ("text", modality)]
         if own and not set(own) & set(routes):
             kept.append(delta.model_copy(update={"routes": own}))
-    return _Start(branch, kept, read_tensors(checkpoint, manifest.files), manifest.model.template,
+    return _Start(branch, kept, read_tensors(checkpoint_files(checkpoint, manifest.files)), manifest.model.template,
                   manifest.model.target_modules)

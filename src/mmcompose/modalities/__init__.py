@@ -1,32 +1,28 @@
 """Modality plug-ins and the four built-ins: image, audio, video, point."""
 
-from mmcompose.modalities.encoders import (
-    AudioFrameEncoder,
-    CLIPVisionEncoder,
-    ImagePatchEncoder,
-    PointGroupEncoder,
-    VideoFrameEncoder,
-)
-from mmcompose.modalities.pretrained import (
-    CLAPAudioEncoder,
-    CLIPPixelProcessor,
-    PointBERTEncoder,
-    WhisperAudioEncoder,
-)
+from mmcompose.modalities.clap import CLAPAudioEncoder
+from mmcompose.modalities.clip import CLIPPixelProcessor, CLIPVisionEncoder
+from mmcompose.modalities.connectors import LinearConnector, MLPConnector, ResamplerConnector
+from mmcompose.modalities.encoders import AudioFrameEncoder, ImagePatchEncoder, PointGroupEncoder, VideoFrameEncoder
+from mmcompose.modalities.point_bert import PointBERTEncoder
 from mmcompose.modalities.processors import AudioProcessor, ImageProcessor, PointProcessor, VideoProcessor
 from mmcompose.modalities.registry import (
+    CONNECTORS,
     ENCODERS,
     MODALITIES,
     PROCESSORS,
     Modality,
     Processor,
+    build_connector,
     build_encoder,
     build_processor,
     get_modality,
+    register_connector,
     register_encoder,
     register_modality,
     register_processor,
 )
+from mmcompose.modalities.whisper import WhisperAudioEncoder
 
 register_encoder("image-patch", ImagePatchEncoder)
 register_encoder("audio-frame", AudioFrameEncoder)
@@ -36,6 +32,9 @@ register_encoder("clip-vision", CLIPVisionEncoder)
 register_encoder("whisper-audio", WhisperAudioEncoder)
 register_encoder("clap-audio", CLAPAudioEncoder)
 register_encoder("point-bert", PointBERTEncoder)
+register_connector("linear", LinearConnector)
+register_connector("mlp2x_gelu", MLPConnector)
+register_connector("resampler", ResamplerConnector)
 register_processor("image", ImageProcessor)
 register_processor("audio", AudioProcessor)
 register_processor("video", VideoProcessor)
@@ -48,14 +47,17 @@ register_modality(Modality("video", "<video>", processor="video", encoder="video
 register_modality(Modality("point", "<point>", processor="point", encoder="point-group"))
 
 __all__ = [
+    "CONNECTORS",
     "ENCODERS",
     "MODALITIES",
     "PROCESSORS",
     "Modality",
     "Processor",
+    "build_connector",
     "build_encoder",
     "build_processor",
     "get_modality",
+    "register_connector",
     "register_encoder",
     "register_modality",
     "register_processor",

@@ -1,17 +1,14 @@
 """Encoders: a module from a processed batch to tokens `(batch, tokens, output_dim)`.
 
-The native encoders are small and randomly initialised so the synthetic world trains them on a CPU; the
-CLIP wrapper runs transformers' stock `CLIPVisionModel` the way LLaVA and ModelCompose use it. Each
-encoder keeps `options`, the keyword arguments that rebuild it, so a checkpoint manifest can record it.
+The native encoders here are small and randomly initialised so the synthetic world trains them on a CPU;
+the pretrained families live in `clip`, `whisper`, `clap` and `point_bert`. Each encoder keeps `options`,
+the keyword arguments that rebuild it, so a checkpoint manifest can record it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 
 def _transformer(width: int, depth: int, heads: int) -> nn.Module:
@@ -132,39 +129,3 @@ class PointGroupEncoder(nn.Module):
         local = (local / scale).to(dtype)
         tokens = self.point_mlp(local).amax(dim=2) + self.position(centres.to(dtype))
         return self.blocks(tokens)
-
-
-class CLIPVisionEncoder(nn.Module):
-    """transformers' `CLIPVisionModel`, features taken as LLaVA does: hidden state `feature_layer`
-    (penultimate by default), CLS dropped. Accepts `(B, 3, H, W)` images or `(B, T, 3, H, W)` videos,
-    whose per-frame tokens are concatenated (`frame_pooling="concat"`) or averaged over time (`"mean"`).
-    """
-
-    def __init__(self, config: dict[str, Any], feature_layer: int = -2, drop_cls: bool = True,
-                 frame_pooling: Literal["concat", "mean"] = "concat") -> None:
-        super().__init__()
-        self.options = dict(config=config, feature_layer=feature_layer, drop_cls=drop_cls,
-                            frame_pooling=frame_pooling)
-        self.model = CLIPVisionModel(CLIPVisionConfig(**config))
-        self.output_dim = self.model.config.hidden_size
-        self.feature_layer, self.drop_cls, self.frame_pooling = feature_layer, drop_cls, frame_pooling
-
-    @classmethod
-    def from_pretrained(cls, path: str, **options: Any) -> CLIPVisionEncoder:
-        """Build from a local CLIP (or CLIP vision) directory; the weights are then ours to save."""
-        pretrained = CLIPVisionModel.from_pretrained(path, local_files_only=True)
-        encoder = cls(pretrained.config.to_dict(), **options)
-        encoder.model.load_state_dict(pretrained.state_dict())
-        return encoder
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        video = pixels.dim() == 5
-        frames = pixels.flatten(0, 1) if video else pixels
-        hidden = self.model(frames.to(self.model.dtype), output_hidden_states=True).hidden_states
-        tokens = hidden[self.feature_layer]
-        if self.drop_cls:
-            tokens = tokens[:, 1:]
-        if not video:
-            return tokens
-        tokens = tokens.unflatten(0, pixels.shape[:2])
-        return tokens.mean(1) if self.frame_pooling == "mean" else tokens.flatten(1, 2)

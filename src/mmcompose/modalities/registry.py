@@ -1,8 +1,8 @@
 """The plug-in registry: a modality is a processor, an encoder, a connector, a placeholder and boundary tokens.
 
 Everything the core needs to know about a modality is looked up here by name, so user code can add one
-(depth, thermal, IMU, ...) with `register_modality`, `register_encoder` and `register_processor` without
-touching any core file.
+(depth, thermal, IMU, ...) or a new part for one with `register_modality`, `register_encoder`,
+`register_connector` and `register_processor` without touching any core file.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Modality:
 
 MODALITIES: dict[str, Modality] = {}
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+CONNECTORS: dict[str, Callable[..., nn.Module]] = {}
 PROCESSORS: dict[str, Callable[..., Processor]] = {}
 
 
@@ -59,6 +60,12 @@ def register_modality(modality: Modality, *, replace: bool = False) -> Modality:
 def register_encoder(name: str, factory: Callable[..., nn.Module]) -> None:
     """Register an encoder type; `factory(**options)` must return a module with an `output_dim` attribute."""
     ENCODERS[name] = factory
+
+
+def register_connector(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Register a connector type; `factory(in_dim, out_dim, **options)` maps `(n, tokens, in_dim)` encoder
+    output to `(n, tokens', out_dim)` LLM embeddings."""
+    CONNECTORS[name] = factory
 
 
 def register_processor(name: str, factory: Callable[..., Processor]) -> None:
@@ -81,6 +88,14 @@ def build_encoder(name: str, options: dict[str, Any]) -> nn.Module:
         return factory(**options)
     except TypeError as error:
         raise MMComposeError(f"bad options {options} for encoder {name!r}: {error}") from None
+
+
+def build_connector(name: str, in_dim: int, out_dim: int, **options: Any) -> nn.Module:
+    factory = _lookup(CONNECTORS, "connector type", name)
+    try:
+        return factory(in_dim, out_dim, **options)
+    except TypeError as error:
+        raise MMComposeError(f"bad options {options} for connector {name!r}: {error}") from None
 
 
 def build_processor(name: str, options: dict[str, Any]) -> Processor:

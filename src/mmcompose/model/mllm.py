@@ -11,13 +11,23 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from mmcompose.errors import InputError, MMComposeError
-from mmcompose.modalities import build_encoder, build_processor, get_modality
+from mmcompose.errors import CheckpointError, InputError, MMComposeError
+from mmcompose.files import atomic_directory
+from mmcompose.modalities import build_connector, build_encoder, build_processor, get_modality
 from mmcompose.model.assembly import Assembler, Batch, Example
-from mmcompose.model.connectors import build_connector
 from mmcompose.model.conversation import format_conversation
+from mmcompose.model.manifest import (
+    TENSOR_FILE,
+    BaseReference,
+    Manifest,
+    base_reference,
+    read_manifest,
+    resolve_base,
+    write_checkpoint,
+)
 from mmcompose.model.routed import TEXT_ROUTE, RouteContext, RoutedLinear, wrap_linears
 from mmcompose.model.spec import Component, ModalitySpec, ModelSpec, Strategy, strategy_deltas
+from mmcompose.tensorfiles import check_tensor_set, checkpoint_files, fingerprint_base, read_tensors
 
 
 class ModalityBranch(nn.Module):
@@ -90,8 +100,6 @@ class MultimodalLLM(nn.Module):
                   target_modules: Sequence[str] | None = None, template: str = "plain",
                   dtype: torch.dtype | None = None) -> MultimodalLLM:
         """A new (untrained) modality model on a base LLM saved in `base_path`."""
-        from mmcompose.checkpoint.fingerprint import fingerprint_base
-
         specs = [m if isinstance(m, ModalitySpec) else modality_spec(m) for m in modalities]
         options: dict[str, Any] = {"template": template, "strategy": strategy,
                                    "deltas": strategy_deltas(strategy, [m.name for m in specs], rank, alpha)}
@@ -237,13 +245,54 @@ class MultimodalLLM(nn.Module):
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors in, strictly: every expected name present, nothing unexpected, shapes and dtypes equal."""
-        from mmcompose.checkpoint.validate import check_tensor_set
-
         expected = self.checkpoint_tensors()
         check_tensor_set(expected, tensors)
         with torch.no_grad():
             for name, target in expected.items():
                 target.copy_(tensors[name])
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a checkpoint: `manifest.json` (the base LLM by reference and fingerprint, not copied) and
+        `model.safetensors` with `checkpoint_tensors()`, atomically (nothing is left on failure).
+
+        Unlike transformers' `save_pretrained`, an existing `directory` is refused unless `overwrite`.
+        """
+        directory = Path(directory)
+        manifest = Manifest(
+            base=BaseReference(path=base_reference(self.base_path, directory), fingerprint=self.base_fingerprint),
+            model=self.spec, files=[TENSOR_FILE], provenance=self.provenance,
+        )
+        tensors = self.checkpoint_tensors()
+        with atomic_directory(directory, overwrite=overwrite) as temporary:
+            write_checkpoint(temporary, manifest, tensors)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, base: str | Path | None = None,
+                        dtype: torch.dtype | None = None) -> MultimodalLLM:
+        """Rebuild a saved model: load its base LLM (from `base`, else where the manifest points; its
+        fingerprint must match), then its own tensors, strictly. Local files only."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        base_path = Path(base) if base is not None else resolve_base(directory, manifest)
+        if not base_path.is_dir():
+            raise CheckpointError(f"{directory}: base LLM not found at {base_path} (pass --base to point at it)")
+        fingerprint = fingerprint_base(base_path)
+        if fingerprint != manifest.base.fingerprint:
+            raise CheckpointError(f"{directory}: the base LLM at {base_path} is not the one this checkpoint was "
+                                  f"built on (fingerprint {fingerprint[:19]}..., expected "
+                                  f"{manifest.base.fingerprint[:19]}...)")
+        llm, tokenizer = load_base(base_path, dtype)
+        model = cls(llm, tokenizer, manifest.model, base_path, fingerprint)
+        model.provenance = dict(manifest.provenance)
+        tensors = read_tensors(checkpoint_files(directory, manifest.files))
+        if dtype is not None:
+            model.branches.to(dtype)
+            tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                       for name, tensor in tensors.items()}
+        model.load_checkpoint_tensors(tensors)
+        return model
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:

@@ -22,6 +22,12 @@ TEXT_ROUTE = 0
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_product(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The delta a LoRA stands for, `scaling * B @ A` with `scaling = alpha / rank` (PEFT's convention), in
+    the factors' dtype: the one place composition, diagnostics and the model form it."""
+    return (lora_b @ lora_a) * scaling
+
+
 class LoRADelta(nn.Module):
     """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT."""
 
@@ -37,7 +43,7 @@ class LoRADelta(nn.Module):
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def matrix(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+        return lora_product(self.lora_A, self.lora_B, self.scaling)
 
 
 class DenseDelta(nn.Module):

@@ -85,7 +85,7 @@ class ModelSpec(Strict):
 
 
 def strategy_deltas(strategy: Strategy, modalities: list[str], rank: int = 16, alpha: float = 32.0) -> list[DeltaSpec]:
-    """The deltas a single-modality (or joint) training strategy creates (DESIGN.md §2)."""
+    """The deltas a single-modality (or joint) training strategy creates."""
     if strategy == "connector-only":
         return []
     if strategy == "shared":

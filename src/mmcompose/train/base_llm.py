@@ -1,6 +1,6 @@
 """Pretrain the synthetic world's base LLM from scratch: a BPE tokenizer and a small LLaMA on the world corpus.
 
-All of the world's knowledge lives in this model (DESIGN.md §4): modality models only learn to tell the LLM
+All of the world's knowledge lives in this model: modality models only learn to tell the LLM
 *which* entity they see, and the LLM must already know that entity's attributes. So besides held-out
 perplexity, the metrics include text-only attribute multiple choice, the number the rest of the experiment
 stands on.

@@ -1,4 +1,4 @@
-"""Train modality models (DESIGN.md §1-2): stage 1 aligns a modality's encoder and connector on captions with
+"""Train modality models: stage 1 aligns a modality's encoder and connector on captions with
 the LLM frozen; stage 2 instruction-tunes the LLM deltas (`shared`, `decoupled`, `full`) with the branches.
 
 Runs under `accelerate` (one process, or `accelerate launch` DDP, gloo on CPU). Step checkpoints hold the
@@ -27,8 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from mmcompose.checkpoint.manifest import read_manifest
-from mmcompose.checkpoint.store import TENSOR_FILE, read_tensors, save_checkpoint
+from mmcompose.checkpoint import TENSOR_FILE, checkpoint_files, read_manifest, read_tensors, save_checkpoint
 from mmcompose.errors import CheckpointError, MMComposeError
 from mmcompose.files import atomic_directory, atomic_write_text
 from mmcompose.model.assembly import Example
@@ -146,7 +145,7 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
         stages += manifest.provenance.get("stages", [])
         wanted = tuple(f"modalities.{name}." for name in names if name in sources and sources[name][1] == path)
         with torch.no_grad():
-            for key, tensor in read_tensors(path, manifest.files).items():
+            for key, tensor in read_tensors(checkpoint_files(path, manifest.files)).items():
                 if key.startswith(wanted):
                     own[key].copy_(tensor)
     model.provenance = {"stages": stages}
@@ -226,7 +225,7 @@ def _save_state(directory: Path, model: MultimodalLLM, optimizer: Any, scheduler
 
 def _load_state(directory: Path, model: MultimodalLLM, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     checkpoint = directory / FINAL_MODEL
-    model.load_checkpoint_tensors(read_tensors(checkpoint, [TENSOR_FILE]))
+    model.load_checkpoint_tensors(read_tensors(checkpoint_files(checkpoint, [TENSOR_FILE])))
     entries: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in load_file(directory / OPTIMIZER_TENSORS).items():
         index, key = name.split(".", 1)

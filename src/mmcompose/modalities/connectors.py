@@ -1,4 +1,7 @@
-"""Connectors (the survey's "multimodal perceivers"): map encoder tokens of width `in_dim` to LLM width.
+"""The built-in connectors (multimodal perceivers): map encoder tokens of width `in_dim` to LLM width.
+
+Registered in `mmcompose.modalities` under `linear`, `mlp2x_gelu` and `resampler`; a new type plugs in with
+`register_connector`.
 
 Keys follow the official checkpoints so imports stay a rename-free copy: `mlp2x_gelu` keeps its two
 linears at indices 0 and 2, as LLaVA and ModelCompose store them.
@@ -6,13 +9,8 @@ linears at indices 0 and 2, as LLaVA and ModelCompose store them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
-
-from mmcompose.errors import MMComposeError
 
 
 class LinearConnector(nn.Module):
@@ -59,20 +57,3 @@ class ResamplerConnector(nn.Module):
         for layer in self.layers:
             queries = layer(queries, memory)
         return self.output_proj(self.norm(queries))
-
-
-CONNECTORS: dict[str, Callable[..., nn.Module]] = {
-    "linear": LinearConnector,
-    "mlp2x_gelu": MLPConnector,
-    "resampler": ResamplerConnector,
-}
-
-
-def build_connector(kind: str, in_dim: int, out_dim: int, **options: Any) -> nn.Module:
-    """Build a registered connector; unknown kinds and options are one-line errors."""
-    if kind not in CONNECTORS:
-        raise MMComposeError(f"unknown connector type {kind!r}; known: {', '.join(sorted(CONNECTORS))}")
-    try:
-        return CONNECTORS[kind](in_dim, out_dim, **options)
-    except TypeError as error:
-        raise MMComposeError(f"bad options {options} for connector {kind!r}: {error}") from None
