@@ -126,18 +126,32 @@ class Batcher:
         for job, length in zip(jobs, batch.attention_mask.sum(1).tolist(), strict=True):
             job.prompt_tokens = int(length)
         tokens = self._choose(jobs, logits)
+        running = self._running(jobs, tokens)
+        if not running:
+            return
+        if len(running) < len(jobs):
+            index = torch.tensor(running, device=tokens.device)
+            state.keep(index)
+            tokens, jobs = tokens[index], [jobs[row] for row in running]
         if self._state is None:
             self._state, self._next, self._rows = state, tokens, list(jobs)
         else:
             self._state.extend(state)
             self._next = torch.cat([self._next, tokens])
             self._rows += jobs
-        self._advance()
 
     def _step(self) -> None:
         logits = step(self.model, self._state, self._next)
-        self._next = self._choose(self._rows, logits)
-        self._advance()
+        tokens = self._choose(self._rows, logits)
+        running = self._running(self._rows, tokens)
+        if not running:
+            self._rows, self._state, self._next = [], None, None
+            return
+        if len(running) < len(self._rows):
+            index = torch.tensor(running, device=tokens.device)
+            self._state.keep(index)
+            tokens, self._rows = tokens[index], [self._rows[row] for row in running]
+        self._next = tokens
 
     def _choose(self, jobs: list[Job], logits: torch.Tensor) -> torch.Tensor:
         tokens = logits.argmax(-1)
@@ -146,21 +160,10 @@ class Batcher:
                 tokens[row] = choose(logits[row: row + 1], job.temperature, job.top_p, job.generator)[0]
         return tokens
 
-    def _advance(self) -> None:
-        """Record each row's new token, tell its request, and drop the rows that are done."""
-        keep = []
-        for row, (job, token) in enumerate(zip(self._rows, self._next.tolist(), strict=True)):
-            if not job.cancelled and not self._record(job, token):
-                keep.append(row)
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._state, self._next = [], None, None
-            return
-        index = torch.tensor(keep, device=self._next.device)
-        self._state.keep(index)
-        self._next = self._next[index]
-        self._rows = [self._rows[row] for row in keep]
+    def _running(self, jobs: list[Job], tokens: torch.Tensor) -> list[int]:
+        """Record each row's new token and tell its request; the rows still running (not done, not cancelled)."""
+        return [row for row, (job, token) in enumerate(zip(jobs, tokens.tolist(), strict=True))
+                if not job.cancelled and not self._record(job, token)]
 
     def _record(self, job: Job, token: int) -> bool:
         """Add `token` to `job`; stream what became final; True when the job is finished."""

@@ -136,7 +136,7 @@ def build_example(model: MultimodalLLM, request: ChatRequest, allowed: Path | No
                     continue
                 modality = PART_MODALITY[part.type]
                 if message.role != "user":
-                    raise ServeError(400, f"{where}: {part.type} in a {message.role} message; media go in user "
+                    raise ServeError(400, f"{where}: {part.type} in a message of role {message.role}; media go in user "
                                      "messages", param=where)
                 if modality not in placeholders:
                     raise ServeError(400, f"{where}: {part.type} needs the {modality} modality, which this model "

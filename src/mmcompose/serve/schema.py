@@ -100,9 +100,10 @@ def parse_request(data: Any) -> ChatRequest:
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ServeError(400, f"invalid request: {where}: {first['msg']}", param=where or None) from None
+        # the deepest error names the field; shallower ones are the other branches of a union (string content)
+        first = max(error.errors(), key=lambda item: len(item["loc"]))
+        where = ".".join(str(part) for part in first["loc"] if str(part) != "str" and "[" not in str(part))
+        raise ServeError(400, f"invalid request: {where or 'body'}: {first['msg']}", param=where or None) from None
     if request.n != 1:
         raise ServeError(400, f"n={request.n} is not supported; only n=1", param="n")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
