@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     shown: str = ""
     prompt_tokens: int = 0
+    token_times: list[float] | None = None  # when given, `perf_counter()` at each token (benchmarks/routing.py)
 
 
 class Batcher:
@@ -167,6 +169,8 @@ class Batcher:
 
     def _record(self, job: Job, token: int) -> bool:
         """Add `token` to `job`; stream what became final; True when the job is finished."""
+        if job.token_times is not None:
+            job.token_times.append(time.perf_counter())
         finished = None
         if token == self.eos:
             finished = "stop"
