@@ -273,3 +273,21 @@ def _runs_to_the_end(reference: MultimodalLLM, prompt: str, tokens: int) -> bool
     count: list[int] = []
     reference.generate([example], tokens, on_token=lambda row, token: count.append(token))
     return len(count) == tokens and reference.tokenizer.eos_token_id not in count
+
+
+def test_a_request_over_the_time_limit_is_a_408_and_leaves_no_row(checkpoint: Path, media_dir: Path) -> None:
+    model = load_checkpoint(checkpoint)
+    limits = Limits(max_tokens=64, request_seconds=0.001)
+    running, thread, port = start_server(model, ServerConfig(model_id="hasty", limits=limits))
+    client = Server("127.0.0.1", port, model, media_dir)
+    try:
+        status, reply = client.chat("hello", max_tokens=64)
+        assert status == 408 and "longer than" in reply["error"]["message"]
+        deadline = time.monotonic() + 10
+        while client.request("GET", "/health")[1]["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, health = client.request("GET", "/health")
+        assert status == 200 and health["active"] == 0
+    finally:
+        running.should_exit = True
+        thread.join(timeout=10)
