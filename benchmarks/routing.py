@@ -19,6 +19,7 @@ over repeats. Run: `python benchmarks/routing.py --threads 1`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -102,7 +103,7 @@ def decode_seconds(times: list[float], expected: int) -> float:
     from other jobs on the machine during a few steps does not move the result."""
     if len(times) != expected:
         raise RuntimeError(f"generation stopped after {len(times)} of {expected} tokens; the rate would be wrong")
-    return statistics.median(later - earlier for earlier, later in zip(times, times[1:], strict=False))
+    return statistics.median(later - earlier for earlier, later in itertools.pairwise(times))
 
 
 def main() -> None:

@@ -191,6 +191,8 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
         _messages([{"type": "point_cloud_url", "point_cloud_url": {
             "url": "data:application/x-npy;base64," + base64.b64encode(b"\x93NUMPY garbage").decode()}}]),
         400, "npy"),
+    "prompt longer than the model's context": (_messages("the zeppa lives in the desert " * 200), 400,
+                                                "exceeds the model's limit"),
     "media in an assistant message": (
         {"messages": [{"role": "assistant", "content": _image(PNG)}, {"role": "user", "content": "hi"}]}, 400,
         "user messages"),
@@ -239,7 +241,7 @@ def test_api_key_is_required_when_set(checkpoint: Path, media_dir: Path) -> None
 
 def test_a_client_leaving_mid_stream_frees_its_slot(checkpoint: Path, media_dir: Path,
                                                     reference: MultimodalLLM) -> None:
-    long = 300
+    long = 600
     prompt = next((p for p in ("tell me a long story", "describe the desert", "list every animal", "count")
                    if _runs_to_the_end(reference, p, long)), None)
     assert prompt is not None, "no prompt found that decodes without EOS; the test could not tell a freed slot"
@@ -261,7 +263,9 @@ def test_a_client_leaving_mid_stream_frees_its_slot(checkpoint: Path, media_dir:
         deadline = time.monotonic() + 10
         while client.request("GET", "/health")[1]["active"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert client.request("GET", "/health")[1]["active"] == 0
+        status, health = client.request("GET", "/health")
+        assert health["active"] == 0
+        assert health["cancelled_rows"] == 1  # it left because its client went away, not because it finished
         assert_alive(client)
     finally:
         running.should_exit = True

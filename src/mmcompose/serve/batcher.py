@@ -68,6 +68,7 @@ class Batcher:
         self._next: torch.Tensor | None = None
         self._wake = threading.Condition()
         self._closed = False
+        self.cancelled_rows = 0  # rows dropped before finishing because their request went away
         self._thread = threading.Thread(target=self._run, name="mmcompose-batcher", daemon=True)
 
     # --- the request side -------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ class Batcher:
         job.cancelled = True
 
     def load(self) -> dict[str, int]:
-        return {"active": len(self._rows), "waiting": len(self._waiting), "max_batch": self.max_batch}
+        return {"active": len(self._rows), "waiting": len(self._waiting), "max_batch": self.max_batch,
+                "cancelled_rows": self.cancelled_rows}
 
     # --- the model side ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -164,8 +166,13 @@ class Batcher:
 
     def _running(self, jobs: list[Job], tokens: torch.Tensor) -> list[int]:
         """Record each row's new token and tell its request; the rows still running (not done, not cancelled)."""
-        return [row for row, (job, token) in enumerate(zip(jobs, tokens.tolist(), strict=True))
-                if not job.cancelled and not self._record(job, token)]
+        running = []
+        for row, (job, token) in enumerate(zip(jobs, tokens.tolist(), strict=True)):
+            if job.cancelled:
+                self.cancelled_rows += 1
+            elif not self._record(job, token):
+                running.append(row)
+        return running
 
     def _record(self, job: Job, token: int) -> bool:
         """Add `token` to `job`; stream what became final; True when the job is finished."""
