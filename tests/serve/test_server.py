@@ -264,7 +264,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(checkpoint: Path, media_dir:
         while client.request("GET", "/health")[1]["active"] and time.monotonic() < deadline:
             time.sleep(0.05)
         status, health = client.request("GET", "/health")
-        assert health["active"] == 0
+        assert status == 200 and health["active"] == 0
         assert health["cancelled_rows"] == 1  # it left because its client went away, not because it finished
         assert_alive(client)
     finally:

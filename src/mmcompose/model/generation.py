@@ -16,12 +16,16 @@ a sliding-window model still attends within its window, because the mask, not th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from mmcompose.model.assembly import Batch
+
+if TYPE_CHECKING:
+    from mmcompose.model.mllm import MultimodalLLM
 
 
 @dataclass
@@ -64,7 +68,7 @@ class DecodeState:
             layer.values = torch.cat([pad(layer.values, 2, mine), pad(incoming.values, 2, theirs)])
 
 
-def prefill(model, batch: Batch) -> tuple[DecodeState, torch.Tensor]:
+def prefill(model: MultimodalLLM, batch: Batch) -> tuple[DecodeState, torch.Tensor]:
     """Run a left-padded prompt batch with its routes into a fresh cache; return the state and the last
     position's logits `(rows, vocab)` in float32."""
     with model.routing.route(batch.routes):
@@ -74,7 +78,7 @@ def prefill(model, batch: Batch) -> tuple[DecodeState, torch.Tensor]:
     return state, out.logits[:, -1].float()
 
 
-def step(model, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+def step(model: MultimodalLLM, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one text token per row (`(rows,)`); return the next logits `(rows, vocab)` in float32."""
     embeds = model.llm.get_input_embeddings()(tokens).unsqueeze(1)
     state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], dim=1)

@@ -112,7 +112,7 @@ class Batcher:
                     if self._rows:
                         self._step()
             except Exception as error:  # a failure must not kill the thread: fail the rows, keep serving
-                for job in self._rows:
+                for job in {id(job): job for job in [*self._rows, *admitted]}.values():
                     job.notify(Event("error", text=f"generation failed: {type(error).__name__}: {error}"))
                 self._rows, self._state, self._next = [], None, None
 
