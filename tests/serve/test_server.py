@@ -295,3 +295,21 @@ def test_a_request_over_the_time_limit_is_a_408_and_leaves_no_row(checkpoint: Pa
     finally:
         running.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_failing_forward_is_a_500_error_object_and_the_next_request_works(server: Server, monkeypatch) -> None:
+    import mmcompose.serve.batcher as batcher_module
+
+    real_step, calls = batcher_module.step, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "step", failing_once)
+    status, reply = server.chat("hello there", max_tokens=6)
+    assert status == 500 and reply["error"]["type"] == "server_error"
+    assert "simulated failure" in reply["error"]["message"]
+    assert_alive(server)

@@ -124,7 +124,7 @@ def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
             batcher.cancel(job)
             raise
         if first.kind == "error":
-            raise ServeError(400, first.text)
+            raise _error_of(first)
         if chat.stream:
             return StreamingResponse(_stream(first, listener, request, deadline, job, batcher, completion, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -136,7 +136,7 @@ def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
         finally:
             batcher.cancel(job)
         if event.kind == "error":
-            raise ServeError(400, event.text)
+            raise _error_of(event)
         return JSONResponse(completion.whole(text, event))
 
     return app
@@ -182,7 +182,7 @@ async def _stream(first: Event, listener: Listener, request: Request, deadline: 
             yield completion.chunk({"content": event.text})
             event = await _next_event(listener, request, deadline)
         if event.kind == "error":
-            yield f"data: {json.dumps(ServeError(400, event.text).body())}\n\n"
+            yield f"data: {json.dumps(_error_of(event).body())}\n\n"
         else:
             yield completion.chunk({}, event.finish_reason)
             if chat.stream_options is not None and chat.stream_options.include_usage:
@@ -193,6 +193,10 @@ async def _stream(first: Event, listener: Listener, request: Request, deadline: 
         yield "data: [DONE]\n\n"
     finally:
         batcher.cancel(job)
+
+
+def _error_of(event: Event) -> ServeError:
+    return ServeError(event.status, event.text, kind="server_error" if event.status >= 500 else "invalid_request_error")
 
 
 async def _next_event(listener: Listener, request: Request, deadline: float) -> Event:

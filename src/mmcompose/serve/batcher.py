@@ -29,10 +29,12 @@ from mmcompose.model.mllm import MultimodalLLM
 
 @dataclass
 class Event:
-    """What a request hears from the batcher: a text `delta`, the `done` finish reason, or an `error`."""
+    """What a request hears from the batcher: a text `delta`, the `done` finish reason, or an `error` (with the
+    HTTP status it becomes: 400 for the request's own fault, 500 for the server's)."""
 
     kind: str
     text: str = ""
+    status: int = 400
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -113,7 +115,7 @@ class Batcher:
                         self._step()
             except Exception as error:  # a failure must not kill the thread: fail the rows, keep serving
                 for job in {id(job): job for job in [*self._rows, *admitted]}.values():
-                    job.notify(Event("error", text=f"generation failed: {type(error).__name__}: {error}"))
+                    job.notify(Event("error", text=f"generation failed: {type(error).__name__}: {error}", status=500))
                 self._rows, self._state, self._next = [], None, None
 
     def _admit(self, jobs: list[Job]) -> None:
