@@ -81,3 +81,23 @@ def test_page_shows_errors(server: Server, browser, tmp_path: Path) -> None:
     browser.find_element(By.ID, "send").click()
     error = wait.until(lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").text else None)
     assert "image" in error.text.lower()
+
+
+def test_dropping_a_file_attaches_it(server: Server, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(server.url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny-model")
+    # a drop event carrying a real File, as the browser builds it when a file is dragged onto the page
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+    """, png_data_url(9).split(",")[1])
+    wait.until(lambda d: "image: dropped.png" in d.find_element(By.ID, "attachments").text)
+    browser.find_element(By.ID, "send").click()
+    answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".message.assistant[data-done=true]"))
+    assert browser.execute_script("return arguments[0].lastChild.textContent", answer) != ""
