@@ -313,3 +313,16 @@ def test_a_failing_forward_is_a_500_error_object_and_the_next_request_works(serv
     assert status == 500 and reply["error"]["type"] == "server_error"
     assert "simulated failure" in reply["error"]["message"]
     assert_alive(server)
+
+
+def test_a_full_queue_is_a_429(checkpoint: Path, media_dir: Path) -> None:
+    model = load_checkpoint(checkpoint)
+    running, thread, port = start_server(model, ServerConfig(model_id="full", limits=Limits(max_waiting=0)))
+    client = Server("127.0.0.1", port, model, media_dir)
+    try:
+        status, reply = client.chat("hello", max_tokens=4)
+        assert status == 429 and reply["error"]["type"] == "rate_limit_error"
+        assert client.request("GET", "/health")[0] == 200
+    finally:
+        running.should_exit = True
+        thread.join(timeout=10)

@@ -35,6 +35,7 @@ class Limits:
     max_body_bytes: int = 64 * 1024 * 1024
     max_tokens: int = 512
     request_seconds: float = 120.0
+    max_waiting: int = 256
     media: MediaLimits = field(default_factory=MediaLimits)
 
 
@@ -110,6 +111,9 @@ def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
         if max_tokens > config.limits.max_tokens:
             raise ServeError(400, f"max_tokens={max_tokens} exceeds this server's limit of "
                              f"{config.limits.max_tokens}", param="max_tokens")
+        if batcher.load()["waiting"] >= config.limits.max_waiting:
+            raise ServeError(429, f"{config.limits.max_waiting} requests are already waiting; retry later",
+                             kind="rate_limit_error")
         example = await run_in_threadpool(build_example, model, chat, config.allowed_media_dir, config.limits.media)
         listener = Listener()
         generator = torch.Generator().manual_seed(chat.seed) if chat.seed is not None else None

@@ -4,7 +4,8 @@ Requests join between steps (continuous batching): whenever a slot is free, wait
 prefilled together (with their modality routes) and their rows appended to the running batch's KV cache
 (`DecodeState.extend`, left padded), so a new request never waits for the current ones to finish. Rows
 leave at the step they finish (EOS, a stop string, `max_tokens`) or are cancelled (client gone, timeout),
-which frees their slot for the next step. Generated tokens all take the text route, which the server folds
+which frees their slot for the next step. A prefill runs between two steps, so it pauses the running rows
+for its duration (there is no chunked prefill). Generated tokens all take the text route, which the server folds
 into the base weights, so a decode step costs what the bare base LLM's does.
 """
 
