@@ -1,23 +1,30 @@
-"""Routing cost: a 4-modality DAMC-composed model vs its bare base LLM vs compute-all-then-mask.
+"""Routing cost: a 4-modality DAMC-composed model vs the bare base LLM under transformers' own `generate`.
 
-A composed model with four modality deltas plus a text delta (rank 16) on a ~60M-parameter LLaMA, all
-three variants sharing the same weights and the same decode loop, measured in the same run:
+A composed model with four modality deltas plus a text delta (rank 16) on a ~60M-parameter LLaMA; every
+variant shares the same base weights and the same prompt (its embeddings, modality features included) and
+is measured in the same run, interleaved:
 
-* base      - the bare base LLM (no deltas);
-* routed    - mmcompose: text delta folded into W, each modality's `D_m - D_text` on its own tokens only;
-* masked    - the official code's approach: every delta computed on every token, then masked by route.
+* hf-generate - the reference: transformers' `model.generate` (greedy) on the bare base `LlamaForCausalLM`;
+* base        - our generation loop on the bare base LLM (no deltas);
+* routed      - mmcompose: text delta folded into W, each modality's `D_m - D_text` on its own tokens only;
+* serving     - `routed` through the server's batcher (one request), as `mmcompose serve` decodes;
+* masked      - the official code's approach: every delta computed on every token, then masked by route.
 
-Prints and appends to benchmarks/RESULTS.md: prefill time for a prompt with all four modalities and
-decode tokens/s, each as a ratio to the base. Run: `python benchmarks/routing.py`.
+Decode tok/s is 1 / the median interval between successive generated tokens (prefill excluded), from a
+timestamp per token (a stopping criterion for `generate`, `on_token` for our loop, the batcher's token
+times); prefill is one forward over the prompt. Ratios are to hf-generate; medians with the min-max spread
+over repeats. Run: `python benchmarks/routing.py --threads 1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -25,9 +32,10 @@ from pathlib import Path
 import torch
 from report import publish
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from mmcompose.model import Example, MultimodalLLM, RoutedLinear, modality_spec
+from mmcompose.serve.batcher import Batcher, Job
 from mmcompose.train.tokenizer import train_tokenizer
 
 MODALITIES = ["image", "audio", "video", "point"]
@@ -79,6 +87,25 @@ def time_once(function) -> float:
     return time.perf_counter() - start
 
 
+class TokenClock(StoppingCriteria):
+    """Never stops; records when each token was generated (called once per step by `generate`)."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = times
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def decode_seconds(times: list[float], expected: int) -> float:
+    """Seconds per decoded token: the median interval between successive tokens, so that a burst of load
+    from other jobs on the machine during a few steps does not move the result."""
+    if len(times) != expected:
+        raise RuntimeError(f"generation stopped after {len(times)} of {expected} tokens; the rate would be wrong")
+    return statistics.median(later - earlier for earlier, later in itertools.pairwise(times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
@@ -108,12 +135,25 @@ def main() -> None:
             return lambda: model(batch, logits_to_keep=1)
 
         def decode(model: MultimodalLLM):
-            def run() -> None:
-                count = []
-                model.generate([example], max_new_tokens=args.new_tokens, on_token=lambda row, token: count.append(1))
-                if len(count) != args.new_tokens:
-                    raise RuntimeError(f"generation stopped after {len(count)} tokens; the rate would be wrong")
+            def run() -> float:
+                times: list[float] = []
+                model.generate([example], max_new_tokens=args.new_tokens,
+                               on_token=lambda row, token: times.append(time.perf_counter()))
+                return decode_seconds(times, args.new_tokens)
             return run
+
+        reference = LlamaForCausalLM.from_pretrained(base_path).eval()
+        embeds = batch.embeds.detach()
+
+        def hf_prefill() -> None:
+            reference(inputs_embeds=embeds, attention_mask=batch.attention_mask, logits_to_keep=1)
+
+        def hf_decode() -> float:
+            times: list[float] = []
+            reference.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, do_sample=False,
+                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
+                               stopping_criteria=StoppingCriteriaList([TokenClock(times)]))
+            return decode_seconds(times, args.new_tokens)
 
         composed.fold_text_route()
         masked = build(base_path, "decoupled", args.rank)  # the same seeds: the same weights as `composed`
@@ -129,15 +169,29 @@ def main() -> None:
             setattr(masked.llm.get_submodule(parent), attribute, layers[-1])
 
         def with_masks(masks: dict, function):
-            def run() -> None:
+            def run():
                 for layer in layers:
                     layer.route_masks = masks
-                function()
+                return function()
             return run
 
+        batcher = Batcher(composed, max_batch=1)
+        batcher.start()
+
+        def serving_decode() -> float:
+            done = threading.Event()
+            job = Job(example=example, max_tokens=args.new_tokens, token_times=[],
+                      notify=lambda event: done.set() if event.kind != "delta" else None)
+            batcher.submit(job)
+            if not done.wait(600):
+                raise RuntimeError("the batcher did not finish")
+            return decode_seconds(job.token_times, args.new_tokens)
+
         variants = {
+            "hf-generate": (hf_prefill, hf_decode),
             "base": (prefill(base), decode(base)),
             "routed": (prefill(composed), decode(composed)),
+            "serving": (prefill(composed), serving_decode),
             "masked": (with_masks(prompt_masks, prefill(masked)), with_masks(text_masks, decode(masked))),
         }
         samples = {name: {"prefill": [], "decode": []} for name in variants}
@@ -148,8 +202,8 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
                 for name, (first, second) in variants.items():
                     samples[name]["prefill"].append(time_once(first))
-                    samples[name]["decode"].append(time_once(second))
-        results = {name: {k: statistics.median(v) for k, v in timing.items()} for name, timing in samples.items()}
+                    samples[name]["decode"].append(second())
+        batcher.close()
 
     tokens = int(batch.attention_mask.sum())
     lines = [
@@ -162,15 +216,20 @@ def main() -> None:
         f"- model: LLaMA {parameters / 1e6:.1f}M parameters, 4 modalities, decoupled rank {args.rank} "
         f"(4 modality deltas + text delta), prompt {tokens} tokens ({int((batch.routes > 0).sum())} modality)",
         "",
-        "| variant | prefill ms | prefill vs base | decode tok/s | decode vs base |",
+        "| variant | prefill ms (min-max) | prefill vs hf | decode tok/s (min-max) | decode vs hf-generate |",
         "|---|---|---|---|---|",
     ]
-    for name, result in results.items():
-        speed = args.new_tokens / result["decode"]
-        prefill_ratio = result["prefill"] / results["base"]["prefill"]
-        decode_ratio = results["base"]["decode"] / result["decode"]
-        lines.append(f"| {name} | {1000 * result['prefill']:.1f} | {prefill_ratio:.3f}x "
-                     f"| {speed:.1f} | {decode_ratio:.3f}x |")
+    reference = samples["hf-generate"]
+    for name, timing in samples.items():
+        prefill_ms = [1000 * t for t in timing["prefill"]]
+        speeds = [1 / t for t in timing["decode"]]
+        prefill_ratio = statistics.median(timing["prefill"]) / statistics.median(reference["prefill"])
+        decode_ratio = statistics.median(reference["decode"]) / statistics.median(timing["decode"])
+        lines.append(f"| {name} | {statistics.median(prefill_ms):.1f} ({min(prefill_ms):.1f}-{max(prefill_ms):.1f}) "
+                     f"| {prefill_ratio:.3f}x | {statistics.median(speeds):.1f} ({min(speeds):.1f}-{max(speeds):.1f}) "
+                     f"| {decode_ratio:.3f}x |")
+    lines += ["", "Ratios are of medians, all variants measured interleaved in this run; the machine is shared "
+              "with other jobs, so absolute numbers move between runs and only the ratios compare."]
     publish(lines, args.results)
 
 

@@ -383,6 +383,37 @@ def chat(
              temperature=temperature, seed=seed)
 
 
+@app.command()
+@one_line_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoint directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/ requests.")]
+    = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoded together in one forward.")] = 8,
+    allowed_media_dir: Annotated[Path | None, typer.Option(
+        help="Media may be given as paths (or file: URLs) inside this directory; without it, only data: URLs.")]
+    = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
+    request_timeout: Annotated[float, typer.Option(min=1.0, help="Seconds a request may take in all.")] = 120.0,
+    max_media: Annotated[int, typer.Option(min=0, help="Most media parts in one request.")] = 8,
+    max_media_mb: Annotated[float, typer.Option(min=0.01, help="Largest media part, in MiB.")] = 20.0,
+    base: Annotated[Path | None, typer.Option(help="The base LLM directory, if not where the checkpoint says.")]
+    = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
+    page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
+
+    Example: mmcompose serve runs/composed --port 8000, then open http://127.0.0.1:8000/
+    """
+    from mmcompose.serve import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
+               allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
+               max_media=max_media, max_media_mb=max_media_mb, base=base)
+
+
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")
 app.add_typer(train_app, name="train")
 

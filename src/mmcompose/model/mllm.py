@@ -16,6 +16,7 @@ from mmcompose.files import atomic_directory
 from mmcompose.modalities import build_connector, build_encoder, build_processor, get_modality
 from mmcompose.model.assembly import Assembler, Batch, Example
 from mmcompose.model.conversation import format_conversation
+from mmcompose.model.generation import choose, prefill, step
 from mmcompose.model.manifest import (
     TENSOR_FILE,
     BaseReference,
@@ -160,51 +161,63 @@ class MultimodalLLM(nn.Module):
                  on_token: Callable[[int, int], None] | None = None) -> list[str]:
         """Greedy (temperature 0) or sampled decoding; every generated token takes the text route.
 
-        With the cache, the prompt is prefilled once and each step feeds one token; without it, every
-        step recomputes the whole sequence (the reference the cached path must equal).
-        `on_token(row, token_id)` streams tokens as they are chosen.
+        With the cache (`mmcompose.model.generation`), the prompt is prefilled once, each step feeds one token
+        and rows that reached EOS leave the batch; without it, every step recomputes the whole sequence (the
+        reference the cached path must equal). `on_token(row, token_id)` streams tokens as they are chosen.
         """
+        if not use_cache:
+            return self._generate_uncached(examples, max_new_tokens, temperature, generator, on_token)
+        eos = self.tokenizer.eos_token_id
+        tokens: list[list[int]] = [[] for _ in examples]
+        if max_new_tokens <= 0:
+            return ["" for _ in examples]
+        state, logits = prefill(self, self.assemble(examples, padding_side="left"))
+        active = list(range(len(examples)))
+        for count in range(max_new_tokens):
+            chosen = choose(logits, temperature, generator=generator)
+            for row, token in zip(active, chosen.tolist(), strict=True):
+                tokens[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+            running = [index for index, token in enumerate(chosen.tolist()) if token != eos]
+            if not running or count + 1 == max_new_tokens:
+                break
+            if len(running) < len(active):
+                keep = torch.tensor(running, device=self.device)
+                state.keep(keep)
+                chosen = chosen[keep]
+                active = [active[index] for index in running]
+            logits = step(self, state, chosen)
+        return [self.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
+
+    def _generate_uncached(self, examples: list[Example], max_new_tokens: int, temperature: float,
+                           generator: torch.Generator | None,
+                           on_token: Callable[[int, int], None] | None) -> list[str]:
+        """The whole sequence recomputed every step: slow, simple, and the reference for the cached path."""
         batch = self.assemble(examples, padding_side="left")
         embed = self.llm.get_input_embeddings()
         eos = self.tokenizer.eos_token_id
         embeds, mask, positions, routes = batch.embeds, batch.attention_mask, batch.position_ids, batch.routes
         finished = torch.zeros(len(examples), dtype=torch.bool, device=self.device)
-        generated: list[torch.Tensor] = []
-        past, step_embeds, step_positions, step_routes = None, embeds, positions, routes
-        last_prompt_position = positions[:, -1:]
+        tokens: list[list[int]] = [[] for _ in examples]
         for _ in range(max_new_tokens):
-            with self.routing.route(step_routes):
-                out = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
-                               past_key_values=past, use_cache=use_cache, logits_to_keep=1)
-            token = self._choose(out.logits[:, -1].float(), temperature, generator)
-            token = torch.where(finished, torch.full_like(token, eos if eos is not None else 0), token)
-            generated.append(token)
-            if on_token is not None:
-                for row in (~finished).nonzero().flatten().tolist():
+            with self.routing.route(routes):
+                out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                               logits_to_keep=1)
+            token = choose(out.logits[:, -1].float(), temperature, generator=generator)
+            for row in (~finished).nonzero().flatten().tolist():
+                tokens[row].append(int(token[row]))
+                if on_token is not None:
                     on_token(row, int(token[row]))
             if eos is not None:
                 finished |= token == eos
             if bool(finished.all()):
                 break
-            new_embeds = embed(token).unsqueeze(1)
-            new_positions = last_prompt_position + len(generated)
+            embeds = torch.cat([embeds, embed(token).unsqueeze(1)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if use_cache:
-                past, step_embeds, step_positions, step_routes = out.past_key_values, new_embeds, new_positions, None
-            else:
-                embeds = torch.cat([embeds, new_embeds], dim=1)
-                positions = torch.cat([positions, new_positions], dim=1)
-                routes = torch.cat([routes, torch.full_like(routes[:, :1], TEXT_ROUTE)], dim=1)
-                step_embeds, step_positions, step_routes = embeds, positions, routes
-        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in examples]
+            routes = torch.cat([routes, torch.full_like(routes[:, :1], TEXT_ROUTE)], dim=1)
         return [self.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-        if temperature <= 0:
-            return logits.argmax(-1)
-        probabilities = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
     # --- text-route folding --------------------------------------------------------------------------
     def fold_text_route(self) -> None:

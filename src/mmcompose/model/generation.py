@@ -1,0 +1,105 @@
+"""Step-wise cached decoding shared by `MultimodalLLM.generate` and the server's dynamic batcher.
+
+A `DecodeState` holds rows being decoded together: a transformers `DynamicCache` (the current cache API: the
+forward's `cache=` argument and the output's `.cache`), the attention mask over cache + next token, and each
+row's next position. Rows are left padded, so every row's next token sits in the same, last column. Rows can
+leave (`keep`) and join (`extend`) between steps: joining pads the shorter side's cache and mask on the left
+with masked-out columns, and leaving drops the rows and any leading column no remaining row attends to.
+
+Compared with transformers' `generate`: no logits processors, stopping criteria or per-step input preparation
+(each step is one embedding lookup, one mask column and one forward); routes apply to the prefill only, since
+every generated token is text. The cache is built without the model config, so every layer is a plain
+`DynamicLayer` (full attention, position-aligned across rows), which is what joining and trimming rows need;
+a sliding-window model still attends within its window, because the mask, not the cache, enforces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from mmcompose.model.assembly import Batch
+
+if TYPE_CHECKING:
+    from mmcompose.model.mllm import MultimodalLLM
+
+
+@dataclass
+class DecodeState:
+    """Rows decoded together: their cache, the mask over it and each row's next position `(rows, 1)`."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices, in order), then drop leading columns that no kept row attends to."""
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        attended = self.mask.any(0).nonzero()
+        start = int(attended[0]) if len(attended) else self.mask.shape[1]
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def extend(self, other: DecodeState) -> None:
+        """Append `other`'s rows after ours, left padding whichever side is shorter."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(tensor: torch.Tensor, dim_from_end: int, length: int) -> torch.Tensor:
+            missing = width - length
+            return tensor if missing == 0 else F.pad(tensor, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        mine, theirs = self.mask.shape[1], other.mask.shape[1]
+        self.mask = torch.cat([pad(self.mask, 1, mine), pad(other.mask, 1, theirs)])
+        self.positions = torch.cat([self.positions, other.positions])
+        for layer, incoming in zip(self.cache.layers, other.cache.layers, strict=True):
+            layer.keys = torch.cat([pad(layer.keys, 2, mine), pad(incoming.keys, 2, theirs)])
+            layer.values = torch.cat([pad(layer.values, 2, mine), pad(incoming.values, 2, theirs)])
+
+
+def prefill(model: MultimodalLLM, batch: Batch) -> tuple[DecodeState, torch.Tensor]:
+    """Run a left-padded prompt batch with its routes into a fresh cache; return the state and the last
+    position's logits `(rows, vocab)` in float32."""
+    with model.routing.route(batch.routes):
+        out = model.llm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+    state = DecodeState(cache=out.cache, mask=batch.attention_mask, positions=batch.position_ids[:, -1:] + 1)
+    return state, out.logits[:, -1].float()
+
+
+def step(model: MultimodalLLM, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one text token per row (`(rows,)`); return the next logits `(rows, vocab)` in float32."""
+    embeds = model.llm.get_input_embeddings()(tokens).unsqueeze(1)
+    state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], dim=1)
+    with model.routing.route(None):
+        out = model.llm(inputs_embeds=embeds, attention_mask=state.mask, position_ids=state.positions,
+                        cache=state.cache, use_cache=True)
+    state.positions = state.positions + 1
+    return out.logits[:, -1].float()
+
+
+def choose(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy at temperature 0; otherwise sample from the softmax at `temperature`, restricted to the smallest
+    set of tokens whose probability reaches `top_p` (nucleus sampling, as transformers' `TopPLogitsWarper`,
+    which keeps at least one token)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probabilities = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
+        before = sorted_probabilities.cumsum(-1) - sorted_probabilities
+        sorted_probabilities = sorted_probabilities.masked_fill(before >= top_p, 0.0)
+        probabilities = torch.zeros_like(probabilities).scatter(-1, order, sorted_probabilities)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
