@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"compose", "importers"},
     {"eval", "world"},
     {"train"},
-    {"chat", "experiment"},
+    {"chat", "experiment", "serve"},
     {"cli"},
 ]
 
@@ -36,11 +36,17 @@ def _module_name(path: Path, root: Path = PACKAGE) -> str:
 
 def _imports(path: Path, modules: set[str], root: Path = PACKAGE) -> set[str]:
     """The `mmcompose` modules `path` imports anywhere in its body (`from a import b` counts as `a.b` when
-    `b` is a module, else as `a`)."""
+    `b` is a module, else as `a`). Imports under `if TYPE_CHECKING:` never run, so they are not counted."""
     name = _module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    type_only = {id(node) for block in ast.walk(tree)
+                 if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                 for statement in block.body for node in ast.walk(statement)}
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
