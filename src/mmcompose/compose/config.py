@@ -57,15 +57,13 @@ class ModelEntry(WeightedModel):
 
 
 class MergeSpec(BaseModel):
-    """What every merge config says: the method, its global parameters, the seed of the random methods."""
+    """What every merge config says: `merge` (the method), its global `parameters`, the `seed` of the random
+    methods. The fields are declared by each config, in the order its YAML lists them and its provenance records
+    them; this base checks them and assembles the method's parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
-    merge: str = "linear"
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
-
-    @field_validator("merge")
+    @field_validator("merge", check_fields=False)
     @classmethod
     def _known_merge(cls, merge: str) -> str:
         if merge not in METHODS:
@@ -74,22 +72,29 @@ class MergeSpec(BaseModel):
 
     def method_parameters(self, densities: list[float | None]) -> dict[str, Any]:
         """The method's parameters for inputs with these per-input densities (None: the global one)."""
-        params = dict(self.parameters)
+        parameters: dict[str, Any] = getattr(self, "parameters")  # noqa: B009 (declared by each config)
+        params = dict(parameters)
         if any(density is not None for density in densities):
-            params["density"] = [self.parameters.get("density") if d is None else d for d in densities]
+            params["density"] = [parameters.get("density") if d is None else d for d in densities]
         return params
 
 
 class CompositionConfig(MergeSpec):
     method: Literal["naive", "damc"]
+    merge: str = "linear"
     models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
     lambdas: dict[str, float] = Field(default_factory=dict)
+    seed: int = 0
 
 
 class LLMMergeConfig(MergeSpec):
     """Full fine-tunes of `base` (plain transformers directories) to merge into one LLM."""
 
     base: Path
+    merge: str = "linear"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
     models: list[WeightedModel] = Field(min_length=1)
 
     @field_validator("merge")
@@ -119,7 +124,7 @@ def _validate(schema: type[Config], raw: Any, origin: str) -> Config:
         where = ".".join(str(part) for part in first["loc"]) or "config"
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         raise CompositionError(f"{origin}: {where}: {message}") from None
-    params = config.method_parameters([entry.density for entry in config.models])
+    params = config.method_parameters([entry.density for entry in getattr(config, "models")])  # noqa: B009
     try:
         validate_parameters(config.merge, params)
     except CompositionError as error:
