@@ -3,8 +3,8 @@ LoRA helpers.
 
 A *delta* is a dense tensor ``D``: ``W_ft - W_base`` for a full fine-tune, or the product
 ``(alpha / rank) * B @ A`` for a LoRA. Every method in :data:`METHODS` takes a list of same-shape deltas, one
-non-negative weight ``lambda_m`` per delta, and :class:`MergeParameters`, and returns one merged delta. As in
-mergekit's generalized task arithmetic, a method is one choice of each part:
+non-negative weight ``lambda_m`` per delta, and parameters (validated into :class:`MergeParameters`), and returns
+one merged delta. As in mergekit's generalized task arithmetic, a method is one choice of each part:
 
 * :func:`sparsify`: ``none`` | ``magnitude`` (keep each delta's top-``density`` entries) | ``dare`` (random drop,
   rescale by ``1 / density``);
