@@ -32,11 +32,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 OURS = """
 import sys
-from mmcompose.compose.config import parse_config
+from mmcompose.compose.config import parse_merge_config
 from mmcompose.compose.llm_merge import merge_llms
 import json
 spec = json.loads(sys.argv[1])
-merge_llms(spec["base"], parse_config(spec["config"]), spec["out"], progress=False)
+merge_llms(parse_merge_config(spec["config"]), spec["out"], progress=False)
 """
 
 
@@ -131,9 +131,9 @@ def main() -> None:
                                                    "models": models}))
             theirs = run([str(Path(sys.executable).with_name("mergekit-yaml")), str(mergekit_config),
                           str(scratch / f"mergekit-{method}"), "--no-copy-tokenizer", "--quiet"])
-            config = {"method": "naive", "merge": ours, "parameters": params,
+            config = {"base": str(base), "merge": ours, "parameters": params,
                       "models": [{"path": str(f), "lambda": 1 / 3} for f in finetunes]}
-            spec = json.dumps({"base": str(base), "config": config, "out": str(scratch / f"ours-{method}")})
+            spec = json.dumps({"config": config, "out": str(scratch / f"ours-{method}")})
             mine = run([sys.executable, "-c", OURS, spec])
             rows.append((method, floor, theirs, mine))
     finally:

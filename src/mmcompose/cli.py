@@ -111,6 +111,36 @@ def compose(
 
 @app.command()
 @one_line_errors
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge YAML: base, merge, parameters, seed, models.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output transformers directory (written atomically).")],
+    max_shard_size: Annotated[str, typer.Option(
+        help="Largest weight file; above it the weights are sharded with a model.safetensors.index.json "
+             "(bytes or 500MB, 2GiB...).")] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
+    = False,
+) -> None:
+    """Merge full fine-tunes of one base LLM (transformers directories, safetensors) into one LLM.
+
+    Example config (methods: linear, ties, dare_linear, dare_ties, magnitude_prune):
+
+        base: models/base
+        merge: ties
+        parameters: {density: 0.5}
+        models:
+          - {path: models/math, lambda: 0.5}
+          - {path: models/code, lambda: 0.5, density: 0.7}
+    """
+    from mmcompose.compose.config import load_merge_config
+    from mmcompose.compose.llm_merge import merge_llms
+
+    result = merge_llms(load_merge_config(config), out, max_shard_size=max_shard_size, overwrite=overwrite)
+    shards = sorted(path.name for path in result.glob("*.safetensors"))
+    console.print(f"merged {result}: {len(shards)} weight file(s)")
+
+
+@app.command()
+@one_line_errors
 def demo(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.",
                                                     show_default="runs/demo-PROFILE-sSEED")]

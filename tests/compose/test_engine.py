@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from mmcompose.checkpoint import load_checkpoint, save_checkpoint
 from mmcompose.compose.config import load_config, parse_config
 from mmcompose.compose.engine import compose
-from mmcompose.compose.operators import OPERATORS
+from mmcompose.compose.operators import METHODS
 from mmcompose.errors import CheckpointError, CompositionError
 from mmcompose.model import Example, MultimodalLLM
 from tests.conftest import make_base
@@ -119,7 +119,7 @@ def test_nonlinear_merges_store_dense_deltas_of_products(models: dict[str, Path]
     generator = torch.Generator().manual_seed(3)
     for path in _paths(sources[0], "language"):  # the engine visits modules in this order
         products = [_matrix(s, "language", path, RANK, ALPHA) for s in sources]
-        expected = OPERATORS[merge](products, [0.5, 0.5], {"density": 0.5}, generator)
+        expected = METHODS[merge](products, [0.5, 0.5], {"density": 0.5}, generator)
         torch.testing.assert_close(got[f"deltas.language.{path}.weight"], expected)
     second = compose(config, tmp_path / f"{merge}-again", progress=False)
     assert all(torch.equal(t, load_file(second / "model.safetensors")[n]) for n, t in got.items())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmcompose.compose.llm_merge import Scratch, merge_tensor
-from mmcompose.compose.operators import CHUNK, OPERATORS
+from mmcompose.compose.operators import CHUNK, METHODS
 
 LAMBDAS = [0.5, 0.3, 0.2]
 
@@ -33,6 +33,6 @@ def test_merge_tensor_equals_the_in_memory_operator(name, params):
         assert [start for start, _ in chunks] == sorted({start for start, _ in chunks})
         merged = torch.cat([chunk for _, chunk in chunks]).view(base.shape)
         deltas = [t.float() - base.float() for t in tuned]
-        expected = (base.float() + OPERATORS[name](deltas, LAMBDAS, params, torch.Generator())).bfloat16()
+        expected = (base.float() + METHODS[name](deltas, LAMBDAS, params, torch.Generator())).bfloat16()
         assert merged.dtype == torch.bfloat16
         assert torch.equal(merged, expected)

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmcompose.compose.config import parse_config
+from mmcompose.compose.config import parse_merge_config
 from mmcompose.compose.llm_merge import merge_llms
-from mmcompose.compose.operators import OPERATORS
+from mmcompose.compose.operators import METHODS
 
 mergekit_config = pytest.importorskip("mergekit.config")
 mergekit_merge = pytest.importorskip("mergekit.merge")
@@ -103,16 +103,16 @@ def test_mergekit_parity(tmp_path, checkpoints, method, global_params, per_model
     base = _load(base_dir)
     finetunes = [_load(path) for path in finetune_dirs]
     densities = our_params.get("density", [None] * 3)
-    config = parse_config({
-        "method": "naive", "merge": ours, "parameters": {k: v for k, v in our_params.items() if k != "density"},
+    config = parse_merge_config({
+        "base": str(base_dir), "merge": ours, "parameters": {k: v for k, v in our_params.items() if k != "density"},
         "models": [{"path": str(p), "lambda": w, **({"density": d} if d else {})}
                    for p, w, d in zip(finetune_dirs, WEIGHTS, densities, strict=True)],
     })
-    streamed = _load(merge_llms(base_dir, config, tmp_path / "ours", progress=False))
+    streamed = _load(merge_llms(config, tmp_path / "ours", progress=False))
     assert set(merged) == set(base) == set(streamed)
     for name, base_tensor in base.items():
         deltas = [ft[name] - base_tensor for ft in finetunes]
-        expected = base_tensor + OPERATORS[ours](deltas, WEIGHTS, our_params)
+        expected = base_tensor + METHODS[ours](deltas, WEIGHTS, our_params)
         assert merged[name].dtype == torch.float32
         assert torch.allclose(merged[name], expected, rtol=0, atol=1e-6), name
         assert torch.allclose(streamed[name], merged[name], rtol=0, atol=1e-6), name

@@ -14,7 +14,7 @@ from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmcompose.compose.operators import (
-    OPERATORS,
+    METHODS,
     dare_linear,
     dare_ties,
     factorwise_mean,
@@ -90,7 +90,7 @@ def test_ties_disjoint_merge(normalize, expected):
 
 def test_ties_normalize_accepts_mergekit_booleans():
     assert torch.equal(
-        OPERATORS["ties"]([D1, D2], [1.0, 3.0], {"density": 0.5, "normalize": True}),
+        METHODS["ties"]([D1, D2], [1.0, 3.0], {"density": 0.5, "normalize": True}),
         torch.tensor([[0.0, -2.0], [2.25, -4.0]]),
     )
 
@@ -216,7 +216,7 @@ ALL_CALLS = [
 @pytest.mark.parametrize(("name", "params"), ALL_CALLS)
 def test_inputs_are_not_modified_and_output_is_fresh(name, params):
     deltas = [D1.clone(), D2.clone()]
-    out = OPERATORS[name](deltas, [1.0, 1.0], params, generator=gen())
+    out = METHODS[name](deltas, [1.0, 1.0], params, generator=gen())
     assert torch.equal(deltas[0], D1) and torch.equal(deltas[1], D2)
     out.add_(100.0)
     assert torch.equal(deltas[0], D1) and torch.equal(deltas[1], D2)
@@ -226,8 +226,8 @@ def test_inputs_are_not_modified_and_output_is_fresh(name, params):
 def test_bf16_inputs_are_merged_in_float32_and_returned_as_bf16(name, params):
     g = gen(3)
     deltas = [torch.randn(8, 8, generator=g).bfloat16() for _ in range(3)]
-    out = OPERATORS[name](deltas, [0.2, 0.3, 0.5], params, generator=gen(4))
-    ref = OPERATORS[name]([d.float() for d in deltas], [0.2, 0.3, 0.5], params, generator=gen(4))
+    out = METHODS[name](deltas, [0.2, 0.3, 0.5], params, generator=gen(4))
+    ref = METHODS[name]([d.float() for d in deltas], [0.2, 0.3, 0.5], params, generator=gen(4))
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, ref.bfloat16())  # one rounding at the end, nothing accumulated in bf16
 
@@ -283,7 +283,7 @@ def test_merge_chunks_equals_the_in_memory_operator(name, params):
     deltas = [torch.randint(-3, 4, (9, 11), generator=g) * 0.25 for _ in range(3)]
     stacked = torch.stack(deltas).view(3, -1)
     chunks = merge_chunks(name, lambda a, b: stacked[:, a:b].clone(), 99, [0.2, 0.5, 0.3], params, gen(1), chunk=10)
-    expected = OPERATORS[name](deltas, [0.2, 0.5, 0.3], params, gen(1))
+    expected = METHODS[name](deltas, [0.2, 0.5, 0.3], params, gen(1))
     assert torch.equal(torch.cat(list(chunks)), expected.flatten())
 
 
@@ -291,12 +291,36 @@ def test_merge_chunks_equals_the_in_memory_operator(name, params):
 
 
 def test_registry_declares_parameters():
-    assert set(OPERATORS) == {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
-    assert OPERATORS["linear"].parameters == ()
-    assert OPERATORS["ties"].required == ("density",)
-    assert dict(OPERATORS["ties"].optional) == {"sign_method": "sum", "normalize": "weights"}
-    assert OPERATORS["magnitude_prune"].parameters == ("density",)
-    assert OPERATORS["dare_linear"].random and not OPERATORS["ties"].random
+    assert set(METHODS) == {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "factorwise_mean"}
+    assert METHODS["linear"].parameters == ("normalize",)
+    assert METHODS["ties"].required == ("density",)
+    assert dict(METHODS["ties"].optional) == {"sign_method": "sum", "normalize": "weights"}
+    assert METHODS["magnitude_prune"].parameters == ("density", "normalize")
+    assert METHODS["factorwise_mean"].parameters == ()
+    assert METHODS["dare_linear"].random and not METHODS["ties"].random
+
+
+def test_methods_are_compositions_of_the_three_parts():
+    parts = {name: (m.sparsify, m.consensus, m.normalize) for name, m in METHODS.items() if m.space == "deltas"}
+    assert parts == {
+        "linear": ("none", "none", "none"),
+        "ties": ("magnitude", "ties", "weights"),
+        "dare_linear": ("dare", "none", "none"),
+        "dare_ties": ("dare", "ties", "weights"),
+        "magnitude_prune": ("magnitude", "none", "none"),
+    }
+
+
+def test_normalise_without_election_divides_by_all_weights_as_mergekit():
+    # Task arithmetic with normalize: (0.5 * D1 + 0.25 * D2) / (0.5 + 0.25); by count: / 2.
+    weighted = torch.tensor([[0.25, -0.75], [2.0, -0.75]])
+    assert torch.equal(METHODS["linear"]([D1, D2], [0.5, 0.25], {"normalize": True}), weighted / 0.75)
+    assert torch.equal(METHODS["linear"]([D1, D2], [0.5, 0.25], {"normalize": "count"}), weighted / 2)
+
+
+def test_factorwise_mean_is_not_callable_on_deltas():
+    with pytest.raises(CompositionError, match="averages LoRA factors"):
+        METHODS["factorwise_mean"]([D1], [1.0])
 
 
 def test_validate_fills_defaults_and_canonicalises():
@@ -310,7 +334,8 @@ def test_validate_fills_defaults_and_canonicalises():
         "sign_method": "sum",
         "normalize": "none",
     }
-    assert validate_parameters("linear", {}, lambdas=[0.0, 1.0]) == {}
+    assert validate_parameters("linear", {}, lambdas=[0.0, 1.0]) == {"normalize": "none"}
+    assert validate_parameters("factorwise_mean", {}) == {}
 
 
 @pytest.mark.parametrize(
@@ -319,6 +344,7 @@ def test_validate_fills_defaults_and_canonicalises():
         ("slerp", {}, None, "unknown merge method 'slerp'"),
         ("linear", {"density": 0.5}, None, "no parameter 'density'"),
         ("ties", {"density": 0.5, "weight": 1}, None, "no parameter 'weight'"),
+        ("factorwise_mean", {"normalize": True}, None, "no parameter 'normalize'"),
         ("ties", {}, None, "needs parameter 'density'"),
         ("ties", {"density": 0.0}, None, "density"),
         ("ties", {"density": 1.5}, None, "density"),
@@ -353,12 +379,12 @@ def test_operators_reject_bad_inputs():
     with pytest.raises(CompositionError, match="density"):
         ties([D1], [1.0], density=0.0)
     with pytest.raises(CompositionError, match=r"torch\.Generator"):
-        OPERATORS["dare_linear"]([D1], [1.0], {"density": 0.5})
+        METHODS["dare_linear"]([D1], [1.0], {"density": 0.5})
 
 
 def test_registry_call_equals_direct_call():
     assert torch.equal(
-        OPERATORS["dare_ties"]([D1, D2], [0.4, 0.6], {"density": 0.5}, generator=gen(5)),
+        METHODS["dare_ties"]([D1, D2], [0.4, 0.6], {"density": 0.5}, generator=gen(5)),
         dare_ties([D1, D2], [0.4, 0.6], density=0.5, generator=gen(5)),
     )
 

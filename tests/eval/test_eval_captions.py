@@ -1,13 +1,18 @@
-"""Captioning metrics (BLEU-4, ROUGE-L) checked against hand-computed values, and the `caption` task kind."""
+"""Captioning metrics (BLEU-4, ROUGE-L) checked against hand-computed values and against sacrebleu and rouge-score,
+and the `caption` task kind."""
 
 import functools
 import json
+import logging
 import math
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
 
 from mmcompose.errors import InputError, MMComposeError
 from mmcompose.eval.benchmark import TASK_KINDS, Sample, gold_answer, load_benchmark, score, score_caption
@@ -292,3 +297,49 @@ def test_all_failed_and_empty_caption_runs(tmp_path: Path) -> None:
     }
     metrics = run_benchmark(samples[:1], broken, tmp_path / "empty", "CAPS", "caption", shard=(1, 2), progress=False)
     assert metrics["n"] == 0 and metrics["bleu4"] is None and metrics["rouge_l"] is None
+
+
+def _random_captions(seed: int, count: int) -> tuple[list[str], list[list[str]]]:
+    """Captions of 1..12 words from a 14-word vocabulary, each with three references that are copies of it with
+    about a third of the words replaced, dropped or doubled (so that n-grams of every order match, but not all)."""
+    rng = random.Random(seed)
+    words = ["a", "the", "cat", "dog", "sits", "runs", "on", "in", "park", "mat", "small", "brown", "red", "big"]
+
+    def edit(caption: list[str]) -> str:
+        out: list[str] = []
+        for word in caption:
+            roll = rng.random()
+            out += [] if roll < 0.1 else [rng.choice(words)] if roll < 0.25 else [word, word] if roll < 0.3 else [word]
+        return " ".join(out or [rng.choice(words)])
+
+    candidates = [[rng.choice(words) for _ in range(rng.randint(1, 12))] for _ in range(count)]
+    return [" ".join(c) for c in candidates], [[edit(c) for _ in range(3)] for c in candidates]
+
+
+def test_bleu_equals_sacrebleu() -> None:
+    # On text that caption_tokens leaves as it is, with sacrebleu's own tokenisation off: corpus BLEU without
+    # smoothing, and sentence BLEU with add-one on n > 1 (sacrebleu's add-k, k = 1, all four orders).
+    logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # it recommends effective order for sentence BLEU
+    candidates, references = _random_captions(0, 300)
+    theirs = sacrebleu.corpus_bleu(candidates, [list(stream) for stream in zip(*references, strict=True)],
+                                   tokenize="none", smooth_method="none", force=True)
+    assert corpus_bleu(candidates, references) * 100 == pytest.approx(theirs.score, rel=1e-12)
+    assert 5 < theirs.score < 95  # neither trivial case
+    for candidate, refs in zip(candidates, references, strict=True):
+        theirs = sacrebleu.sentence_bleu(candidate, refs, tokenize="none", smooth_method="add-k", smooth_value=1,
+                                         use_effective_order=False)
+        assert sentence_bleu(candidate, refs) * 100 == pytest.approx(theirs.score, rel=1e-12, abs=1e-12)
+
+
+def test_rouge_l_equals_rouge_score() -> None:
+    # rouge-score gives each reference's LCS precision and recall; ours takes the best of each over the references
+    # (the COCO caption evaluation's rule) and weighs recall by beta = 1.2. With one reference and beta = 1 the two
+    # are one F-measure.
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    candidates, references = _random_captions(1, 300)
+    for candidate, refs in zip(candidates, references, strict=True):
+        scores = [scorer.score(reference, candidate)["rougeL"] for reference in refs]
+        assert rouge_l(candidate, refs[:1], beta=1.0) == pytest.approx(scores[0].fmeasure, rel=1e-12)
+        precision, recall = max(s.precision for s in scores), max(s.recall for s in scores)
+        expected = 0.0 if precision * recall == 0 else 2.44 * precision * recall / (recall + 1.44 * precision)
+        assert rouge_l(candidate, refs) == pytest.approx(expected, rel=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,39 @@ def test_unsupported_or_foreign_adapters_are_refused(llama_base: Path, tmp_path:
                                               r"base LLM does not have"):
         import_peft(adapter, tmp_path / "out", base=llama_base, modality="image")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"use_dora": True}, "use_dora is not supported: DoRA adds a magnitude vector"),
+        ({"bias": "lora_only"}, "bias is not supported: trained biases"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported: modules_to_save trains whole modules"),
+        ({"use_qalora": True}, "use_qalora is not supported: use_qalora=True changes what the adapter computes"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' is not supported: it changes the base weights"),
+        ({"a_future_option": 3}, "sets a_future_option, unknown to PEFT"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported (only LORA)"),
+        ({"layers_pattern": "layers"}, "adapter_config.json: When `layers_pattern` is specified"),  # PEFT's own check
+        ({"r": 0}, "r must be a positive number"),
+    ],
+)
+def test_adapter_configs_are_parsed_by_peft_and_refused_in_one_line(llama_base: Path, tmp_path: Path, change: dict,
+                                                                    message: str) -> None:
+    adapter = tmp_path / "adapter"
+    make_adapter(llama_base, adapter, r=4, lora_alpha=8, target_modules=["q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=re.escape(message)) as error:
+        import_peft(adapter, tmp_path / "out", base=llama_base, modality="image")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_at_their_default_or_off_are_accepted(llama_base: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    make_adapter(llama_base, adapter, r=4, lora_alpha=8, target_modules=["q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    off = {"use_dora": False, "bias": "none", "modules_to_save": None, "a_future_option": None,
+           "init_lora_weights": "gaussian", "lora_dropout": 0.1}
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **off}))
+    assert import_peft(adapter, tmp_path / "out", base=llama_base, modality="image").is_dir()

@@ -34,7 +34,7 @@ from mmcompose.checkpoint import (
     write_manifest,
 )
 from mmcompose.compose.config import LEGACY_MERGE, CompositionConfig, ModelEntry
-from mmcompose.compose.operators import OPERATORS, factorwise_mean, lora_concat
+from mmcompose.compose.operators import METHODS, factorwise_mean, lora_concat
 from mmcompose.errors import CheckpointError, CompositionError
 from mmcompose.files import atomic_directory
 from mmcompose.model.routed import lora_product
@@ -292,12 +292,9 @@ def _merge_module(config: CompositionConfig, parts: list[tuple[Source, DeltaSpec
         factors = [[s.read(n) for n in _input_names(d, path)] for s, d in parts]
         scales = [d.alpha / d.rank for _, d in parts]
         return list(lora_concat([a for a, _ in factors], [b for _, b in factors], scales, lambdas))
-    params = dict(config.parameters)
-    if any(s.density is not None for s, _ in parts):
-        default = config.parameters.get("density")
-        params["density"] = [default if s.density is None else s.density for s, _ in parts]
+    params = config.method_parameters([s.density for s, _ in parts])
     products = [_product(s, d, path) for s, d in parts]
-    return [OPERATORS[config.merge](products, lambdas, params, generator)]
+    return [METHODS[config.merge](products, lambdas, params, generator)]
 
 
 def compose(config: CompositionConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:

@@ -1,18 +1,22 @@
 """Merge full fine-tunes of one base LLM (plain transformers directories) into one LLM, mergekit-style.
 
-The same operators as composition, streamed: each output tensor is `W_base + merge(W_ft - W_base)` computed in
-flat chunks read from the memory-mapped inputs (`operators.merge_chunks`), one tensor per worker thread, and each
-chunk written straight to its place in the output file, so memory stays at a few chunks per worker whatever the
-model size.
+The same merge methods as composition, streamed: each output tensor is `W_base + merge(W_ft - W_base)` computed
+in flat chunks read from the memory-mapped inputs (`operators.merge_chunks`), one tensor per worker thread, and
+each chunk written straight to its place in the output file, so memory stays at a few chunks per worker whatever
+the model size. The output is a transformers directory: `model.safetensors`, or, above `max_shard_size`, shards
+`model-0000i-of-0000n.safetensors` with the `model.safetensors.index.json` that `from_pretrained` reads.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,29 +24,76 @@ from typing import Any, TypeVar
 import torch
 from rich.progress import Progress
 
-from mmcompose.compose.config import CompositionConfig
-from mmcompose.compose.operators import CHUNK, OPERATORS, merge_chunks
+from mmcompose.compose.config import LLMMergeConfig
+from mmcompose.compose.operators import CHUNK, METHODS, merge_chunks
 from mmcompose.errors import CompositionError
 from mmcompose.files import atomic_directory
 from mmcompose.tensorfiles import SafetensorsStream, TensorReader, weight_files
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model")
+MAX_SHARD_SIZE = "5GB"
+"""Default shard size, mergekit's (5 * 10^9 bytes): a 7B-parameter bf16 LLM becomes three shards, each small enough
+to copy or upload on its own. (transformers' `save_pretrained` now defaults to 50GB.)"""
+INDEX_FILE = "model.safetensors.index.json"
 
 Item = TypeVar("Item")
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def merge_llms(base: str | Path, config: CompositionConfig, out: str | Path, *, overwrite: bool = False,
-               progress: bool = True) -> Path:
-    """`config.models` are fine-tunes of `base`; `config.merge` and its parameters say how to merge them."""
-    base, out = Path(base), Path(out)
-    if config.merge not in OPERATORS:
-        raise CompositionError(f"merge {config.merge!r} needs LoRA inputs; full fine-tunes take "
-                               f"{', '.join(sorted(OPERATORS))}")
-    lambdas = [1.0 / len(config.models) if e.lambda_ is None else e.lambda_ for e in config.models]
-    params = dict(config.parameters)
-    if any(e.density is not None for e in config.models):
-        params["density"] = [params.get("density") if e.density is None else e.density for e in config.models]
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as `5GB`, `500MB` or `2GiB` (decimal and binary units, as transformers
+    reads `max_shard_size`)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if match is None:
+            raise CompositionError(f"shard size {size!r}: give bytes or a number with a unit (5GB, 500MB, 2GiB)")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    if value <= 0:
+        raise CompositionError(f"shard size {size!r} must be positive")
+    return value
+
+
+def _nbytes(spec: tuple[torch.dtype, tuple[int, ...]]) -> int:
+    dtype, shape = spec
+    return torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+
+
+def plan_shards(layout: Layout, max_shard_size: int) -> list[Layout]:
+    """The layout cut, in order, into shards of at most `max_shard_size` bytes of tensor data; a tensor bigger than
+    that gets a shard of its own (as transformers does)."""
+    shards: list[Layout] = [{}]
+    size = 0
+    for name, spec in layout.items():
+        nbytes = _nbytes(spec)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = spec
+        size += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """transformers' weight file names: one `model.safetensors`, or `model-0000i-of-0000n.safetensors`."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def merge_llms(config: LLMMergeConfig, out: str | Path, *, max_shard_size: int | str = MAX_SHARD_SIZE,
+               overwrite: bool = False, progress: bool = True) -> Path:
+    """Merge `config.models`, fine-tunes of `config.base`, by `config.merge` into a transformers directory at `out`
+    (atomic: nothing is left there on failure)."""
+    base, out = Path(config.base), Path(out)
+    shard_bytes = parse_size(max_shard_size)
+    lambdas = config.lambdas()
+    params = config.method_parameters([entry.density for entry in config.models])
     readers = [TensorReader(weight_files(base))]
     try:
         readers += [TensorReader(weight_files(entry.path)) for entry in config.models]
@@ -54,8 +105,13 @@ def merge_llms(base: str | Path, config: CompositionConfig, out: str | Path, *, 
                                        "in name, dtype or shape")
         generator = torch.Generator().manual_seed(config.seed)
         scratch = Scratch()
+        layout = base_reader.layout
+        shards = plan_shards(layout, shard_bytes)
+        files = shard_names(len(shards))
+        file_of = {name: file for file, shard in zip(files, shards, strict=True) for name in shard}
 
-        def merge_into(stream: SafetensorsStream, name: str) -> None:
+        def merge_into(streams: dict[str, SafetensorsStream], name: str) -> None:
+            stream = streams[file_of[name]]
             original = base_reader.get(name)
             if not original.is_floating_point():
                 stream.write_part(name, 0, original)
@@ -66,15 +122,20 @@ def merge_llms(base: str | Path, config: CompositionConfig, out: str | Path, *, 
 
         # DARE draws from one generator, so its tensors must be merged one after the other, in file order; others
         # largest first, so that no big tensor is left to one thread at the end
-        layout = base_reader.layout
-        workers = 1 if OPERATORS[config.merge].random else torch.get_num_threads()
+        workers = 1 if METHODS[config.merge].random else torch.get_num_threads()
         names = list(layout) if workers == 1 else sorted(layout, key=lambda n: math.prod(layout[n][1]), reverse=True)
         with atomic_directory(out, overwrite=overwrite) as temporary:
-            with SafetensorsStream(temporary / "model.safetensors", layout) as stream, \
-                    Progress(disable=not progress, transient=True) as bar:
+            with ExitStack() as stack:
+                streams = {file: stack.enter_context(SafetensorsStream(temporary / file, shard))
+                           for file, shard in zip(files, shards, strict=True)}
+                bar = stack.enter_context(Progress(disable=not progress, transient=True))
                 task = bar.add_task("merging", total=len(layout))
-                for _ in parallel(partial(merge_into, stream), names, workers):
+                for _ in parallel(partial(merge_into, streams), names, workers):
                     bar.advance(task)
+            if len(files) > 1:
+                index = {"metadata": {"total_size": sum(_nbytes(spec) for spec in layout.values())},
+                         "weight_map": file_of}
+                (temporary / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             for file in COPIED_FILES:
                 if (base / file).is_file():
                     shutil.copy2(base / file, temporary / file)

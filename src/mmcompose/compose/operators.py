@@ -1,15 +1,25 @@
-"""Pure merge operators on dense deltas (task arithmetic, TIES, DARE, magnitude pruning) and LoRA helpers.
+"""Merge methods on dense deltas (task arithmetic, TIES, DARE, magnitude pruning) built from three parts, and
+LoRA helpers.
 
 A *delta* is a dense tensor ``D``: ``W_ft - W_base`` for a full fine-tune, or the product
-``(alpha / rank) * B @ A`` for a LoRA. Every operator in :data:`OPERATORS` takes a list of same-shape deltas,
-one non-negative weight ``lambda_m`` per delta, and its own parameters, and returns one merged delta. Merging
-LoRA factors separately is *not* a merge of deltas (``sum B_m * sum A_m`` has cross terms), so the only
-factor-space helpers are the exact :func:`lora_concat` and the explicitly legacy :func:`factorwise_mean`.
+``(alpha / rank) * B @ A`` for a LoRA. Every method in :data:`METHODS` takes a list of same-shape deltas, one
+non-negative weight ``lambda_m`` per delta, and parameters (validated into :class:`MergeParameters`), and returns
+one merged delta. As in mergekit's generalized task arithmetic, a method is one choice of each part:
 
-Numerics: operators compute in float32 (float64 if any input is float64), on the device of the first delta,
-and return the promoted input dtype, so bf16 checkpoints do not accumulate bf16 rounding over many inputs.
-Inputs are never modified in place. :func:`merge_chunks` gives the same results from deltas read chunk by chunk
-(how full fine-tunes are merged, see ``llm_merge``), in memory bounded by the chunk size.
+* :func:`sparsify`: ``none`` | ``magnitude`` (keep each delta's top-``density`` entries) | ``dare`` (random drop,
+  rescale by ``1 / density``);
+* :func:`consensus`: ``none`` | ``ties`` (sign election, then only the agreeing entries are merged);
+* :func:`normalise`: ``none`` | ``weights`` | ``count`` (divide by the contributing weights or inputs).
+
+``linear`` = none/none, ``ties`` = magnitude/ties, ``dare_linear`` = dare/none, ``dare_ties`` = dare/ties,
+``magnitude_prune`` = magnitude/none. Merging LoRA factors separately is *not* a merge of deltas
+(``sum B_m * sum A_m`` has cross terms): the registry's ``factorwise_mean`` is explicitly legacy
+(:func:`factorwise_mean`), and the exact factor-space merge is :func:`lora_concat`.
+
+Both the whole-tensor merges of composition and the chunked merges of ``llm_merge`` run :func:`merge_chunks`
+(a whole tensor is one chunk), so the two cannot drift. Numerics: methods compute in float32 (float64 if any
+input is float64), on the device of the first delta, and return the promoted input dtype, so bf16 checkpoints
+do not accumulate bf16 rounding over many inputs. Inputs are never modified in place.
 
 How these semantics relate to mergekit 0.1.5 and PEFT 0.21.2 (``peft.utils.merge_utils``):
 
@@ -19,9 +29,11 @@ How these semantics relate to mergekit 0.1.5 and PEFT 0.21.2 (``peft.utils.merge
   (mergekit's unstable argsort and PEFT's topk leave that order unspecified).
 * Sign election runs on the *weighted* trimmed deltas, like mergekit. PEFT elects on the unweighted deltas;
   the two agree for ``sign_method="count"`` (weights are non-negative) and for equal weights.
-* Disjoint merge divides by ``normalize``: ``"weights"`` = the sum of the weights of the agreeing entries
-  (mergekit ``normalize: true``, our default), ``"count"`` = the number of agreeing entries (PEFT),
-  ``"none"`` = no division (mergekit ``normalize: false``, its default for ``dare_ties``).
+* ``normalize``: ``"weights"`` divides by the sum of the weights of the contributing entries (mergekit
+  ``normalize: true``, our default for the TIES methods), ``"count"`` by their number (PEFT's disjoint merge),
+  ``"none"`` not at all (mergekit ``normalize: false``, its default for ``dare_ties`` and ours for the methods
+  without a sign election). Without an election every input contributes everywhere, as in mergekit.
+  mergekit's ``lambda`` (a final scale) and ``rescale: false`` for DARE are not offered.
 * DARE rescales survivors by ``1 / density`` (the DARE paper and PEFT). mergekit instead rescales each
   tensor to its pre-drop L1 norm; the two agree only approximately. Drop masks come from the caller's
   ``torch.Generator`` (PEFT and mergekit use the global RNG), drawn in input order as float32 Bernoulli
@@ -39,13 +51,17 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from mmcompose.errors import CompositionError
 
 __all__ = [
-    "OPERATORS",
-    "MergeOperator",
+    "METHODS",
+    "MergeMethod",
+    "MergeParameters",
     "Trim",
+    "combine",
+    "consensus",
     "dare_linear",
     "dare_ties",
     "factorwise_mean",
@@ -54,12 +70,17 @@ __all__ = [
     "magnitude_prune",
     "magnitude_trims",
     "merge_chunks",
+    "merge_method",
+    "normalise",
+    "sparsify",
     "ties",
     "validate_parameters",
 ]
 
 SignMethod = Literal["sum", "count"]
 Normalize = Literal["weights", "count", "none"]
+Sparsify = Literal["none", "magnitude", "dare"]
+Consensus = Literal["none", "ties"]
 Density = float | Sequence[float]
 DeltaChunks = Callable[[int, int], torch.Tensor]
 """``deltas(start, stop)``: flat entries ``[start, stop)`` of M deltas as one (M, stop - start) float tensor that the
@@ -122,17 +143,6 @@ def _check_normalize(value: Any, n_inputs: int | None) -> Normalize:
     return value
 
 
-_PARAMETER_CHECKS: dict[str, Callable[[Any, int | None], Any]] = {
-    "density": _check_density,
-    "sign_method": _check_sign_method,
-    "normalize": _check_normalize,
-}
-
-
-def _per_input(density: float | tuple[float, ...], n_inputs: int) -> list[float]:
-    return list(density) if isinstance(density, tuple) else [density] * n_inputs
-
-
 # --------------------------------------------------------------------------------------------- tensor prep
 
 
@@ -146,13 +156,13 @@ def _compute_dtype(dtypes: Sequence[torch.dtype]) -> tuple[torch.dtype, torch.dt
     return (torch.float64 if torch.float64 in dtypes else torch.float32), out_dtype
 
 
-def _stack(
+def _prepare(
     deltas: Sequence[torch.Tensor], lambdas: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Validated (stacked deltas, broadcastable weights, output dtype); the stack is always a fresh copy."""
+) -> tuple[torch.dtype, torch.dtype, torch.device]:
+    """(compute dtype, output dtype, device) of a whole-tensor merge, after checking the deltas and lambdas."""
     if len(deltas) == 0:
         raise CompositionError("a merge needs at least one delta")
-    values = _check_lambdas(lambdas, len(deltas))
+    _check_lambdas(lambdas, len(deltas))
     shape = deltas[0].shape
     for delta in deltas[1:]:
         if delta.shape != shape:
@@ -160,10 +170,7 @@ def _stack(
                 f"deltas of one tensor must share one shape, got {tuple(shape)} and {tuple(delta.shape)}"
             )
     compute_dtype, out_dtype = _compute_dtype([d.dtype for d in deltas])
-    device = deltas[0].device
-    stacked = torch.stack([d.to(device=device, dtype=compute_dtype) for d in deltas])
-    weights = torch.tensor(values, dtype=compute_dtype, device=device)
-    return stacked, weights.view(-1, *([1] * len(shape))), out_dtype
+    return compute_dtype, out_dtype, deltas[0].device
 
 
 @dataclass(frozen=True)
@@ -252,18 +259,7 @@ def _trim(flat: torch.Tensor, trims: Sequence[Trim | None], offset: int) -> torc
     return flat
 
 
-def _trim_whole(stacked: torch.Tensor, densities: list[float]) -> torch.Tensor:
-    """Trim each delta of a (M, ...) stack in place, the whole stack as one chunk."""
-    flat = stacked.view(len(stacked), -1)
-    _trim(flat, magnitude_trims(lambda: [flat.abs()], flat.shape[1], densities), 0)
-    return stacked
-
-
-def _drop_and_rescale(
-    stacked: torch.Tensor, densities: list[float], generator: torch.Generator
-) -> torch.Tensor:
-    if not isinstance(generator, torch.Generator):
-        raise CompositionError("DARE needs a torch.Generator so that its random drop is reproducible")
+def _drop_and_rescale(stacked: torch.Tensor, densities: Sequence[float], generator: torch.Generator) -> torch.Tensor:
     kept = []
     for delta, rho in zip(stacked, densities, strict=True):
         if rho >= 1:
@@ -275,148 +271,91 @@ def _drop_and_rescale(
     return torch.stack(kept)
 
 
-def _sum_rows(stack: torch.Tensor) -> torch.Tensor:
+def _sum_rows(stack: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     """``stack.sum(dim=0)``, same order, as elementwise adds: torch's sum over the first dim of a (M, n) tensor
-    measured ~6x slower on CPU."""
-    total = stack[0].clone()
+    measured ~6x slower on CPU. ``in_place`` sums into the first row instead of a new tensor."""
+    total = stack[0] if in_place else stack[0].clone()
     for row in stack[1:]:
         total.add_(row)
     return total
 
 
-def _elect_and_merge(
-    sparse: torch.Tensor, weights: torch.Tensor, sign_method: SignMethod, normalize: Normalize
-) -> torch.Tensor:
-    """TIES sign election on the weighted deltas, then the disjoint merge of the entries that agree with it.
+# ------------------------------------------------------------------------------------------ the three parts
+# Each part works on one (M, n) chunk of M flat deltas and may overwrite it; a method is one choice of each.
 
-    Overwrites ``sparse``. Zero entries (trimmed, dropped or zero-weighted) have sign 0 and so never agree. Same
-    result as PEFT's ``calculate_majority_sign_mask`` + ``disjoint_merge`` and mergekit's ``get_mask`` (elected sign
-    + for a zero election) in fewer passes: multiplied by the elected sign, exactly the agreeing entries are > 0.
+
+def sparsify(
+    kind: Sparsify,
+    chunk: torch.Tensor,
+    offset: int,
+    densities: Sequence[float],
+    trims: Sequence[Trim | None],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Sparsify the chunk that starts at flat entry ``offset``: ``"none"`` keeps it, ``"magnitude"`` applies each
+    delta's precomputed :class:`Trim` (no rescale), ``"dare"`` drops entries at random and rescales by ``1 / density``
+    (DARE draws over whole deltas, so its chunk is always the whole tensor)."""
+    if kind == "magnitude":
+        return _trim(chunk, trims, offset)
+    if kind == "dare":
+        if not isinstance(generator, torch.Generator):
+            raise CompositionError("DARE needs a torch.Generator so that its random drop is reproducible")
+        return _drop_and_rescale(chunk, densities, generator)
+    return chunk
+
+
+def consensus(
+    kind: Consensus, weighted: torch.Tensor, sign_method: SignMethod
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(contributions, elected sign) of the weighted sparse deltas.
+
+    ``"none"``: every entry contributes as it is, no sign. ``"ties"``: TIES sign election (``"sum"`` of the weighted
+    deltas, or ``"count"`` of their signs), +1 where the election is +0; the contributions are then ``|entry|`` where
+    the entry agrees with the elected sign and 0 elsewhere, so zero entries (trimmed, dropped, zero-weighted) never
+    agree. Same agreement as PEFT's ``calculate_majority_sign_mask`` and mergekit's ``get_mask``, in fewer passes.
     """
-    weighted = sparse.mul_(weights)
+    if kind == "none":
+        return weighted, None
     election = _sum_rows(weighted if sign_method == "sum" else weighted.sign())
     # +-1; +1 for an election of +0 (one of -0 means every entry is -0, which agrees with no sign anyway)
     elected = torch.copysign(torch.ones((), dtype=election.dtype, device=election.device), election)
-    agreeing = weighted.mul_(elected).clamp_min_(0)  # |entry| where the entry agrees with the elected sign, else 0
-    merged = _sum_rows(agreeing).mul_(elected)
-    if normalize == "none":
+    return weighted.mul_(elected).clamp_min_(0), elected
+
+
+def normalise(
+    merged: torch.Tensor, contributions: torch.Tensor, elected: torch.Tensor | None, weights: torch.Tensor,
+    how: Normalize,
+) -> torch.Tensor:
+    """Divide the merged chunk by ``"weights"``, the sum of the weights of the contributing inputs, or ``"count"``,
+    their number; ``"none"`` leaves it. Without a sign election every input contributes everywhere (mergekit's
+    divisor ``weights.sum()``); after one, only the agreeing entries (the disjoint merge). Overwrites
+    ``contributions``.
+
+    A zero divisor means nothing contributed and ``merged`` is 0 there, so it is replaced: by 1 without an
+    election (mergekit), else by the smallest positive weight (or 1), which no non-zero divisor is below.
+    """
+    if how == "none":
         return merged
-    agree = agreeing.sign_()
-    divisor = _sum_rows(agree if normalize == "count" else agree.mul_(weights))
-    # A divisor is 0 only where nothing agrees and merged is 0; else it is >= the smallest positive weight (or 1).
-    smallest = 1.0 if normalize == "count" else min((w for w in weights.flatten().tolist() if w > 0), default=1.0)
+    if elected is None:
+        total = len(weights) if how == "count" else float(weights.sum())
+        return merged.div_(total if total != 0 else 1.0)
+    agree = contributions.sign_()
+    divisor = _sum_rows(agree if how == "count" else agree.mul_(weights))
+    smallest = 1.0 if how == "count" else min((w for w in weights.flatten().tolist() if w > 0), default=1.0)
     return merged.div_(divisor.clamp_min_(smallest))
 
 
-# ----------------------------------------------------------------------------------------------- operators
-
-
-def linear(deltas: Iterable[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
-    """Task arithmetic: ``sum_m lambda_m * D_m`` (NaiveMC; mergekit's and PEFT's ``task_arithmetic``).
-
-    Accumulated one delta at a time, so ``deltas`` may be a generator and peak memory stays at one delta
-    plus the sum, whatever the number of inputs (the other operators need every delta at once).
-    """
-    values = _check_lambdas(lambdas, None)
-    total: torch.Tensor | None = None
-    dtypes: list[torch.dtype] = []
-    for index, delta in enumerate(deltas):
-        if index >= len(values):
-            raise CompositionError(f"more deltas than lambdas ({len(values)})")
-        dtypes.append(delta.dtype)
-        compute_dtype, _ = _compute_dtype(dtypes)
-        if total is None:
-            total = torch.zeros(delta.shape, dtype=compute_dtype, device=delta.device)
-        elif delta.shape != total.shape:
-            raise CompositionError(
-                f"deltas of one tensor must share one shape, got {tuple(total.shape)} and {tuple(delta.shape)}"
-            )
-        total = total.to(compute_dtype).add_(delta.to(device=total.device, dtype=compute_dtype), alpha=values[index])
-    if total is None:
-        raise CompositionError("a merge needs at least one delta")
-    if len(dtypes) != len(values):
-        raise CompositionError(f"{len(dtypes)} deltas for {len(values)} lambdas")
-    return total.to(_compute_dtype(dtypes)[1])
-
-
-def ties(
-    deltas: Sequence[torch.Tensor],
-    lambdas: Sequence[float],
-    *,
-    density: Density,
-    sign_method: SignMethod = "sum",
-    normalize: Normalize = "weights",
+def combine(
+    sparse: torch.Tensor, weights: torch.Tensor, kind: Consensus, sign_method: SignMethod, how: Normalize
 ) -> torch.Tensor:
-    """TIES: trim each delta to its top-``density`` entries by magnitude, elect a sign per coordinate, and
-    merge only the weighted entries that agree with it.
-
-    With the defaults this is mergekit's ``ties`` (``normalize: true``): per coordinate,
-    ``sum_{m agrees} lambda_m D'_m / sum_{m agrees} lambda_m``. PEFT's ``ties`` divides by the number of
-    agreeing entries (``normalize="count"``) and elects on unweighted deltas (see the module docstring).
-    """
-    stacked, weights, out_dtype = _stack(deltas, lambdas)
-    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
-    merged = _elect_and_merge(
-        _trim_whole(stacked, densities),
-        weights,
-        _check_sign_method(sign_method, None),
-        _check_normalize(normalize, None),
-    )
-    return merged.to(out_dtype)
-
-
-def dare_linear(
-    deltas: Sequence[torch.Tensor],
-    lambdas: Sequence[float],
-    *,
-    density: Density,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """DARE: drop each entry with probability ``1 - density``, rescale survivors by ``1 / density``, then
-    task arithmetic. Same as PEFT's ``dare_linear`` given the same random draws; mergekit's rescales to the
-    L1 norm instead of by ``1 / density``.
-    """
-    stacked, weights, out_dtype = _stack(deltas, lambdas)
-    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
-    return _sum_rows(_drop_and_rescale(stacked, densities, generator).mul_(weights)).to(out_dtype)
-
-
-def dare_ties(
-    deltas: Sequence[torch.Tensor],
-    lambdas: Sequence[float],
-    *,
-    density: Density,
-    generator: torch.Generator,
-    sign_method: SignMethod = "sum",
-    normalize: Normalize = "weights",
-) -> torch.Tensor:
-    """DARE's random drop and ``1 / density`` rescale, then TIES sign election and disjoint merge.
-
-    Defaults mirror :func:`ties`; mergekit's ``dare_ties`` defaults to ``normalize: false`` (pass
-    ``normalize="none"``), PEFT's divides by the agreeing count (``normalize="count"``).
-    """
-    stacked, weights, out_dtype = _stack(deltas, lambdas)
-    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
-    merged = _elect_and_merge(
-        _drop_and_rescale(stacked, densities, generator),
-        weights,
-        _check_sign_method(sign_method, None),
-        _check_normalize(normalize, None),
-    )
-    return merged.to(out_dtype)
-
-
-def magnitude_prune(
-    deltas: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: Density
-) -> torch.Tensor:
-    """Trim each delta to its top-``density`` entries by magnitude (no rescale), then task arithmetic.
-
-    PEFT's ``magnitude_prune`` except for ``k >= 1`` and the deterministic tie order (module docstring).
-    """
-    stacked, weights, out_dtype = _stack(deltas, lambdas)
-    densities = _per_input(_check_density(density, len(deltas)), len(deltas))
-    return _sum_rows(_trim_whole(stacked, densities).mul_(weights)).to(out_dtype)
-
+    """Weigh the sparse deltas, find their consensus, sum the contributions and normalise: one merged chunk."""
+    contributions, elected = consensus(kind, sparse.mul_(weights), sign_method)
+    # Without an election nothing reads the contributions again, so they are summed in place: a fresh chunk per call
+    # costs page faults on memory that malloc hands back (see llm_merge.Scratch), and task arithmetic has no other cost.
+    merged = _sum_rows(contributions, in_place=elected is None)
+    if elected is not None:
+        merged.mul_(elected)
+    return normalise(merged, contributions, elected, weights, how)
 
 # ------------------------------------------------------------------------------------------- LoRA helpers
 
@@ -488,23 +427,93 @@ def factorwise_mean(
 # ------------------------------------------------------------------------------------------------ registry
 
 
-@dataclass(frozen=True)
-class MergeOperator:
-    """A named operator with its declared parameters, so configs can be validated before any tensor loads.
+def _checked(check: Callable[[Any, int | None], Any]) -> Any:
+    """A pydantic before-validator that runs one of the checks above: its one-line CompositionError passes through
+    pydantic unchanged (pydantic wraps only ValueError and AssertionError)."""
+    return classmethod(lambda cls, value: check(value, None))
 
-    ``required`` parameters have no default; ``optional`` maps each optional parameter to its default.
-    ``random`` operators need a ``torch.Generator``.
+
+class MergeParameters(BaseModel):
+    """The parameters of every merge method, validated once; a method declares which of them it takes.
+
+    ``density`` is one fraction in (0, 1] for every input or one per input (mergekit's per-model density);
+    ``sign_method`` is TIES' election; ``normalize`` also takes mergekit's booleans (true = ``"weights"``,
+    false = ``"none"``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    density: float | tuple[float, ...] | None = None
+    sign_method: SignMethod = "sum"
+    normalize: Normalize = "none"
+
+    _density = field_validator("density", mode="before")(_checked(_check_density))
+    _sign_method = field_validator("sign_method", mode="before")(_checked(_check_sign_method))
+    _normalize = field_validator("normalize", mode="before")(_checked(_check_normalize))
+
+    def densities(self, n_inputs: int) -> list[float]:
+        """One density per input (1.0, keep everything, where none is set)."""
+        if self.density is None:
+            return [1.0] * n_inputs
+        if isinstance(self.density, tuple):
+            if len(self.density) != n_inputs:
+                raise CompositionError(f"got {len(self.density)} density value(s) for {n_inputs} delta(s)")
+            return list(self.density)
+        return [self.density] * n_inputs
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method as mergekit's generalized task arithmetic composes one: a way to sparsify each delta, a way to
+    reach consensus between them, and a default normalisation, applied by :func:`merge_chunks` to whole tensors and
+    to streamed chunks alike. ``space="factors"`` marks the legacy method that averages LoRA factors instead of
+    merging deltas (:func:`factorwise_mean`); it takes no parameters and is not callable on deltas.
     """
 
     name: str
-    function: Callable[..., torch.Tensor]
-    required: tuple[str, ...]
-    optional: Mapping[str, Any]
-    random: bool
+    sparsify: Sparsify
+    consensus: Consensus
+    normalize: Normalize = "none"
+    space: Literal["deltas", "factors"] = "deltas"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return ("density",) if self.sparsify != "none" else ()
+
+    @property
+    def optional(self) -> Mapping[str, Any]:
+        if self.space == "factors":
+            return MappingProxyType({})
+        election = {"sign_method": "sum"} if self.consensus == "ties" else {}
+        return MappingProxyType({**election, "normalize": self.normalize})
 
     @property
     def parameters(self) -> tuple[str, ...]:
         return (*self.required, *self.optional)
+
+    @property
+    def random(self) -> bool:
+        return self.sparsify == "dare"
+
+    def validate(self, params: Mapping[str, Any], lambdas: Sequence[float] | None = None) -> MergeParameters:
+        """``params`` checked against this method (unknown or missing keys, values, per-input lengths), with the
+        method's defaults filled in; ``lambdas``, if given, are checked too."""
+        n_inputs = None
+        if lambdas is not None:
+            n_inputs = len(_check_lambdas(lambdas, None))
+            if n_inputs == 0:
+                raise CompositionError(f"merge method '{self.name}' needs at least one input")
+        accepted = ", ".join(self.parameters) or "none"
+        for key in params:
+            if key not in self.parameters:
+                raise CompositionError(f"merge method '{self.name}' has no parameter '{key}' (accepted: {accepted})")
+        for key in self.required:
+            if key not in params:
+                raise CompositionError(f"merge method '{self.name}' needs parameter '{key}'")
+        checked = MergeParameters.model_validate({**self.optional, **params})
+        if n_inputs is not None:
+            checked.densities(n_inputs)
+        return checked
 
     def __call__(
         self,
@@ -513,60 +522,107 @@ class MergeOperator:
         params: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Validate ``params`` (filling in defaults) and merge; only random operators use ``generator``."""
-        checked = validate_parameters(self.name, params or {}, lambdas=lambdas)
-        if self.random:
-            if generator is None:
-                raise CompositionError(f"merge method '{self.name}' is random and needs a torch.Generator")
-            checked["generator"] = generator
-        return self.function(deltas, lambdas, **checked)
+        """Merge whole same-shape deltas; only random methods use ``generator``. The result is a fresh tensor."""
+        if self.space == "factors":
+            raise CompositionError(f"merge method '{self.name}' averages LoRA factors, not deltas")
+        compute_dtype, out_dtype, device = _prepare(deltas, lambdas)
+        shape, numel = deltas[0].shape, deltas[0].numel()
+        flat = [delta.reshape(-1) for delta in deltas]
+
+        def read(start: int, stop: int) -> torch.Tensor:  # a fresh (M, n) copy each time: the merge overwrites it
+            return torch.stack([d[start:stop].to(device=device, dtype=compute_dtype) for d in flat])
+
+        if numel == 0:
+            return torch.empty(shape, dtype=out_dtype, device=device)
+        merged = next(merge_chunks(self.name, read, numel, lambdas, params, generator, chunk=numel)).view(shape)
+        if merged.dtype == out_dtype and merged.untyped_storage().nbytes() > merged.nbytes:
+            return merged.clone()  # the first row of the (M, n) stack: keep no M-fold storage alive
+        return merged.to(out_dtype)
 
 
-_TIES_OPTIONS = MappingProxyType({"sign_method": "sum", "normalize": "weights"})
-_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
-
-OPERATORS: dict[str, MergeOperator] = {
-    op.name: op
-    for op in (
-        MergeOperator("linear", linear, (), _NO_OPTIONS, random=False),
-        MergeOperator("ties", ties, ("density",), _TIES_OPTIONS, random=False),
-        MergeOperator("dare_linear", dare_linear, ("density",), _NO_OPTIONS, random=True),
-        MergeOperator("dare_ties", dare_ties, ("density",), _TIES_OPTIONS, random=True),
-        MergeOperator("magnitude_prune", magnitude_prune, ("density",), _NO_OPTIONS, random=False),
+METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        MergeMethod("linear", sparsify="none", consensus="none"),
+        MergeMethod("ties", sparsify="magnitude", consensus="ties", normalize="weights"),
+        MergeMethod("dare_linear", sparsify="dare", consensus="none"),
+        MergeMethod("dare_ties", sparsify="dare", consensus="ties", normalize="weights"),
+        MergeMethod("magnitude_prune", sparsify="magnitude", consensus="none"),
+        MergeMethod("factorwise_mean", sparsify="none", consensus="none", space="factors"),
     )
 }
+"""Every merge method, for composition (whole tensors) and for merging LLMs (streamed chunks) alike."""
+
+
+def merge_method(name: str) -> MergeMethod:
+    """The registered method ``name``, or a one-line error naming the known ones."""
+    method = METHODS.get(name)
+    if method is None:
+        raise CompositionError(f"unknown merge method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return method
 
 
 def validate_parameters(
-    op_name: str, params: Mapping[str, Any], lambdas: Sequence[float] | None = None
+    name: str, params: Mapping[str, Any], lambdas: Sequence[float] | None = None
 ) -> dict[str, Any]:
     """Check a merge method's parameters (and lambdas, if given); return them canonical, defaults filled in.
 
     Raises :class:`CompositionError` for an unknown method, an unknown or missing parameter, a density
     outside (0, 1], a per-input density list of the wrong length, or a negative or non-finite lambda.
     """
-    operator = OPERATORS.get(op_name)
-    if operator is None:
-        raise CompositionError(f"unknown merge method '{op_name}' (known: {', '.join(sorted(OPERATORS))})")
-    n_inputs = None
-    if lambdas is not None:
-        n_inputs = len(_check_lambdas(lambdas, None))
-        if n_inputs == 0:
-            raise CompositionError(f"merge method '{op_name}' needs at least one input")
-    accepted = ", ".join(operator.parameters) or "none"
-    for key in params:
-        if key not in operator.parameters:
-            raise CompositionError(
-                f"merge method '{op_name}' has no parameter '{key}' (accepted: {accepted})"
-            )
-    checked: dict[str, Any] = {}
-    for key in operator.required:
-        if key not in params:
-            raise CompositionError(f"merge method '{op_name}' needs parameter '{key}'")
-        checked[key] = _PARAMETER_CHECKS[key](params[key], n_inputs)
-    for key, default in operator.optional.items():
-        checked[key] = _PARAMETER_CHECKS[key](params.get(key, default), n_inputs)
-    return checked
+    method = merge_method(name)
+    return method.validate(params, lambdas).model_dump(include=set(method.parameters))
+
+
+def linear(deltas: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
+    """Task arithmetic: ``sum_m lambda_m * D_m`` (NaiveMC; mergekit's and PEFT's ``task_arithmetic``)."""
+    return METHODS["linear"](deltas, lambdas)
+
+
+def ties(
+    deltas: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: Density, sign_method: SignMethod = "sum",
+    normalize: Normalize = "weights",
+) -> torch.Tensor:
+    """TIES: trim each delta to its top-``density`` entries by magnitude, elect a sign per coordinate, and
+    merge only the weighted entries that agree with it.
+
+    With the defaults this is mergekit's ``ties`` (``normalize: true``): per coordinate,
+    ``sum_{m agrees} lambda_m D'_m / sum_{m agrees} lambda_m``. PEFT's ``ties`` divides by the number of
+    agreeing entries (``normalize="count"``) and elects on unweighted deltas (see the module docstring).
+    """
+    params = {"density": density, "sign_method": sign_method, "normalize": normalize}
+    return METHODS["ties"](deltas, lambdas, params)
+
+
+def dare_linear(
+    deltas: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: Density, generator: torch.Generator
+) -> torch.Tensor:
+    """DARE: drop each entry with probability ``1 - density``, rescale survivors by ``1 / density``, then
+    task arithmetic. Same as PEFT's ``dare_linear`` given the same random draws; mergekit's rescales to the
+    L1 norm instead of by ``1 / density``.
+    """
+    return METHODS["dare_linear"](deltas, lambdas, {"density": density}, generator)
+
+
+def dare_ties(
+    deltas: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: Density, generator: torch.Generator,
+    sign_method: SignMethod = "sum", normalize: Normalize = "weights",
+) -> torch.Tensor:
+    """DARE's random drop and ``1 / density`` rescale, then TIES sign election and disjoint merge.
+
+    Defaults mirror :func:`ties`; mergekit's ``dare_ties`` defaults to ``normalize: false`` (pass
+    ``normalize="none"``), PEFT's divides by the agreeing count (``normalize="count"``).
+    """
+    params = {"density": density, "sign_method": sign_method, "normalize": normalize}
+    return METHODS["dare_ties"](deltas, lambdas, params, generator)
+
+
+def magnitude_prune(deltas: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: Density) -> torch.Tensor:
+    """Trim each delta to its top-``density`` entries by magnitude (no rescale), then task arithmetic.
+
+    PEFT's ``magnitude_prune`` except for ``k >= 1`` and the deterministic tie order (module docstring).
+    """
+    return METHODS["magnitude_prune"](deltas, lambdas, {"density": density})
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -581,33 +637,28 @@ def merge_chunks(
     generator: torch.Generator | None = None,
     chunk: int = CHUNK,
 ) -> Iterator[torch.Tensor]:
-    """Operator ``name`` on M deltas of ``numel`` entries that are read chunk by chunk through ``deltas`` (one
-    per lambda): the merged delta as consecutive flat chunks, in the deltas' dtype, each one valid until the next
-    is requested (it may live in the chunk that ``deltas`` returned, which the merge overwrites).
+    """Method ``name`` on M deltas of ``numel`` entries that are read chunk by chunk through ``deltas`` (one per
+    lambda): the merged delta as consecutive flat chunks, in the deltas' dtype, each one valid until the next is
+    requested. Whole-tensor merges are this with the whole tensor as one chunk.
 
-    ``linear`` reads each chunk once; ``ties`` and ``magnitude_prune`` three times (two passes find each delta's
-    trim threshold, see :func:`magnitude_trims`). Memory stays at a few chunks whatever the tensor size, and the
-    results equal the in-memory operators'. The DARE operators draw one random mask per whole input, so that a
-    merge is reproducible from the generator alone; they get the whole deltas as one chunk.
+    Magnitude sparsification reads every chunk three times (two passes find each delta's trim threshold, see
+    :func:`magnitude_trims`), the others once. Memory stays at a few chunks whatever the tensor size. DARE draws one
+    random mask per whole input, so that a merge is reproducible from the generator alone: it gets the whole deltas
+    as one chunk.
     """
-    checked = validate_parameters(name, params or {}, lambdas=lambdas)
-    spans = [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
-    if name == "linear":
-        for start, stop in spans:  # linear's sum, accumulated in place in the first row
-            first, *rest = deltas(start, stop)
-            merged = first.mul_(lambdas[0])
-            for row, weight in zip(rest, lambdas[1:], strict=True):
-                merged.add_(row, alpha=weight)
-            yield merged
-    elif name in ("ties", "magnitude_prune"):
-        densities = _per_input(checked["density"], len(lambdas))
+    method = merge_method(name)
+    if method.space == "factors":
+        raise CompositionError(f"merge method '{name}' averages LoRA factors, not deltas")
+    checked = method.validate(params or {}, lambdas)
+    if method.random and not isinstance(generator, torch.Generator):
+        raise CompositionError(f"merge method '{name}' is random and needs a torch.Generator")
+    densities = checked.densities(len(lambdas))
+    step = numel if method.sparsify == "dare" else chunk
+    spans = [(start, min(start + step, numel)) for start in range(0, numel, step)]
+    trims: list[Trim | None] = [None] * len(lambdas)
+    if method.sparsify == "magnitude":
         trims = magnitude_trims(lambda: (deltas(start, stop).abs_() for start, stop in spans), numel, densities)
-        for start, stop in spans:
-            trimmed = _trim(deltas(start, stop), trims, start)
-            weights = torch.tensor(lambdas, dtype=trimmed.dtype, device=trimmed.device).view(-1, 1)
-            if name == "ties":
-                yield _elect_and_merge(trimmed, weights, checked["sign_method"], checked["normalize"])
-            else:
-                yield _sum_rows(trimmed.mul_(weights))
-    else:
-        yield OPERATORS[name](list(deltas(0, numel)), lambdas, params, generator)
+    for start, stop in spans:
+        sparse = sparsify(method.sparsify, deltas(start, stop), start, densities, trims, generator)
+        weights = torch.tensor(list(lambdas), dtype=sparse.dtype, device=sparse.device).view(-1, 1)
+        yield combine(sparse, weights, method.consensus, checked.sign_method, checked.normalize)

@@ -12,16 +12,22 @@ exactly: when the modules end up with different ranks or scalings, every module 
 rank with zero factors and its scaling is folded into `B` (the product is unchanged). Our target linears are
 the union of the adapter's and the kept deltas'; a delta has zero factors where it has no weights, which is
 also what PEFT computes there.
+
+`adapter_config.json` is parsed by PEFT's `LoraConfig` (its own checks apply), and any option whose effect a LoRA
+product on target linears cannot carry (DoRA, trained biases, `modules_to_save`, ...) is refused in one line.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import peft
 import torch
+from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from mmcompose.checkpoint import checkpoint_files, fingerprint_base, read_manifest, read_tensors
@@ -35,14 +41,26 @@ Route = Literal["shared", "language", "modality"]
 
 LORA_KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.lora_(?P<factor>A|B)(?:\.[^.]+)?\.weight")
 
-# adapter_config options whose effect a LoRA product on target linears cannot carry.
-REFUSED_OPTIONS = {
+# LoraConfig fields whose non-default values a LoRA product on target linears carries exactly: metadata, training-only
+# settings (dropout, initialisation that leaves the base weights alone), and the ones that say which modules have
+# which rank and scaling (the weights file shows which modules were adapted). Any other field set away from PEFT's
+# default is refused, so an option added in a later PEFT is refused until someone checks what it computes.
+CARRIED_OPTIONS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying", "megatron_core",
+})
+# Initialisations that change the base weights as well, so the adapter is relative to another base.
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+# Why the commonest refused options cannot be carried (any other gets a generic reason).
+REASONS = {
     "use_dora": "DoRA adds a magnitude vector",
-    "modules_to_save": "modules_to_save trains whole modules",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights) is not a LLaMA-family layout",
+    "bias": "trained biases",
     "lora_bias": "lora_bias trains biases",
+    "modules_to_save": "modules_to_save trains whole modules",
     "trainable_token_indices": "trainable tokens change the embedding table",
-    "target_parameters": "target_parameters adapts raw parameters",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights) is not a LLaMA-family layout",
     "layer_replication": "layer_replication changes the architecture",
 }
 
@@ -53,8 +71,7 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
     adapter_dir, out, base = Path(adapter_dir), Path(out), Path(base)
     if route not in ("shared", "language", "modality"):
         raise CheckpointError(f"unknown route {route!r} (expected shared, language or modality)")
-    config = read_json(adapter_dir / "adapter_config.json")
-    _check_config(config, adapter_dir)
+    config = _parse_config(adapter_dir)
     factors = _read_factors(adapter_dir)
     rank, alpha, factors, uniform = _normalise(config, factors, adapter_dir)
     fingerprint = fingerprint_base(base)
@@ -68,7 +85,7 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
     names = {path.rpartition(".")[2] for path in factors} | (set(start.target_modules) if kept else set())
     targets = [m for m in DEFAULT_TARGET_MODULES if m in names] + sorted(names - set(DEFAULT_TARGET_MODULES))
     delta = DeltaSpec(name=name, kind="lora", routes=routes, rank=rank, alpha=alpha,
-                      source={"format": "peft", "base_model_name_or_path": config.get("base_model_name_or_path")})
+                      source={"format": "peft", "base_model_name_or_path": config.base_model_name_or_path})
     spec = ModelSpec(modalities=[start.branch], deltas=[*kept, delta], target_modules=targets, template=start.template,
                      strategy="shared" if route == "shared" else "decoupled")
     model = skeleton(base, spec, fingerprint)
@@ -113,17 +130,40 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
     return filler.save(out, overwrite=overwrite, provenance=provenance)
 
 
-def _check_config(config: dict[str, Any], adapter_dir: Path) -> None:
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    for option, reason in REFUSED_OPTIONS.items():
-        if config.get(option):
-            raise CheckpointError(f"{adapter_dir}: {option} is not supported: {reason}")
-    if config.get("bias", "none") != "none":
-        raise CheckpointError(f"{adapter_dir}: bias={config['bias']!r} is not supported (trained biases)")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), int | float):
-            raise CheckpointError(f"{adapter_dir}: adapter_config.json has no numeric {field!r}")
+def _parse_config(adapter_dir: Path) -> LoraConfig:
+    """`adapter_config.json` parsed by PEFT's own `LoraConfig`, refused if it asks for more than a LoRA product on
+    target linears: a field outside `CARRIED_OPTIONS` away from its default, an option this PEFT does not know (an
+    adapter from a later PEFT) that is not off, or an initialisation that changed the base weights."""
+    raw = read_json(adapter_dir / "adapter_config.json")
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        kind = raw.get("peft_type") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{adapter_dir}: peft_type {kind!r} is not supported (only LORA)")
+    known = {field.name for field in fields(LoraConfig)}
+    unknown = sorted(key for key, value in raw.items() if key not in known and value not in (None, False, [], {}))
+    if unknown:
+        raise CheckpointError(f"{adapter_dir}: adapter_config.json sets {', '.join(unknown)}, unknown to PEFT "
+                              f"{peft.__version__} (an adapter from a later PEFT?)")
+    try:
+        config = LoraConfig.from_peft_type(**{key: value for key, value in raw.items() if key in known})
+    except Exception as error:  # PEFT's own checks: ValueError, TypeError, ...
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{adapter_dir}: adapter_config.json: {first}") from None
+    default = LoraConfig()
+    for field in fields(LoraConfig):
+        value = getattr(config, field.name)
+        if field.name not in CARRIED_OPTIONS and value != getattr(default, field.name):
+            reason = REASONS.get(field.name, f"{field.name}={value!r} changes what the adapter computes")
+            raise CheckpointError(f"{adapter_dir}: {field.name} is not supported: {reason}")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise CheckpointError(f"{adapter_dir}: init_lora_weights={init!r} is not supported: it changes the base "
+                              "weights too (convert the adapter to a plain LoRA with PEFT first)")
+    for name in ("r", "lora_alpha"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise CheckpointError(f"{adapter_dir}: adapter_config.json: {name} must be a positive number, "
+                                  f"got {value!r}")
+    return config
 
 
 def _read_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -149,27 +189,26 @@ def _read_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     return {path: (pair["A"], pair["B"]) for path, pair in found.items()}
 
 
-def _normalise(config: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]], where: Path
+def _normalise(config: LoraConfig, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], where: Path
                ) -> tuple[int, float, dict[str, tuple[torch.Tensor, torch.Tensor]], bool]:
     """One rank and alpha for all modules: the adapter's own when uniform, else padded with scaling folded in."""
-    listed = config.get("target_modules")
-    if isinstance(listed, list):
+    listed = config.target_modules
+    if isinstance(listed, list | set):
         adapted = {path.rpartition(".")[2] for path in factors}
         absent = sorted(set(listed) - adapted)
         if absent:
             raise CheckpointError(f"{where}: adapter_config.json targets {', '.join(absent)} but the weights have no "
                                   f"LoRA for it")
-    ranks = config.get("rank_pattern") or {}
-    alphas = config.get("alpha_pattern") or {}
+    ranks, alphas = config.rank_pattern or {}, config.alpha_pattern or {}
     scaled: dict[str, tuple[int, float]] = {}
     for path, (lora_a, _) in factors.items():
-        rank = ranks.get(get_pattern_key(ranks.keys(), path), config["r"])
-        alpha = alphas.get(get_pattern_key(alphas.keys(), path), config["lora_alpha"])
+        rank = ranks.get(get_pattern_key(ranks.keys(), path), config.r)
+        alpha = alphas.get(get_pattern_key(alphas.keys(), path), config.lora_alpha)
         if lora_a.shape[0] != rank:
             raise CheckpointError(f"{where}: {path}.lora_A has rank {lora_a.shape[0]}, adapter_config.json says {rank}")
-        scaled[path] = (rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
+        scaled[path] = (rank, alpha / math.sqrt(rank) if config.use_rslora else alpha / rank)
     if len({rank for rank, _ in scaled.values()}) <= 1 and len({scale for _, scale in scaled.values()}) <= 1:
-        rank, scale = next(iter(scaled.values()), (config["r"], config["lora_alpha"] / config["r"]))
+        rank, scale = next(iter(scaled.values()), (config.r, config.lora_alpha / config.r))
         return rank, scale * rank, factors, True
     top = max(rank for rank, _ in scaled.values())
     padded = {}
