@@ -1,5 +1,6 @@
 """Modality plug-ins and the four built-ins: image, audio, video, point."""
 
+from mmcompose.modalities.beats import BEATsEncoder, BeatsFbankProcessor
 from mmcompose.modalities.encoders import (
     AudioFrameEncoder,
     CLIPVisionEncoder,
@@ -7,6 +8,7 @@ from mmcompose.modalities.encoders import (
     PointGroupEncoder,
     VideoFrameEncoder,
 )
+from mmcompose.modalities.languagebind import LanguageBindVideoEncoder, LanguageBindVideoProcessor
 from mmcompose.modalities.pretrained import (
     CLAPAudioEncoder,
     CLIPPixelProcessor,
@@ -36,11 +38,15 @@ register_encoder("clip-vision", CLIPVisionEncoder)
 register_encoder("whisper-audio", WhisperAudioEncoder)
 register_encoder("clap-audio", CLAPAudioEncoder)
 register_encoder("point-bert", PointBERTEncoder)
+register_encoder("beats", BEATsEncoder)
+register_encoder("languagebind-video", LanguageBindVideoEncoder)
 register_processor("image", ImageProcessor)
 register_processor("audio", AudioProcessor)
 register_processor("video", VideoProcessor)
 register_processor("point", PointProcessor)
 register_processor("clip-image", CLIPPixelProcessor)
+register_processor("beats-fbank", BeatsFbankProcessor)
+register_processor("languagebind-video", LanguageBindVideoProcessor)
 
 register_modality(Modality("image", "<image>", processor="image", encoder="image-patch"))
 register_modality(Modality("audio", "<audio>", processor="audio", encoder="audio-frame"))

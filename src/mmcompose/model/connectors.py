@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmcompose.errors import MMComposeError
+from mmcompose.model.qformer import QFormerConnector
 
 
 class LinearConnector(nn.Module):
@@ -65,6 +66,7 @@ CONNECTORS: dict[str, Callable[..., nn.Module]] = {
     "linear": LinearConnector,
     "mlp2x_gelu": MLPConnector,
     "resampler": ResamplerConnector,
+    "qformer": QFormerConnector,
 }
 
 
