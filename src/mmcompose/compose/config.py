@@ -12,6 +12,8 @@ Model paths are relative to the working directory, as in mergekit.
       - path: runs/image-other
         rename: {image: sketch}  # two inputs may not claim one modality unless one is renamed
     lambdas: {audio: 0.2}        # alternatively, lambdas by model name (a model's name defaults to its modalities)
+    # or as the official merge script takes them (vision = our image):
+    # lambdas: default-video=0.333,default-audio=0.333,default-vision=0.333
 """
 
 from __future__ import annotations
@@ -48,12 +50,38 @@ class CompositionConfig(BaseModel):
     lambdas: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
 
+    @field_validator("lambdas", mode="before")
+    @classmethod
+    def _official_lambdas(cls, lambdas: Any) -> Any:
+        return parse_official_lambdas(lambdas) if isinstance(lambdas, str) else lambdas
+
     @field_validator("merge")
     @classmethod
     def _known_merge(cls, merge: str) -> str:
         if merge != LEGACY_MERGE and merge not in OPERATORS:
             raise ValueError(f"unknown merge {merge!r}; known: {', '.join([*sorted(OPERATORS), LEGACY_MERGE])}")
         return merge
+
+
+OFFICIAL_MODALITY_NAMES = {"vision": "image"}
+
+
+def parse_official_lambdas(text: str) -> dict[str, float]:
+    """`default-video=0.333,default-audio=0.333,default-vision=0.333` (the official merge script's coefficients
+    for each model's language delta, after its `online-merge-reset-` prefix) -> `{video: 0.333, audio: 0.333,
+    image: 0.333}`, keyed by the names imported single-modality models get (official `vision` is `image`)."""
+    lambdas: dict[str, float] = {}
+    for item in text.removeprefix("online-merge-reset-").split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key.startswith("default-"):
+            raise ValueError(f"expected default-<modality>=<lambda>, got {item.strip()!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not a number") from None
+        modality = key.removeprefix("default-")
+        lambdas[OFFICIAL_MODALITY_NAMES.get(modality, modality)] = number
+    return lambdas
 
 
 def parse_config(raw: dict[str, Any], origin: str = "config") -> CompositionConfig:

@@ -33,7 +33,6 @@ checkpoint with that modality, or a component JSON file.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
