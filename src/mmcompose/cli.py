@@ -266,7 +266,8 @@ def import_modelcompose_command(
     out: OutOption,
     base: BaseOption,
     encoder: Annotated[list[str] | None, typer.Option(
-        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, "
+        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, a BEATs "
+             ".pt (or config.json + weights.safetensors directory), a LanguageBind_Video_merge directory, "
              "an mmcompose checkpoint with that modality, or a JSON file {\"type\": ..., \"options\": ...}.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
