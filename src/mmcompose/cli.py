@@ -225,7 +225,7 @@ def evaluate(
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
                                 shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity,
-                                labels=preset.labels if preset else None, scorer=preset.scorer if preset else None)
+                                scorer=preset.scorer if preset else None)
         if kind == "caption":
             console.print(_caption_summary(name, metrics))
             continue

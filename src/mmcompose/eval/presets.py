@@ -10,10 +10,11 @@
 * `music-avqa`: both the output and the gold (`music-avqa-test_mm_answer.json`) go through the VQA answer
   normalisation (EvalAI's processor: lower case, punctuation, number words, articles, contractions), then
   exact match.
-* `modelnet40`: the official script asks GPT to map the free-form description to one of the 40 classes.
-  That needs a paid remote model, so this preset judges locally instead: label-name matching over the 40
-  ModelNet40 classes (`--judge embedding` adds the model's own embedding similarity as a fallback). Numbers
-  are therefore not directly comparable with the paper's.
+* `modelnet40` (close-set classification): the official script asks GPT to map the free-form description to
+  one of the 40 classes; its offline (`--synthetic`) judge, which this preset uses, counts a prediction right
+  when it contains the gold class name (case-insensitive). Gold names come from the annotation file
+  (`--answers`: a list of `{id, label, label_name}`, `label_name` is the gold) or the questions' gpt turns. The
+  GPT judge needs a paid remote model, so numbers can differ from the paper's GPT-judged ones.
 
 Generation is greedy, as the official `--temperature 0`; the official loader allows 128 new tokens. For the
 letter benchmarks only the first character counts, and greedy decoding makes it independent of the limit, so
@@ -33,13 +34,6 @@ from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import normalize_vqa
 from mmcompose.eval.benchmark import Sample, load_benchmark
 
-MODELNET40_CLASSES = (
-    "airplane", "bathtub", "bed", "bench", "bookshelf", "bottle", "bowl", "car", "chair", "cone", "cup", "curtain",
-    "desk", "door", "dresser", "flower_pot", "glass_box", "guitar", "keyboard", "lamp", "laptop", "mantel",
-    "monitor", "night_stand", "person", "piano", "plant", "radio", "range_hood", "sink", "sofa", "stairs", "stool",
-    "table", "tent", "toilet", "tv_stand", "vase", "wardrobe", "xbox",
-)
-
 
 def first_character(sample: Sample, prediction: str) -> tuple[str | None, bool]:
     """The official MCUB/AVQA judge: `prediction.strip()[:1] == gold`."""
@@ -53,28 +47,34 @@ def vqa_exact(sample: Sample, prediction: str) -> tuple[str | None, bool]:
     return parsed, parsed is not None and parsed == normalize_vqa(sample.answer or "")
 
 
+def contains_label(sample: Sample, prediction: str) -> tuple[str | None, bool]:
+    """The official ModelNet40 offline judge: the gold class name occurs in the output (case-insensitive)."""
+    gold = (sample.answer or "").strip()
+    found = bool(gold) and gold.lower() in prediction.lower()
+    return (gold if found else None), found
+
+
 @dataclass(frozen=True)
 class BenchmarkPreset:
     """One paper benchmark: its official files, the run kind, the judge and the answer length."""
 
     name: str
     question_files: str  # a regex over file names in the task directory; group "task" names the task
-    answer_file: str
+    answer_file: str | None  # looked for beside the questions
     kind: str
     max_new_tokens: int
-    scorer: Callable[[Sample, str], tuple[str | None, bool]] | None = None
-    labels: tuple[str, ...] | None = None
+    scorer: Callable[[Sample, str], tuple[str | None, bool]]
 
 
 PRESETS = {
     "mcub": BenchmarkPreset("mcub", r"(?P<task>MCUB-(?:4|3-.+))\.json", "MCUB-answer.json", "choice", 16,
                             first_character),
-    "avqa": BenchmarkPreset("avqa", r"avqa-test_mm_(?P<task>(?!answer$).+)\.json", "avqa-test_mm_answer.json",
+    "avqa": BenchmarkPreset("avqa", r"avqa-test_mm_(?P<task>(?!answer\.json$).+)\.json", "avqa-test_mm_answer.json",
                             "choice", 16, first_character),
-    "music-avqa": BenchmarkPreset("music-avqa", r"music-avqa-test_mm_(?P<task>(?!answer$).+)\.json",
+    "music-avqa": BenchmarkPreset("music-avqa", r"music-avqa-test_mm_(?P<task>(?!answer\.json$).+)\.json",
                                   "music-avqa-test_mm_answer.json", "open", 128, vqa_exact),
-    "modelnet40": BenchmarkPreset("modelnet40", r"(?P<task>.*modelnet40.*)\.json", "modelnet40_answer.json",
-                                  "label", 128, None, MODELNET40_CLASSES),
+    "modelnet40": BenchmarkPreset("modelnet40", r"(?P<task>(?!.*answer).*modelnet.*)\.json", None, "open", 128,
+                                  contains_label),
 }
 
 
@@ -102,10 +102,10 @@ def load_preset_tasks(preset: BenchmarkPreset, task: Path, data_root: Path | Non
         match = re.fullmatch(preset.question_files, task.name)
         files = {match["task"] if match else task.stem: task}
         directory = task.parent
-    answer_file = answers or (directory / preset.answer_file)
-    gold = read_answers(answer_file) if answer_file.is_file() else None
-    if answers is not None and gold is None:
+    answer_file = answers or (directory / preset.answer_file if preset.answer_file else None)
+    if answers is not None and not answers.is_file():
         raise MMComposeError(f"{answers}: answer file not found")
+    gold = read_answers(answer_file) if answer_file is not None and answer_file.is_file() else None
     root = data_root or directory
     tasks = {}
     for name, file in files.items():
@@ -114,15 +114,16 @@ def load_preset_tasks(preset: BenchmarkPreset, task: Path, data_root: Path | Non
             samples = [dataclasses.replace(s, answer=gold[s.id]) if s.id in gold else s for s in samples]
         missing = [s.id for s in samples if s.answer is None]
         if missing:
-            raise MMComposeError(f"{file}: sample id {missing[0]!r} has no gold answer (no gpt turn"
-                                 f"{'' if gold is None else f' and no entry in {answer_file.name}'})")
+            source = "" if gold is None or answer_file is None else f" and no entry in {answer_file.name}"
+            raise MMComposeError(f"{file}: sample id {missing[0]!r} has no gold answer (no gpt turn{source})")
         tasks[name] = samples
     return tasks
 
 
 def read_answers(path: Path) -> dict[str, str]:
     """Gold answers by sample id from an official answer file: a list of `{id, conversations}` (the last
-    turn's value is the answer, as the official scorers read it) or a `{id: answer}` object."""
+    turn's value is the answer, as the official scorers read it), a list of ModelNet40 annotations
+    `{id, label, label_name}`, or a `{id: answer}` object."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -134,10 +135,11 @@ def read_answers(path: Path) -> dict[str, str]:
     gold = {}
     for index, item in enumerate(raw):
         try:
-            gold[str(item["id"])] = str(item["conversations"][-1]["value"])
+            value = item["label_name"] if "label_name" in item else item["conversations"][-1]["value"]
+            gold[str(item["id"])] = str(value)
         except (KeyError, IndexError, TypeError):
             raise MMComposeError(f"{path}: entry {index} has no id or no conversations[-1].value") from None
     return gold
 
 
-__all__ = ["MODELNET40_CLASSES", "PRESETS", "BenchmarkPreset", "get_preset", "load_preset_tasks", "read_answers"]
+__all__ = ["PRESETS", "BenchmarkPreset", "get_preset", "load_preset_tasks", "read_answers"]
