@@ -111,3 +111,36 @@ def test_four_released_models_import_compose_answer_and_export(llama_base: Path,
 
 def _wave() -> np.ndarray:
     return (0.1 * np.sin(np.arange(12000) / 7.0)).astype(np.float32)
+
+
+def run_bad(*args: object) -> str:
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_an_encoder_that_does_not_fit_its_config_is_one_line_and_writes_nothing(llama_base: Path,
+                                                                                tmp_path: Path) -> None:
+    official = tmp_path / "official"
+    make_modelcompose(official, llama_base, "modal+language", widths={"video": 64}, projectors={"video": "mlp2x_gelu"})
+    broken = tmp_path / "LanguageBind_Video_merge"
+    broken.mkdir()
+    source = FIXTURES / "languagebind_video_tower"
+    config = json.loads((source / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 4  # the weights have 3 layers
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "weights.safetensors").write_bytes((source / "weights.safetensors").read_bytes())
+    line = run_bad("import", "modelcompose", official, "-o", tmp_path / "out", "--base", llama_base,
+                   "--encoder", f"video={broken}")
+    assert "weights.safetensors: weights do not match the LanguageBind config (missing key " \
+           "vision_model.encoder.layers.3." in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_official_lambdas_in_a_bad_form_are_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "compose.yaml"
+    config.write_text(yaml.safe_dump({"method": "damc", "models": [{"path": "a"}]}))
+    line = run_bad("compose", config, "-o", tmp_path / "out", "--lambdas", "video=0.5")
+    assert line == "error: --lambdas: lambdas: Value error, expected default-<modality>=<lambda>, got 'video=0.5'"
