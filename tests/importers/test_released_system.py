@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from mmcompose.checkpoint import load_checkpoint
 from mmcompose.cli import app
+from mmcompose.modalities.pretrained import PointBERTEncoder
 from tests.importers.fixtures import make_clip, make_modelcompose
 from tests.io.media import encode_video
 from tests.modalities.tiny import POINT_BERT
@@ -57,7 +58,9 @@ def _media(directory: Path) -> dict[str, str]:
 def test_four_released_models_import_compose_answer_and_export(llama_base: Path, tmp_path: Path) -> None:
     encoders = {"image": make_clip(tmp_path / "clip"), "audio": FIXTURES / "beats_audio_encoder",
                 "video": FIXTURES / "languagebind_video_tower", "point": tmp_path / "point-bert.json"}
-    encoders["point"].write_text(json.dumps({"type": "point-bert", "options": POINT_BERT}))
+    torch.manual_seed(0)  # a bare Point-BERT state dict, as ModelCompose's point_bert_v1.2.pt, in a tiny size whose
+    torch.save(PointBERTEncoder(**POINT_BERT).state_dict(), tmp_path / "point_bert.pt")  # heads the JSON states
+    encoders["point"].write_text(json.dumps({"type": "point-bert", "options": POINT_BERT, "weights": "point_bert.pt"}))
     imported = {}
     for seed, (modality, (strategy, projector, width)) in enumerate(RELEASED.items()):
         official = tmp_path / "official" / modality
@@ -72,6 +75,8 @@ def test_four_released_models_import_compose_answer_and_export(llama_base: Path,
     assert (audio.encoder.type, audio.processor.type, audio.connector.type) == ("beats", "beats-fbank", "qformer")
     video = load_checkpoint(imported["video"]).spec.modalities[0]
     assert (video.encoder.type, video.processor.type) == ("languagebind-video", "languagebind-video")
+    point = load_checkpoint(imported["point"]).spec.modalities[0]
+    assert (point.encoder.type, point.processor.options) == ("point-bert", {"num_points": 8192, "with_color": False})
 
     config = tmp_path / "compose.yaml"
     config.write_text(yaml.safe_dump({"method": "damc", "models": [{"path": str(p)} for p in imported.values()]}))
@@ -144,3 +149,16 @@ def test_official_lambdas_in_a_bad_form_are_one_line(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"method": "damc", "models": [{"path": "a"}]}))
     line = run_bad("compose", config, "-o", tmp_path / "out", "--lambdas", "video=0.5")
     assert line == "error: --lambdas: lambdas: Value error, expected default-<modality>=<lambda>, got 'video=0.5'"
+
+
+def test_a_bare_point_bert_state_dict_shows_its_architecture(llama_base: Path, tmp_path: Path) -> None:
+    """`--encoder point=point_bert_v1.2.pt`: width, depth, group-encoder width and colour come from the tensors."""
+    official = tmp_path / "official"
+    make_modelcompose(official, llama_base, "same", widths={"point": 12}, projectors={"point": "mlp2x_gelu"})
+    torch.save(PointBERTEncoder(trans_dim=12, depth=3, encoder_dims=8, point_dims=6).state_dict(), tmp_path / "pb.pt")
+    run("import", "modelcompose", official, "-o", tmp_path / "out", "--base", llama_base,
+        "--encoder", f"point={tmp_path / 'pb.pt'}")
+    (point,) = load_checkpoint(tmp_path / "out").spec.modalities
+    assert point.encoder.options == dict(trans_dim=12, depth=3, num_heads=6, group_size=32, num_group=512,
+                                         encoder_dims=8, point_dims=6, drop_cls=False)
+    assert point.processor.options == {"num_points": 8192, "with_color": True}

@@ -57,6 +57,7 @@ from mmcompose.modalities import get_modality
 from mmcompose.modalities.beats import BEATsEncoder
 from mmcompose.modalities.encoders import CLIPVisionEncoder
 from mmcompose.modalities.languagebind import LanguageBindVideoEncoder
+from mmcompose.modalities.pretrained import PointBERTEncoder, _read_state_dict
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.qformer import OFFICIAL_TYPE, official_qformer_options, rename_official
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
@@ -297,14 +298,22 @@ def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str
         return _Encoder(source, default_processor, None, f"component {source.type}")
     path = Path(source)
     if path.is_file() and path.suffix == ".json":
+        raw = read_json(path)
+        weights = raw.pop("weights", None)
         try:
-            component = Component.model_validate(read_json(path))
+            component = Component.model_validate(raw)
         except ValidationError as error:
             raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
+        if weights is not None:
+            if component.type != "point-bert":
+                raise CheckpointError(f"{path}: weights: only a point-bert component takes a weights file")
+            return _point_bert_encoder(path.parent / str(weights), component.options)
         return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
     if (path / "manifest.json").is_file():
         return _encoder_from_checkpoint(path, modality.ours)
-    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if modality.ours == "point":
+            return _point_bert_encoder(path)
         return _beats_encoder(path, modality)
     if (path / "config.json").is_file():
         encoder_config = read_json(path / "config.json")
@@ -329,6 +338,30 @@ def _beats_encoder(path: Path, modality: OfficialModality) -> _Encoder:
     encoder = BEATsEncoder.from_checkpoint(path)
     return _Encoder(Component(type="beats", options=encoder.options), Component(type="beats-fbank"),
                     encoder.state_dict(), f"beats from {path}")
+
+
+def _point_bert_encoder(path: Path, options: dict[str, Any] | None = None) -> _Encoder:
+    """A Point-BERT state dict (ModelCompose's `point_bert_v1.2.pt`). Without `options` (a component JSON with a
+    `weights` file gives them), the architecture is read from the tensors where they show it (width, depth,
+    group-encoder width, xyz or xyz+rgb) and is otherwise Point-BERT v1.2's (6 heads, groups of 32, 512
+    groups); 8192 points per cloud, as the released model reads them."""
+    if options is None:
+        weights = _read_state_dict(path)
+
+        def find(suffix: str) -> torch.Tensor:
+            value = next((v for k, v in weights.items() if k.endswith(suffix)), None)
+            if value is None:
+                raise CheckpointError(f"{path}: not a Point-BERT state dict (no {suffix})")
+            return value
+
+        depth = len({k.split("blocks.blocks.")[1].split(".")[0] for k in weights if "blocks.blocks." in k})
+        options = dict(trans_dim=int(find("cls_token").shape[-1]), depth=depth,
+                       encoder_dims=int(find("reduce_dim.weight").shape[1]),
+                       point_dims=int(find("encoder.first_conv.0.weight").shape[1]))
+    encoder = PointBERTEncoder.from_state_dict_file(path, **options)
+    processor = Component(type="point", options=dict(num_points=8192, with_color=encoder.point_dims == 6))
+    return _Encoder(Component(type="point-bert", options=encoder.options), processor, encoder.state_dict(),
+                    f"point-bert from {path}")
 
 
 def _languagebind_encoder(path: Path, modality: OfficialModality, config: dict[str, Any]) -> _Encoder:
