@@ -268,8 +268,8 @@ def import_modelcompose_command(
     encoder: Annotated[list[str] | None, typer.Option(
         help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, a BEATs "
              ".pt (or config.json + weights.safetensors directory), a LanguageBind_Video_merge directory, "
-             "a Point-BERT .pt, an mmcompose checkpoint with that modality, or a JSON file {\"type\": ..., \"options\": ...} "
-             "(a point-bert one may add \"weights\": FILE).")] = None,
+             "a Point-BERT .pt, an mmcompose checkpoint with that modality, or a JSON file "
+             "{\"type\": ..., \"options\": ...} (a point-bert one may add \"weights\": FILE).")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import an official ModelCompose checkpoint (lora_strategy same, modal+language or modal).

@@ -27,8 +27,8 @@ The audio connector of the release, `qformer_<N>N_<L>L` (a BERT Q-Former), becom
 
 (its unused `position_ids` buffer is dropped). The frozen encoders (CLIP ViT-L/336, BEATs, LanguageBind video,
 Point-BERT) are not in the adapter file, so the user supplies them: a CLIP directory, a BEATs `.pt` (or a
-directory with config.json + weights.safetensors), a `LanguageBind_Video_merge` directory, an mmcompose
-checkpoint with that modality, or a component JSON file.
+directory with config.json + weights.safetensors), a `LanguageBind_Video_merge` directory, a Point-BERT state
+dict, an mmcompose checkpoint with that modality, or a component JSON file.
 """
 
 from __future__ import annotations
