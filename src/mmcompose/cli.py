@@ -76,6 +76,9 @@ def compose(
     = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")]
     = False,
+    lambdas: Annotated[str | None, typer.Option(
+        help="Coefficients as the official merge script takes them, replacing the config's: "
+             "default-video=0.333,default-audio=0.333,default-vision=0.333 (vision = image).")] = None,
 ) -> None:
     """Compose single-modality models that share a base LLM into one multimodal checkpoint.
 
@@ -91,7 +94,7 @@ def compose(
     mmcompose compose --from composed --add runs/point --remove audio -o composed2
     """
     from mmcompose.checkpoint import read_manifest
-    from mmcompose.compose.config import ModelEntry, load_config
+    from mmcompose.compose.config import ModelEntry, load_config, parse_config
     from mmcompose.compose.engine import compose as run_composition
     from mmcompose.compose.incremental import recompose
 
@@ -100,8 +103,14 @@ def compose(
     if start is None:
         if add or remove:
             raise MMComposeError("--add and --remove change a composed checkpoint: use them with --from")
-        result = run_composition(load_config(config), out, overwrite=overwrite)
+        settings = load_config(config)
+        if lambdas is not None:
+            settings = parse_config({**settings.model_dump(by_alias=True, exclude_defaults=True), "lambdas": lambdas},
+                                    "--lambdas")
+        result = run_composition(settings, out, overwrite=overwrite)
     else:
+        if lambdas is not None:
+            raise MMComposeError("--lambdas goes with a CONFIG file")
         entries = [ModelEntry(path=path) for path in add or []]
         result = recompose(start, out, add=entries, remove=remove or [], overwrite=overwrite)
     accounting = read_manifest(result).provenance["composition"]["accounting"]
@@ -203,10 +212,16 @@ def evaluate(
     judge: Annotated[str, typer.Option(help="For --kind label: 'names' (label-name matching) or 'embedding' "
                                        "(then the closest label by the model's own token embeddings).")]
     = "names",
+    benchmark: Annotated[str | None, typer.Option(
+        help="mcub | avqa | music-avqa | modelnet40: read the official file layout (--task: the question file or "
+             "its directory) and parse, judge and score as the official scripts do; sets --kind.")] = None,
+    answers: Annotated[Path | None, typer.Option(
+        help="With --benchmark: the answer file, if not the official one beside the questions.")] = None,
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
     from mmcompose.eval.benchmark import load_benchmark, load_mcub
+    from mmcompose.eval.presets import get_preset, load_preset_tasks
     from mmcompose.eval.runner import merge_shards, run_benchmark
     from mmcompose.experiment.predict import embedding_similarity, model_predictor
 
@@ -215,7 +230,13 @@ def evaluate(
     index, _, count = shard.partition("/")
     if not count.isdigit() or not (index.isdigit() or index == "merge"):
         raise MMComposeError(f"--shard {shard!r}: expected i/n (e.g. 0/4) or merge/n")
-    if task.is_dir():
+    preset = get_preset(benchmark) if benchmark is not None else None
+    if preset is not None:
+        kind, max_new_tokens = preset.kind, max_new_tokens or preset.max_new_tokens
+        tasks = load_preset_tasks(preset, task, data_root, answers)
+    elif answers is not None:
+        raise MMComposeError("--answers goes with --benchmark")
+    elif task.is_dir():
         root = data_root or (task.parent if task.name == "data" else task)
         tasks = load_mcub(task, root)
     else:
@@ -233,7 +254,8 @@ def evaluate(
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
-                                shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity)
+                                shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity,
+                                scorer=preset.scorer if preset else None)
         if kind == "caption":
             console.print(_caption_summary(name, metrics))
             continue
@@ -274,8 +296,10 @@ def import_modelcompose_command(
     out: OutOption,
     base: BaseOption,
     encoder: Annotated[list[str] | None, typer.Option(
-        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, "
-             "an mmcompose checkpoint with that modality, or a JSON file {\"type\": ..., \"options\": ...}.")] = None,
+        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, a BEATs "
+             ".pt (or config.json + weights.safetensors directory), a LanguageBind_Video_merge directory, "
+             "a Point-BERT .pt, an mmcompose checkpoint with that modality, or a JSON file "
+             "{\"type\": ..., \"options\": ...} (a point-bert one may add \"weights\": FILE).")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import an official ModelCompose checkpoint (lora_strategy same, modal+language or modal).

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,19 @@ def checkpoint_files(directory: Path, names: Iterable[str]) -> list[Path]:
     return paths
 
 
+def load_pickle(path: Path) -> Any:
+    """A PyTorch file's contents, unpickled with `weights_only=True` only: tensors and plain containers (a
+    checkpoint's config dict too), never code. Anything else is refused with a one-line error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors, and mmcompose only "
+                              f"unpickles with weights_only=True (convert it to safetensors with a tool you trust)"
+                              ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable PyTorch file ({str(error).splitlines()[0]})") from None
+
+
 def load_state_dict(path: Path, *, unwrap: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a foreign `.safetensors` file or pickled state dict. A pickle is only ever read with
     `weights_only=True`: one that holds anything but tensors and plain containers is refused, never run.
@@ -138,14 +152,7 @@ def load_state_dict(path: Path, *, unwrap: str | None = None) -> dict[str, torch
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         return read_tensors([path])
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors, and mmcompose only "
-                              f"unpickles with weights_only=True (convert it to safetensors with a tool you trust)"
-                              ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: unreadable PyTorch file ({str(error).splitlines()[0]})") from None
+    state = load_pickle(path)
     if unwrap is not None and isinstance(state, dict) and isinstance(state.get(unwrap), dict):
         state = state[unwrap]
     if not isinstance(state, dict):

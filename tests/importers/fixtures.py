@@ -21,7 +21,7 @@ from mmcompose.model.routed import DEFAULT_TARGET_MODULES
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=16,
               patch_size=4)
 NUM_PATCHES = (16 // 4) ** 2
-OFFICIAL_NAMES = {"image": "vision", "audio": "audio"}
+OFFICIAL_NAMES = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}
 
 
 def make_llava(directory: Path, base: Path, scale: float = 0.02, seed: int = 7) -> LlavaForConditionalGeneration:
@@ -60,6 +60,34 @@ def linear_shapes(base: Path) -> dict[str, tuple[int, int]]:
             if path.rpartition(".")[2] in DEFAULT_TARGET_MODULES}
 
 
+def official_qformer_shapes(queries: int, layers: int, encoder_width: int, llm_width: int, width: int = 48,
+                            intermediate: int = 24, positions: int = 1024) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the official `VideoLlamaAudioQformer` (a pruned LAVIS BERT Q-Former)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "audio_query_tokens": (1, queries, width), "audio_position_embedding.weight": (positions, encoder_width),
+        "audio_Qformer.bert.embeddings.LayerNorm.weight": (width,),
+        "audio_Qformer.bert.embeddings.LayerNorm.bias": (width,),
+        "audio_llama_proj.weight": (llm_width, width), "audio_llama_proj.bias": (llm_width,),
+    }
+    for i in range(layers):
+        layer = f"audio_Qformer.bert.encoder.layer.{i}"
+        for block, context in (("attention", width), ("crossattention", encoder_width)):
+            shapes.update({f"{layer}.{block}.self.query.weight": (width, width),
+                           f"{layer}.{block}.self.key.weight": (width, context),
+                           f"{layer}.{block}.self.value.weight": (width, context),
+                           f"{layer}.{block}.output.dense.weight": (width, width)})
+            shapes.update({f"{layer}.{block}.{part}.bias": (width,) for part in
+                           ("self.query", "self.key", "self.value", "output.dense", "output.LayerNorm")})
+            shapes[f"{layer}.{block}.output.LayerNorm.weight"] = (width,)
+        shapes.update({f"{layer}.intermediate_query.dense.weight": (intermediate, width),
+                       f"{layer}.intermediate_query.dense.bias": (intermediate,),
+                       f"{layer}.output_query.dense.weight": (width, intermediate),
+                       f"{layer}.output_query.dense.bias": (width,),
+                       f"{layer}.output_query.LayerNorm.weight": (width,),
+                       f"{layer}.output_query.LayerNorm.bias": (width,)})
+    return shapes
+
+
 def make_modelcompose(directory: Path, base: Path, strategy: str, *, widths: dict[str, int], rank: int = 4,
                       alpha: int = 8, boundary: int = 2, projectors: dict[str, str] | None = None,
                       prefix: str = "", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -86,10 +114,17 @@ def make_modelcompose(directory: Path, base: Path, strategy: str, *, widths: dic
     for modality, width in widths.items():
         official = OFFICIAL_NAMES[modality]
         key = "mm" if modality == "image" else f"mm_{modality}"
+        if modality == "video":
+            config.update(mm_video_select_layer=-2, mm_video_select_feature="patch")
         config.update({f"{key}_projector_type": projectors[modality], f"{key}_hidden_size": width})
         config["mm_vision_tower" if modality == "image" else f"mm_{modality}_encoder"] = f"/official/{official}-encoder"
         projector = f"{prefix}model.modal_projectors.{official}"
-        if projectors[modality] == "mlp2x_gelu":
+        if projectors[modality].startswith("qformer_"):
+            queries, layers = (int(n) for n in projectors[modality][len("qformer_"):-1].split("N_"))
+            state.update({f"{projector}.{name}": random(*shape) for name, shape in
+                          official_qformer_shapes(queries, layers, width, hidden).items()})
+            state[f"{projector}.audio_Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+        elif projectors[modality] == "mlp2x_gelu":
             state.update({f"{projector}.0.weight": random(hidden, width), f"{projector}.0.bias": random(hidden),
                           f"{projector}.2.weight": random(hidden, hidden), f"{projector}.2.bias": random(hidden)})
         else:

@@ -204,16 +204,59 @@ def test_a_pickle_with_objects_is_refused_without_running_it(llama_base: Path, c
     assert not marker.exists()
 
 
-def test_the_official_qformer_connector_is_reported_unsupported(llama_base: Path, clip: Path, tmp_path: Path) -> None:
+def test_the_official_qformer_connector_is_imported(llama_base: Path, clip: Path, tmp_path: Path) -> None:
+    official = tmp_path / "official"
+    saved = make_modelcompose(official, llama_base, "modal+language", widths=WIDTHS,
+                              projectors={"image": "mlp2x_gelu", "audio": "qformer_4N_2L"})
+    model = load_checkpoint(import_modelcompose(official, tmp_path / "out", base=llama_base,
+                                                encoders=encoders(clip))).eval()
+    spec = next(m for m in model.spec.modalities if m.name == "audio")
+    assert spec.connector.type == "qformer" and spec.connector.options == dict(
+        num_queries=4, num_layers=2, width=48, num_heads=12, intermediate_size=24, num_positions=1024)
+    connector = model.branches["audio"].connector
+    prefix = "model.modal_projectors.audio."
+    # the official names, spelled out: every tensor lands where the module that computes it reads it
+    assert torch.equal(connector.query_tokens, saved[prefix + "audio_query_tokens"])
+    assert torch.equal(connector.position_embedding.weight, saved[prefix + "audio_position_embedding.weight"])
+    assert torch.equal(connector.query_norm.bias, saved[prefix + "audio_Qformer.bert.embeddings.LayerNorm.bias"])
+    assert torch.equal(connector.layers[1].crossattention.self["value"].weight,
+                       saved[prefix + "audio_Qformer.bert.encoder.layer.1.crossattention.self.value.weight"])
+    assert torch.equal(connector.layers[0].output_query["LayerNorm"].weight,
+                       saved[prefix + "audio_Qformer.bert.encoder.layer.0.output_query.LayerNorm.weight"])
+    assert torch.equal(connector.proj.weight, saved[prefix + "audio_llama_proj.weight"])
+    with torch.no_grad():
+        tokens = connector(torch.randn(2, 7, WIDTHS["audio"]))
+    assert tokens.shape == (2, 4, model.llm.config.hidden_size)
+
+
+def test_an_unknown_projector_type_names_the_file_and_key(llama_base: Path, clip: Path, tmp_path: Path) -> None:
     official = tmp_path / "official"
     make_modelcompose(official, llama_base, "modal+language", widths=WIDTHS)
     config = json.loads((official / "config.json").read_text())
-    config["mm_audio_projector_type"] = "qformer_32N_2L"
+    config["mm_audio_projector_type"] = "perceiver_9x"
     (official / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="unsupported connector for audio: the official Q-Former"):
+    with pytest.raises(CheckpointError, match=r"official/config\.json: mm_audio_projector_type: unknown projector "
+                                              r"type 'perceiver_9x' \(importable: linear, mlp2x_gelu, "
+                                              r"qformer_<N>N_<L>L\)$"):
         import_modelcompose(official, tmp_path / "out", base=llama_base, encoders=encoders(clip))
-    config["mm_audio_projector_type"] = "linear"  # the keys alone give it away too
+    assert not (tmp_path / "out").exists()
+    config["mm_audio_projector_type"] = "linear"  # Q-Former keys under a linear projector are not silently dropped
     (official / "config.json").write_text(json.dumps(config))
     _rewrite(official, lambda state: state.update({"model.modal_projectors.audio.audio_query_tokens": torch.zeros(1)}))
-    with pytest.raises(CheckpointError, match="unsupported connector for audio"):
+    with pytest.raises(CheckpointError, match=r"1 unknown key\(s\): model\.modal_projectors\.audio\.audio_query"):
         import_modelcompose(official, tmp_path / "out", base=llama_base, encoders=encoders(clip))
+
+
+def test_per_modality_boundary_counts_are_honoured(llama_base: Path, clip: Path, tmp_path: Path) -> None:
+    official = tmp_path / "official"
+    make_modelcompose(official, llama_base, "modal+language", widths=WIDTHS, boundary=2)
+    config = json.loads((official / "config.json").read_text())
+    config.update(local_audio_prefix_tokens=1, local_audio_suffix_tokens=0)
+    (official / "config.json").write_text(json.dumps(config))
+    hidden = config["hidden_size"]
+    _rewrite(official, lambda state: state.update({"prefix_tokens.audio": state["prefix_tokens.audio"][:, :1],
+                                                   "suffix_tokens.audio": torch.zeros(1, 0, hidden)}))
+    model = load_checkpoint(import_modelcompose(official, tmp_path / "out", base=llama_base,
+                                                encoders=encoders(clip)))
+    counts = {m.name: (m.num_prefix_tokens, m.num_suffix_tokens) for m in model.spec.modalities}
+    assert counts == {"image": (2, 2), "audio": (1, 0)}

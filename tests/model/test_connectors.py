@@ -33,3 +33,25 @@ def test_bad_connector_requests() -> None:
         build_connector("no-such-connector", 4, 8)
     with pytest.raises(MMComposeError, match="bad options"):
         build_connector("linear", 4, 8, depth=2)
+
+
+def test_the_qformer_connector_trains() -> None:
+    """Every parameter of the Q-Former gets a gradient (dropout on, as BERT trains), and a few steps fit a target."""
+    torch.manual_seed(0)
+    connector = build_connector("qformer", 12, 8, num_queries=3, num_layers=2, width=16, num_heads=4,
+                                intermediate_size=20, num_positions=10, dropout=0.1)
+    tokens, target = torch.randn(4, 10, 12), torch.randn(4, 3, 8)
+    connector(tokens).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.parameters())
+    optimizer = torch.optim.Adam(connector.parameters(), lr=1e-2)
+    connector.eval()
+    before = torch.nn.functional.mse_loss(connector(tokens), target).item()
+    connector.train()
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(connector(tokens), target).backward()
+        optimizer.step()
+    connector.eval()
+    assert torch.nn.functional.mse_loss(connector(tokens), target).item() < 0.5 * before
+    with pytest.raises(ValueError, match="the Q-Former has 10 positions but got 11 encoder tokens"):
+        connector(torch.randn(1, 11, 12))

@@ -14,6 +14,8 @@ Composition (`mmcompose compose`):
       - path: runs/image-other
         rename: {image: sketch}  # two inputs may not claim one modality unless one is renamed
     lambdas: {audio: 0.2}        # alternatively, lambdas by model name (a model's name defaults to its modalities)
+    # or as the official merge script takes them (vision = our image):
+    # lambdas: default-video=0.333,default-audio=0.333,default-vision=0.333
 
 Merging full fine-tunes of one LLM (`mmcompose merge`):
 
@@ -87,6 +89,11 @@ class CompositionConfig(MergeSpec):
     lambdas: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
 
+    @field_validator("lambdas", mode="before")
+    @classmethod
+    def _official_lambdas(cls, lambdas: Any) -> Any:
+        return parse_official_lambdas(lambdas) if isinstance(lambdas, str) else lambdas
+
 
 class LLMMergeConfig(MergeSpec):
     """Full fine-tunes of `base` (plain transformers directories) to merge into one LLM."""
@@ -108,6 +115,26 @@ class LLMMergeConfig(MergeSpec):
     def lambdas(self) -> list[float]:
         """One weight per model, 1/M where none is given."""
         return [1.0 / len(self.models) if entry.lambda_ is None else entry.lambda_ for entry in self.models]
+
+OFFICIAL_MODALITY_NAMES = {"vision": "image"}
+
+
+def parse_official_lambdas(text: str) -> dict[str, float]:
+    """`default-video=0.333,default-audio=0.333,default-vision=0.333` (the official merge script's coefficients
+    for each model's language delta, after its `online-merge-reset-` prefix) -> `{video: 0.333, audio: 0.333,
+    image: 0.333}`, keyed by the names imported single-modality models get (official `vision` is `image`)."""
+    lambdas: dict[str, float] = {}
+    for item in text.removeprefix("online-merge-reset-").split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key.startswith("default-"):
+            raise ValueError(f"expected default-<modality>=<lambda>, got {item.strip()!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not a number") from None
+        modality = key.removeprefix("default-")
+        lambdas[OFFICIAL_MODALITY_NAMES.get(modality, modality)] = number
+    return lambdas
 
 
 Config = TypeVar("Config", bound=MergeSpec)

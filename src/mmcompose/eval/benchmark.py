@@ -34,6 +34,8 @@ TASK_KINDS = ("choice", "open", "label", "caption")
 reference captions with BLEU-4 and ROUGE-L (:mod:`mmcompose.eval.captions`), never right or wrong."""
 
 MCUB_ANSWER_FILE = "MCUB-answer.json"
+OFFICIAL_MODALITY_KEYS = {"vision": "image"}
+"""Official ModelCompose files key images as ``vision`` (placeholder ``<image>``); read as our ``image``."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def _parse_sample(item: Any, where: str, root: Path | None, always: tuple[str, .
     modal_inputs = item["modal_inputs"]
     if not isinstance(modal_inputs, dict):
         raise MMComposeError(f"{where}: 'modal_inputs' must be an object mapping modality to a list of paths")
+    modal_inputs = {OFFICIAL_MODALITY_KEYS.get(m, m): files for m, files in modal_inputs.items()}
     resolved: dict[str, list[Path]] = {}
     for modality, files in modal_inputs.items():
         if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):

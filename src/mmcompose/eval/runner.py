@@ -44,6 +44,7 @@ def shard_files(out_dir: str | Path, shard: tuple[int, int] = (0, 1)) -> tuple[P
 
 
 Predictor = Callable[[Sequence[Sample]], Sequence[str]]
+Scorer = Callable[[Sample, str], tuple[str | None, bool]]
 
 
 def run_benchmark(
@@ -58,6 +59,7 @@ def run_benchmark(
     labels: Sequence[str] | None = None,
     similarity: Similarity | None = None,
     batch_size: int = 1,
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
     """Predict and score the samples of one shard, append them to its JSONL file, return its metrics.
 
@@ -77,6 +79,9 @@ def run_benchmark(
     For ``kind="caption"`` a record's ``gold`` is the list of reference captions, ``parsed`` the
     normalised prediction, ``correct`` is ``None`` (a caption is not right or wrong) and ``scores`` holds
     its sentence ``bleu`` and ``rouge_l`` (both 0 for a failed sample).
+
+    ``scorer(sample, prediction) -> (parsed, correct)`` replaces the kind's own parsing and matching (a
+    benchmark preset that scores exactly as an official script does, :mod:`mmcompose.eval.presets`).
     """
     index, count = _check_shard(shard)
     check_kind(kind)
@@ -99,7 +104,7 @@ def run_benchmark(
         todo = [position for position in mine if samples[position].id not in done]
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            for record in _predict_batch(samples, batch, golds, predict, kind, labels, similarity):
+            for record in _predict_batch(samples, batch, golds, predict, kind, labels, similarity, scorer):
                 out.write(_dumps(record) + "\n")
                 out.flush()
                 records.append(record)
@@ -210,6 +215,7 @@ def _predict_batch(
     kind: str,
     labels: Sequence[str] | None,
     similarity: Similarity | None,
+    scorer: Scorer | None = None,
 ) -> list[dict[str, Any]]:
     batch = [samples[p] for p in positions]
     try:
@@ -219,10 +225,10 @@ def _predict_batch(
             predictions = [exc]
         else:
             return [record for p in positions
-                    for record in _predict_batch(samples, [p], golds, predict, kind, labels, similarity)]
+                    for record in _predict_batch(samples, [p], golds, predict, kind, labels, similarity, scorer)]
     if len(predictions) != len(batch):
         raise TypeError(f"predict returned {len(predictions)} answers for {len(batch)} samples")
-    return [_record(samples[p], p, golds[p], prediction, kind, labels, similarity)
+    return [_record(samples[p], p, golds[p], prediction, kind, labels, similarity, scorer)
             for p, prediction in zip(positions, predictions, strict=True)]
 
 
@@ -234,6 +240,7 @@ def _record(
     kind: str,
     labels: Sequence[str] | None,
     similarity: Similarity | None,
+    scorer: Scorer | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "id": sample.id,
@@ -251,7 +258,8 @@ def _record(
         parsed, scores = score_caption(sample, prediction)
         record.update(prediction=prediction, gold=gold, parsed=parsed, error=None)
     else:
-        parsed, correct = score(sample, prediction, kind, labels=labels, similarity=similarity)
+        parsed, correct = (scorer(sample, prediction) if scorer is not None
+                           else score(sample, prediction, kind, labels=labels, similarity=similarity))
         record.update(prediction=prediction, gold=gold, parsed=parsed, correct=correct, error=None)
     if kind == "caption":  # a caption is not right or wrong; it has scores instead
         record.update(correct=None, scores=scores)

@@ -19,14 +19,20 @@ only `default` exists and serves every token. That is exactly our routing, so th
 The official prefix/suffix dictionaries also hold an entry for `default`, which no forward pass reads: it
 is accepted and dropped (recorded in the provenance). Every other key must be consumed.
 
-The frozen encoders (CLIP ViT-L/336, BEATs, LanguageBind, Point-BERT) are not in the adapter file, so the
-user supplies them; the audio connector of the release is a BERT Q-Former that no mmcompose connector
-reproduces exactly, so it is refused rather than approximated.
+The audio connector of the release, `qformer_<N>N_<L>L` (a BERT Q-Former), becomes our `qformer` connector:
+
+    model.modal_projectors.audio.audio_query_tokens / audio_position_embedding.* / audio_llama_proj.*
+    model.modal_projectors.audio.audio_Qformer.bert.{embeddings.LayerNorm|encoder.layer.{i}}.*
+        -> modalities.audio.connector.{query_tokens|position_embedding|proj|query_norm|layers.{i}}.*
+
+(its unused `position_ids` buffer is dropped). The frozen encoders (CLIP ViT-L/336, BEATs, LanguageBind video,
+Point-BERT) are not in the adapter file, so the user supplies them: a CLIP directory, a BEATs `.pt` (or a
+directory with config.json + weights.safetensors), a `LanguageBind_Video_merge` directory, a Point-BERT state
+dict, an mmcompose checkpoint with that modality, or a component JSON file.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +51,11 @@ from mmcompose.importers._common import (
     skeleton,
 )
 from mmcompose.modalities import get_modality
+from mmcompose.modalities.beats import BEATsEncoder
 from mmcompose.modalities.clip import CLIPVisionEncoder
+from mmcompose.modalities.languagebind import LanguageBindVideoEncoder
+from mmcompose.modalities.point_bert import PointBERTEncoder
+from mmcompose.modalities.qformer import OFFICIAL_TYPE, official_qformer_options, rename_official
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
 from mmcompose.tensorfiles import load_state_dict
@@ -117,7 +127,9 @@ def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str,
     """Convert the official checkpoint in `src` into an mmcompose checkpoint in `out` on the base LLM `base`.
 
     `encoders` maps each of our modality names (`image`, `audio`, `video`, `point`) to its encoder: a local
-    CLIP directory (built as `clip-vision` with the checkpoint's select layer and feature), an mmcompose
+    CLIP directory (built as `clip-vision` with the checkpoint's select layer and feature), a BEATs checkpoint
+    (`.pt`, or a directory with config.json + weights.safetensors), a LanguageBind video directory (built at the
+    checkpoint's `mm_video_select_layer`, default -2), an mmcompose
     checkpoint that has that modality (its encoder, processor and weights are reused), a JSON file with a
     `{"type", "options"}` component, or a `Component` (whose registered factory provides the weights).
     """
@@ -137,6 +149,7 @@ def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str,
     strategy, adapters = _adapters(src, config.get("lora_strategy"), present)
     keys = SourceKeys(load_state_dict(_adapter_file(src)), str(src), strip_prefix="base_model.model.")
     connectors = {m.ours: _connector(src, config, m, keys) for m in present}
+    connector_keys = {m.ours: _connector_keys(connectors[m.ours], m, keys) for m in present}
     llm_config = base_config(base)
     check_same_llm({**config, "model_type": "llama"}, llm_config, str(src))  # "multimodal" is a LLaMA subclass
     resolved = _resolve_encoders(src, config, present, encoders or {})
@@ -147,7 +160,7 @@ def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str,
     rank, alpha = int(config.get("lora_r", 128)), float(config.get("lora_alpha", 256))
     spec = ModelSpec(
         modalities=[modality_spec(m.ours, encoder=resolved[m.ours].component, processor=resolved[m.ours].processor,
-                                  connector=Component(type=connectors[m.ours]),
+                                  connector=connectors[m.ours],
                                   num_prefix_tokens=boundary[m.ours][0], num_suffix_tokens=boundary[m.ours][1])
                     for m in present],
         deltas=[DeltaSpec(name=name, kind="lora", routes=routes, rank=rank, alpha=alpha,
@@ -170,7 +183,7 @@ def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str,
         else:
             for name, value in encoder.tensors.items():
                 filler.put(f"modalities.{m.ours}.encoder.{name}", value, f"{encoder.description}: {name}")
-        for official, name in CONNECTOR_KEYS[connectors[m.ours]].items():
+        for official, name in connector_keys[m.ours].items():
             planned[f"modalities.{m.ours}.connector.{name}"] = f"model.modal_projectors.{m.official}.{official}"
     for adapter, (name, _) in adapters.items():
         for path in model.routed:
@@ -205,22 +218,39 @@ def _adapter_file(src: Path) -> Path:
     raise CheckpointError(f"{src}: no adapter_model.bin or adapter_model.safetensors")
 
 
-def _connector(src: Path, config: dict[str, Any], modality: OfficialModality, keys: SourceKeys) -> str:
-    """Our connector type for the official projector, or a clear refusal when none is equivalent."""
-    kind = config.get(modality.projector_key, "linear")
-    stored = keys.matching(f"model.modal_projectors.{modality.official}.")
-    qformer = (re.fullmatch(r"qformer_\d+N_\d+L", str(kind)) or "VideoLLaMA" in str(config.get(modality.encoder_key))
-               or any("Qformer" in name or "query_tokens" in name for name in stored))
-    if qformer:
-        raise CheckpointError(
-            f"{src}: unsupported connector for {modality.ours}: the official Q-Former (BERT layers with post-LayerNorm "
-            f"self- and cross-attention, LayerNorm on the queries, learned positions added to the encoder features) "
-            f"is not equivalent to mmcompose's 'resampler' (pre-LayerNorm transformer decoder), so its weights cannot "
-            f"be imported faithfully; register a connector type that implements it")
+def _connector(src: Path, config: dict[str, Any], modality: OfficialModality, keys: SourceKeys) -> Component:
+    """Our connector for the official projector, or a clear refusal when none is equivalent."""
+    kind = str(config.get(modality.projector_key, "linear"))
+    if "VideoLLaMA" in str(config.get(modality.encoder_key)):
+        raise CheckpointError(f"{src / 'config.json'}: {modality.encoder_key}: Video-LLaMA's audio encoder and "
+                              f"projector are not supported (the released audio model uses BEATs + qformer_32N_2L)")
+    if OFFICIAL_TYPE.fullmatch(kind):
+        prefix = f"model.modal_projectors.{modality.official}."
+        weights = {name[len(prefix):]: keys.pending[name] for name in keys.matching(prefix)}
+        return Component(type="qformer", options=official_qformer_options(kind, weights, str(src)))
     if kind not in CONNECTOR_KEYS:
-        raise CheckpointError(f"{src}: unsupported connector {kind!r} for {modality.ours} "
-                              f"(importable: {', '.join(CONNECTOR_KEYS)})")
-    return kind
+        raise CheckpointError(f"{src / 'config.json'}: {modality.projector_key}: unknown projector type {kind!r} "
+                              f"(importable: {', '.join(CONNECTOR_KEYS)}, qformer_<N>N_<L>L)")
+    return Component(type=kind)
+
+
+def _connector_keys(connector: Component, modality: OfficialModality, keys: SourceKeys) -> dict[str, str]:
+    """Official projector parameter name (after `model.modal_projectors.<m>.`) -> our connector parameter name."""
+    if connector.type != "qformer":
+        return CONNECTOR_KEYS[connector.type]
+    prefix = f"model.modal_projectors.{modality.official}."
+    mapping = {}
+    for key in keys.matching(prefix):
+        name = key[len(prefix):]
+        try:
+            ours = rename_official(name)
+        except KeyError:
+            continue  # left pending: reported as unexpected by SourceKeys.finish
+        if ours is None:
+            keys.take(key)
+        else:
+            mapping[name] = ours
+    return mapping
 
 
 def _boundary(config: dict[str, Any], modality: OfficialModality, kind: str, total: int) -> int:
@@ -266,19 +296,83 @@ def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str
         return _Encoder(source, default_processor, None, f"component {source.type}")
     path = Path(source)
     if path.is_file() and path.suffix == ".json":
+        raw = read_json(path)
+        weights = raw.pop("weights", None)
         try:
-            component = Component.model_validate(read_json(path))
+            component = Component.model_validate(raw)
         except ValidationError as error:
             raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
+        if weights is not None:
+            if component.type != "point-bert":
+                raise CheckpointError(f"{path}: weights: only a point-bert component takes a weights file")
+            return _point_bert_encoder(path.parent / str(weights), component.options)
         return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
     if (path / MANIFEST_NAME).is_file():
         return _encoder_from_checkpoint(path, modality.ours)
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if modality.ours == "point":
+            return _point_bert_encoder(path)
+        return _beats_encoder(path, modality)
     if (path / "config.json").is_file():
-        model_type = read_json(path / "config.json").get("model_type")
+        encoder_config = read_json(path / "config.json")
+        vision = encoder_config.get("vision_config", encoder_config)
+        if isinstance(vision, dict) and vision.get("add_time_attn"):
+            return _languagebind_encoder(path, modality, config)
+        if "beats_cfg" in encoder_config or "encoder_embed_dim" in encoder_config.get("cfg", encoder_config):
+            return _beats_encoder(path, modality)
+        model_type = encoder_config.get("model_type")
         if model_type in ("clip", "clip_vision_model"):
             return _clip_encoder(path, modality, config)
-        raise CheckpointError(f"{path}: a {model_type!r} model, not CLIP; pass a component for this encoder instead")
-    raise CheckpointError(f"{path}: not a CLIP directory, an mmcompose checkpoint or a component JSON file")
+        raise CheckpointError(f"{path}: a {model_type!r} model, not CLIP, BEATs or LanguageBind; pass a component "
+                              f"for this encoder instead")
+    raise CheckpointError(f"{path}: not a CLIP, BEATs or LanguageBind checkpoint, an mmcompose checkpoint or a "
+                          f"component JSON file")
+
+
+def _beats_encoder(path: Path, modality: OfficialModality) -> _Encoder:
+    """A released BEATs checkpoint with the official processor (16 kHz fbank, 1024 frames)."""
+    if modality.ours != "audio":
+        raise CheckpointError(f"{path}: a BEATs checkpoint can serve audio, not {modality.ours}")
+    encoder = BEATsEncoder.from_checkpoint(path)
+    return _Encoder(Component(type="beats", options=encoder.options), Component(type="beats-fbank"),
+                    encoder.state_dict(), f"beats from {path}")
+
+
+def _point_bert_encoder(path: Path, options: dict[str, Any] | None = None) -> _Encoder:
+    """A Point-BERT state dict (ModelCompose's `point_bert_v1.2.pt`). Without `options` (a component JSON with a
+    `weights` file gives them), the architecture is read from the tensors where they show it (width, depth,
+    group-encoder width, xyz or xyz+rgb) and is otherwise Point-BERT v1.2's (6 heads, groups of 32, 512
+    groups); 8192 points per cloud, as the released model reads them."""
+    if options is None:
+        weights = load_state_dict(path, unwrap="state_dict")
+
+        def find(suffix: str) -> torch.Tensor:
+            value = next((v for k, v in weights.items() if k.endswith(suffix)), None)
+            if value is None:
+                raise CheckpointError(f"{path}: not a Point-BERT state dict (no {suffix})")
+            return value
+
+        depth = len({k.split("blocks.blocks.")[1].split(".")[0] for k in weights if "blocks.blocks." in k})
+        options = dict(trans_dim=int(find("cls_token").shape[-1]), depth=depth,
+                       encoder_dims=int(find("reduce_dim.weight").shape[1]),
+                       point_dims=int(find("encoder.first_conv.0.weight").shape[1]))
+    encoder = PointBERTEncoder.from_state_dict_file(path, **options)
+    processor = Component(type="point", options=dict(num_points=8192, with_color=encoder.point_dims == 6))
+    return _Encoder(Component(type="point-bert", options=encoder.options), processor, encoder.state_dict(),
+                    f"point-bert from {path}")
+
+
+def _languagebind_encoder(path: Path, modality: OfficialModality, config: dict[str, Any]) -> _Encoder:
+    """LanguageBind video at the checkpoint's select layer (all tokens, CLS included, as the official tower)."""
+    if modality.ours != "video":
+        raise CheckpointError(f"{path}: a LanguageBind video checkpoint can serve video, not {modality.ours}")
+    layer = int(config.get(modality.select_layer_key or "", -2))
+    encoder = LanguageBindVideoEncoder.from_pretrained(path, feature_layer=layer)
+    vision = encoder.options["config"]
+    processor = Component(type="languagebind-video",
+                          options=dict(num_frames=vision["num_frames"], size=vision["image_size"]))
+    return _Encoder(Component(type="languagebind-video", options=encoder.options), processor,
+                    encoder.state_dict(), f"languagebind-video from {path}")
 
 
 def _encoder_from_checkpoint(path: Path, modality: str) -> _Encoder:

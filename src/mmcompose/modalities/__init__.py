@@ -1,11 +1,14 @@
 """Modality plug-ins and the four built-ins: image, audio, video, point."""
 
+from mmcompose.modalities.beats import BEATsEncoder, BeatsFbankProcessor
 from mmcompose.modalities.clap import CLAPAudioEncoder
 from mmcompose.modalities.clip import CLIPPixelProcessor, CLIPVisionEncoder
 from mmcompose.modalities.connectors import LinearConnector, MLPConnector, ResamplerConnector
 from mmcompose.modalities.encoders import AudioFrameEncoder, ImagePatchEncoder, PointGroupEncoder, VideoFrameEncoder
+from mmcompose.modalities.languagebind import LanguageBindVideoEncoder, LanguageBindVideoProcessor
 from mmcompose.modalities.point_bert import PointBERTEncoder
 from mmcompose.modalities.processors import AudioProcessor, ImageProcessor, PointProcessor, VideoProcessor
+from mmcompose.modalities.qformer import QFormerConnector
 from mmcompose.modalities.registry import (
     CONNECTORS,
     ENCODERS,
@@ -32,14 +35,19 @@ register_encoder("clip-vision", CLIPVisionEncoder)
 register_encoder("whisper-audio", WhisperAudioEncoder)
 register_encoder("clap-audio", CLAPAudioEncoder)
 register_encoder("point-bert", PointBERTEncoder)
+register_encoder("beats", BEATsEncoder)
+register_encoder("languagebind-video", LanguageBindVideoEncoder)
 register_connector("linear", LinearConnector)
 register_connector("mlp2x_gelu", MLPConnector)
 register_connector("resampler", ResamplerConnector)
+register_connector("qformer", QFormerConnector)
 register_processor("image", ImageProcessor)
 register_processor("audio", AudioProcessor)
 register_processor("video", VideoProcessor)
 register_processor("point", PointProcessor)
 register_processor("clip-image", CLIPPixelProcessor)
+register_processor("beats-fbank", BeatsFbankProcessor)
+register_processor("languagebind-video", LanguageBindVideoProcessor)
 
 register_modality(Modality("image", "<image>", processor="image", encoder="image-patch"))
 register_modality(Modality("audio", "<audio>", processor="audio", encoder="audio-frame"))
