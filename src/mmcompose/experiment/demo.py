@@ -299,11 +299,12 @@ def seed_directories(profile: str, seeds: Sequence[int], out: Path | None) -> tu
     Without `out`: `runs/demo-PROFILE-sSEED` per seed (the single-seed default, so those runs are reused) and
     `runs/demo-PROFILE-seeds-0-1-2` for the pooled report. With `out`: one seed runs in `out`; several run in
     `out/sSEED` with the pooled report in `out`."""
+    if len(seeds) == 1:
+        directory = out or Path("runs") / f"demo-{profile}-s{seeds[0]}"
+        return {seeds[0]: directory}, directory
     if out is None:
         return ({s: Path("runs") / f"demo-{profile}-s{s}" for s in seeds},
                 Path("runs") / f"demo-{profile}-seeds-{'-'.join(map(str, seeds))}")
-    if len(seeds) == 1:
-        return {seeds[0]: out}, out
     return {s: out / f"s{s}" for s in seeds}, out
 
 
