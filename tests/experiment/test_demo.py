@@ -18,8 +18,6 @@ from mmcompose.experiment.plan import DAMC, MCUB_TASKS
 from mmcompose.experiment.plan import PROFILES as DEMO_PROFILES
 from mmcompose.world import PROFILES
 
-pytestmark = pytest.mark.e2e
-
 NOISE = re.compile(r"Warning\b|\[WARNING\]|^WARNING\b|warnings\.warn|Traceback \(most recent call last\)")
 """A Python warning (`FutureWarning: ...`, `UserWarning: ...`), a logged warning, or a traceback."""
 
@@ -34,6 +32,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     return out, json.loads((out / "results.json").read_text()), output
 
 
+@pytest.mark.e2e
 def test_every_method_on_every_task_and_a_cached_rerun(demo: tuple[Path, dict, str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out, first, _ = demo
@@ -53,11 +52,13 @@ def test_every_method_on_every_task_and_a_cached_rerun(demo: tuple[Path, dict, s
     assert second["results"] == results and second["claims"] == first["claims"]
 
 
+@pytest.mark.e2e
 def test_the_output_carries_no_warning_or_traceback(demo: tuple[Path, dict, str]) -> None:
     noise = [line for line in demo[2].splitlines() if NOISE.search(line)]
     assert not noise, "\n".join(noise[:10])
 
 
+@pytest.mark.e2e
 def test_the_results_table_is_written_whole(demo: tuple[Path, dict, str]) -> None:
     """Not a terminal: the table keeps its last column (single-modality `point`) instead of being cut at 80."""
     header = next(line for line in demo[2].splitlines() if "method" in line and "MCUB-4" in line)
@@ -75,6 +76,7 @@ def test_binomial_tail() -> None:
     assert binomial_tail(1, 3, 0.5) == pytest.approx(0.875)
 
 
+@pytest.mark.e2e
 def test_composed_model_beats_chance_on_mcub(demo: tuple[Path, dict, str]) -> None:
     """Four options: chance is 25%. Over MCUB-4 and the four MCUB-3 files, DAMC must be right more often than
     a guesser would be with probability 1/1000."""
