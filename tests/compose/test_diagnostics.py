@@ -139,9 +139,11 @@ def test_shared_delta_counts_in_both_groups(llama_base: Path, image: Path, tmp_p
     assert "norm image" in text and "norm audio" in text and "shared" in text and "gate_proj" in text
 
 
-def test_checkpoints_with_the_same_name_get_numbered_labels(image: Path, tmp_path: Path) -> None:
-    copy = shutil.copytree(image, tmp_path / "elsewhere" / "image")
-    assert list(inspect_checkpoints([image, copy]).checkpoints) == ["1:image", "2:image"]
+def test_checkpoints_with_the_same_name_are_told_apart_by_their_run_directory(image: Path, tmp_path: Path) -> None:
+    first = shutil.copytree(image, tmp_path / "runs" / "a" / "model")
+    second = shutil.copytree(image, tmp_path / "runs" / "b" / "model")
+    assert list(inspect_checkpoints([first, second]).checkpoints) == ["a/model", "b/model"]
+    assert list(inspect_checkpoints([first, first]).checkpoints) == ["1:model", "2:model"]
 
 
 # --------------------------------------------------------------------------------------------- refusals

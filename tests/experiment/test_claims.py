@@ -1,57 +1,65 @@
-"""The paper's claims, read off a results table written by hand."""
+"""The paper's claims, read off item outcomes written by hand: pooled point estimates, intervals, verdicts."""
 
 from __future__ import annotations
 
 import pytest
 
-from mmcompose.errors import MMComposeError
-from mmcompose.experiment.demo import paired_interval, paper_claims
+from mmcompose.experiment.claims import paper_claims
+from mmcompose.experiment.plan import DAMC, NAIVE, SEARCHED, single_id
 from mmcompose.world import MODALITIES
 
 
-def test_claims_are_read_off_the_mcub4_column_and_the_retention() -> None:
-    results = {f"{m}-LLM (own input only)": {"MCUB-4": 0.40} for m in MODALITIES}
-    results["image-LLM (own input only)"]["MCUB-4"] = 0.50
-    results["DAMC (linear, 1/M)"] = {"MCUB-4": 0.62}
-    results["NaiveMC (linear)"] = {"MCUB-4": 0.55}
-    results["DAMC (searched λ, val)"] = {"MCUB-4": 0.62}
-    retention = {"DAMC (linear, 1/M)": {"image": 1.0, "audio": 0.97, "video": 0.94, "point": None}}
-    checks = {c["claim"]: (c["holds"], c["measured"]) for c in paper_claims(results, retention)}
-    assert checks == {
-        "DAMC beats every single-modality model on MCUB-4": (True, "62.0% vs best single 50.0%"),
-        "DAMC beats NaiveMC by >= 10 points on MCUB-4": (False, "+7.0 points"),
-        "DAMC keeps >= 95% of each source model's single-modality accuracy": (False, "lowest retention 0.0%"),
-        "searched lambda (validation) >= uniform lambda on MCUB-4": (True, "62.0% vs 62.0%"),
-    }
+def _items(right: int, total: int, seed: int = 0) -> dict[tuple[int, str], bool]:
+    """`right` of `total` items answered right: the first ones."""
+    return {(seed, f"q{i}"): i < right for i in range(total)}
 
 
-def test_paired_interval_is_exact_at_the_extremes_and_brackets_the_difference() -> None:
-    ids = [f"q{i}" for i in range(40)]
-    right, wrong = dict.fromkeys(ids, True), dict.fromkeys(ids, False)
-    assert paired_interval(right, wrong) == (1.0, 1.0)
-    assert paired_interval(right, right) == (0.0, 0.0)
-    # 30 of 40 right vs 20 of 40, the 20 a subset of the 30: every pair differs by 0 or +1, mean +0.25
-    first = {i: n < 30 for n, i in enumerate(ids)}
-    second = {i: n < 20 for n, i in enumerate(ids)}
-    low, high = paired_interval(first, second)
-    assert 0.0 < low < 0.25 < high < 0.5
-    assert paired_interval(first, second) == (low, high)  # seeded
-    with pytest.raises(MMComposeError, match="no test item"):
-        paired_interval({"a": True}, {"b": True})
+def _outcomes(damc: int, naive: int, searched: int, best_single: int, kept: dict[str, tuple[int, int]],
+              total: int = 40) -> dict:
+    """MCUB-4 outcomes (right of `total`) and, per modality, (DAMC right, single right) of 20 own-test items."""
+    outcomes = {single_id(m): {"MCUB-4": _items(best_single if m == "image" else 5, total),
+                               m: _items(kept[m][1], 20)} for m in MODALITIES}
+    outcomes[DAMC] = {"MCUB-4": _items(damc, total), **{m: _items(kept[m][0], 20) for m in MODALITIES}}
+    outcomes[NAIVE] = {"MCUB-4": _items(naive, total)}
+    outcomes[SEARCHED] = {"MCUB-4": _items(searched, total)}
+    return outcomes
 
 
-def test_claims_carry_the_paired_interval_when_given_the_items() -> None:
-    names = [f"{m}-LLM (own input only)" for m in MODALITIES] + ["DAMC (linear, 1/M)", "NaiveMC (linear)",
-                                                                  "DAMC (searched λ, val)"]
-    ids = [f"q{i}" for i in range(20)]
-    outcomes = {name: dict.fromkeys(ids, False) for name in names}
-    outcomes["DAMC (linear, 1/M)"] = dict.fromkeys(ids, True)
-    outcomes["DAMC (searched λ, val)"] = dict.fromkeys(ids, True)
-    results = {name: {"MCUB-4": sum(o.values()) / len(ids)} for name, o in outcomes.items()}
-    retention = {"DAMC (linear, 1/M)": dict.fromkeys(MODALITIES, 1.0)}
-    checks = {c["claim"]: c for c in paper_claims(results, retention, outcomes)}
-    lead = checks["DAMC beats NaiveMC by >= 10 points on MCUB-4"]
-    assert lead["holds"] and lead["interval"] == [1.0, 1.0]
-    assert lead["measured"] == "+100.0 points (difference +100.0 to +100.0 points, 95%)"
-    assert checks["searched lambda (validation) >= uniform lambda on MCUB-4"]["interval"] == [0.0, 0.0]
-    assert "interval" not in checks["DAMC keeps >= 95% of each source model's single-modality accuracy"]
+def test_verdicts_follow_the_intervals() -> None:
+    # Every right answer of the weaker method is a right answer of the stronger one (first items): all pairs
+    # differ by 0 or +1, so the intervals are tight and one-sided.
+    full = dict.fromkeys(MODALITIES, (20, 20))
+    checks = {c["id"]: c for c in paper_claims(_outcomes(damc=36, naive=4, searched=36, best_single=10, kept=full))}
+    assert checks["damc-beats-singles"]["verdict"] == "holds"
+    assert checks["damc-beats-singles"]["measured"].startswith("90.0% vs best single 25.0%")
+    lead = checks["damc-beats-naive"]
+    assert lead["verdict"] == "holds" and lead["estimate"] == 0.8
+    assert lead["mcnemar"] == {"damc_only": 32, "naive_only": 0, "p_value": 2 * 0.5**32}
+    assert checks["damc-retention"]["verdict"] == "holds" and checks["damc-retention"]["interval"] == [1.0, 1.0]
+    assert checks["search-beats-uniform"]["verdict"] == "holds"  # identical answers: >= holds
+    assert checks["search-beats-uniform"]["interval"] == [0.0, 0.0]
+
+
+def test_a_small_lead_is_undecided_and_a_reversal_does_not_hold() -> None:
+    kept = {**dict.fromkeys(MODALITIES, (20, 20)), "video": (10, 20)}
+    checks = {c["id"]: c for c in paper_claims(_outcomes(damc=22, naive=20, searched=21, best_single=22, kept=kept))}
+    assert checks["damc-beats-singles"]["verdict"] == "does not hold"  # a tie, and "beats" is strict
+    assert checks["damc-beats-naive"]["verdict"] == "undecided"  # +5 points, interval 0 to ~+12.5
+    assert checks["damc-beats-naive"]["mcnemar"]["p_value"] == 0.5  # 2 vs 0 discordant: 2 * 1/4
+    assert checks["damc-retention"]["verdict"] == "does not hold"
+    assert checks["damc-retention"]["measured"].startswith("lowest retention 50.0%")
+    assert checks["damc-retention"]["retention"]["video"] == 0.5
+    assert checks["search-beats-uniform"]["verdict"] == "undecided"  # -2.5 points, but its interval reaches 0
+    assert checks["search-beats-uniform"]["interval"][1] == 0.0
+
+
+def test_pooling_seeds_narrows_the_interval() -> None:
+    full = dict.fromkeys(MODALITIES, (20, 20))
+    one = _outcomes(damc=28, naive=20, searched=28, best_single=10, kept=full)
+    pooled = {method: {task: {(seed, item[1]): right for seed in range(3) for item, right in items.items()}
+                       for task, items in tasks.items()} for method, tasks in one.items()}
+    single, together = ({c["id"]: c for c in paper_claims(o)} for o in (one, pooled))
+    width = [c["damc-beats-naive"]["interval"][1] - c["damc-beats-naive"]["interval"][0] for c in (single, together)]
+    assert single["damc-beats-naive"]["estimate"] == pytest.approx(together["damc-beats-naive"]["estimate"]) == 0.2
+    assert width[1] < width[0]
+    assert together["damc-beats-naive"]["mcnemar"]["damc_only"] == 24

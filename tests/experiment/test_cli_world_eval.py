@@ -60,7 +60,7 @@ def test_eval_bad_input(world: Path, tmp_path: Path) -> None:
 
 
 def test_label_kind_with_the_embedding_judge(world: Path, llama_base: Path, tmp_path: Path) -> None:
-    from mmcompose.experiment.predict import embedding_similarity
+    from mmcompose.eval.predict import embedding_similarity
 
     model = MultimodalLLM.from_base(llama_base, ["point"])
     scores = embedding_similarity(model)("night stand", ["chair", "night stand", "table"])

@@ -256,9 +256,15 @@ def _name(spec: DeltaSpec, path: str, part: str) -> str:
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """Directory names, numbered when two checkpoints share one."""
+    """Directory names; where two checkpoints share one (`runs/a/model`, `runs/b/model`), the shortest tails of
+    their paths that tell them apart (`a/model`, `b/model`); numbered only when the paths are the same."""
+    parts = [path.resolve().parts for path in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) or str(path) for p, path in zip(parts, paths, strict=True)]
+        if len(set(names)) == len(names):
+            return names
     names = [path.resolve().name or str(path) for path in paths]
-    return names if len(set(names)) == len(names) else [f"{i}:{name}" for i, name in enumerate(names, 1)]
+    return [f"{i}:{name}" for i, name in enumerate(names, 1)]
 
 
 def _groups(spec: DeltaSpec) -> tuple[Group, ...]:

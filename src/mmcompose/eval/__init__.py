@@ -1,6 +1,7 @@
 """Model-independent evaluation: answer parsing, benchmark loading and a resumable, shardable runner.
 
-Everything here takes a prediction callable, never a model, so it is tested without weights.
+Everything here but `predict` (which binds a model to the runner) takes a prediction callable, never a
+model, so it is tested without weights; `stats` compares two methods item by item.
 """
 
 from mmcompose.eval.answers import (

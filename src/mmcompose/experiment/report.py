@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from mmcompose.files import atomic_file, atomic_write_text
@@ -29,6 +30,21 @@ def results_table(results: Results, tasks: list[str], title: str) -> Table:
     for method, scores in results.items():
         table.add_row(method, *("-" if scores.get(t) is None else f"{100 * scores[t]:.1f}" for t in tasks))
     return table
+
+
+def print_whole(console: Console, renderable: RenderableType) -> None:
+    """Print a table whole: on a terminal it fits the terminal; elsewhere (a log file, CI) it is printed at its
+    natural width instead of being cut at the 80 columns a console assumes when it cannot ask a terminal."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    previous = console.width
+    natural = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+    console.width = max(previous, natural)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = previous
 
 
 def write_results(results: Results, tasks: list[str], path: Path, extra: dict) -> None:

@@ -21,7 +21,7 @@ from mmcompose.checkpoint import load_checkpoint, read_manifest
 from mmcompose.compose.config import CompositionConfig
 from mmcompose.compose.engine import compose, model_name
 from mmcompose.eval.benchmark import Sample, score
-from mmcompose.experiment.predict import model_predictor
+from mmcompose.eval.predict import model_predictor
 from mmcompose.model import MultimodalLLM
 
 Criterion = Callable[[MultimodalLLM], float]

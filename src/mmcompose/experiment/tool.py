@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from mmcompose.eval.benchmark import Sample
+from mmcompose.eval.predict import model_predictor
 from mmcompose.eval.runner import Predictor
-from mmcompose.experiment.predict import model_predictor
 from mmcompose.model import MultimodalLLM
 
 CAPTION_QUESTION = "What is this?"

@@ -42,13 +42,22 @@ STATE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE = "trainer_state.json", "optimizer
 
 
 class LearningRates(BaseModel):
-    """Peak learning rate per parameter group."""
+    """Peak learning rate per parameter group; the LLM deltas split by role.
+
+    `deltas` is the rate of every delta that serves modality tokens: a decoupled run's modality deltas, and
+    also `shared` and `full`, which serve text and modality tokens alike (ModelCompose's NaiveMC runs train
+    their one adapter at the main rate). `language` is the rate of a delta that serves text tokens only (a
+    decoupled run's `language` delta); None trains it with the others, in one group, at `deltas`. ModelCompose's
+    DAMC runs train the language delta at a tenth of the modality delta's rate (it shares the connector's
+    optimizer group there).
+    """
 
     model_config = ConfigDict(extra="forbid")
     encoder: float = Field(1e-3, ge=0)
     connector: float = Field(1e-3, ge=0)
     boundary: float = Field(1e-3, ge=0)
     deltas: float = Field(1e-3, ge=0)
+    language: float | None = Field(None, ge=0)
 
 
 class TrainConfig(BaseModel):
@@ -163,7 +172,12 @@ def _parameter_groups(model: MultimodalLLM, config: TrainConfig) -> list[dict[st
         named["connector"] += list(branch.connector.named_parameters())
         named["boundary"] += [("boundary", p) for p in (branch.prefix, branch.suffix) if p is not None]
     if config.stage == "instruct":
-        named["deltas"] += [(n, p) for layer in model.routed.values() for n, p in layer.deltas.named_parameters()]
+        language = {d.name for d in model.spec.deltas if d.routes == ["text"]} if config.lr.language is not None \
+            else set()
+        for layer in model.routed.values():
+            for name, delta in layer.deltas.items():
+                group = "language" if name in language else "deltas"
+                named.setdefault(group, []).extend((f"{name}.{n}", p) for n, p in delta.named_parameters())
     groups = []
     for group, parameters in named.items():
         learning_rate = getattr(config.lr, group)

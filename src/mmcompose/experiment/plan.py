@@ -1,0 +1,222 @@
+"""The demo's experiment as data: profiles, training runs, compositions, searches, evaluated methods and claims.
+
+Everything is keyed by a short id (`damc-linear`, `image-single`): ids name directories and JSON keys; the
+display labels (`DAMC (linear, 1/M)`) appear only in tables and plots. The orchestrator (`experiment.demo`)
+turns a `Plan` into files and never decides what to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from mmcompose.errors import MMComposeError
+from mmcompose.train.trainer import LearningRates
+from mmcompose.world import MCUB3_SUBSETS, MODALITIES
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    world: str
+    base: str
+    encoder_steps: int
+    stage1_steps: int
+    stage2_steps: int
+    joint_steps: int
+    rank: int
+    batch_size: int
+    search_rounds: int
+    search_limit: int  # validation samples per MCUB file used by the lambda search
+    agreement_prompts: int  # single-modality prompts per modality for the label-free search
+
+
+PROFILES: dict[str, DemoProfile] = {
+    # ~9 min cold on 2 cores (base LLM ~2 min). The joint run gets half the single runs' combined steps: the full
+    # 1200 would add ~1 min. 150-step single runs at rank 8 gave weaker single models (65-84% on their own tests
+    # instead of 73-93%) and a DAMC that did not beat the single models beyond noise (stage 1 was 150 steps too).
+    "default": DemoProfile(world="small", base="small", encoder_steps=300, stage1_steps=300, stage2_steps=300,
+                           joint_steps=600, rank=16, batch_size=16, search_rounds=1, search_limit=12,
+                           agreement_prompts=12),
+    # CI: the default's world and base LLM, about half the steps and rank (~2 min less).
+    "quick": DemoProfile(world="small", base="small", encoder_steps=300, stage1_steps=100, stage2_steps=150,
+                         joint_steps=300, rank=8, batch_size=16, search_rounds=1, search_limit=12,
+                         agreement_prompts=12),
+    # More entities, renders, test items and steps, and a larger base LLM: tighter numbers, well over 10 min.
+    "large": DemoProfile(world="large", base="large", encoder_steps=300, stage1_steps=300, stage2_steps=300,
+                         joint_steps=1200, rank=16, batch_size=16, search_rounds=1, search_limit=50,
+                         agreement_prompts=48),
+}
+
+# The encoders stay frozen after their LLM-free pretraining, as LLaVA-style MLLMs keep a pretrained encoder
+# frozen. Measured on the small world (image, 150 stage-2 steps, held-out renders): every group at 1e-3 with the
+# encoder trained 28% on the single-modality test; encoder frozen 35%; connector 1e-4 and deltas 3e-3 55%.
+LEARNING_RATES = {
+    "pretrain": LearningRates(encoder=1e-3, connector=3e-3, boundary=3e-3, deltas=0.0),
+    "instruct": LearningRates(encoder=0.0, connector=1e-4, boundary=1e-4, deltas=3e-3),
+}
+
+
+@dataclass(frozen=True)
+class DecoupledRecipe:
+    """How the `decoupled` (DAMC) runs train, beside the `shared` (NaiveMC) runs, which never change.
+
+    `official`: ModelCompose's released DAMC scripts put the language adapter in the connector's optimizer
+    group, so the language delta trains at a tenth of the modality delta's rate, and give every modality 5
+    learnable prefix and 5 suffix tokens (trained from stage 1 on, as the connector is). `one-rate`: the
+    earlier setting of this demo, both deltas at one rate and no boundary tokens, kept to rerun the comparison.
+    """
+
+    language_ratio: float | None  # language-delta rate / modality-delta rate; None: one group, one rate
+    boundary_tokens: int  # prefix tokens, and as many suffix tokens, per modality
+
+
+RECIPES = {"official": DecoupledRecipe(language_ratio=0.1, boundary_tokens=5),
+           "one-rate": DecoupledRecipe(language_ratio=None, boundary_tokens=0)}
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run: its id (directory under `train/`), data files, the runs it starts from, its rates."""
+
+    id: str
+    modalities: tuple[str, ...]
+    strategy: str
+    data: tuple[str, ...]
+    stage: Literal["pretrain", "instruct"]
+    steps: int
+    start_from: tuple[str, ...]
+    lr: LearningRates
+    boundary_tokens: int = 0  # only for runs that create branches (start_from empty)
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A composition of the four single-modality models of one strategy (`shared` or `decoupled`)."""
+
+    id: str
+    strategy: str
+    method: Literal["naive", "damc"]
+    merge: str = "linear"
+    sparsified: bool = False  # TIES / DARE: density 0.5, seeded with the demo's seed
+
+
+@dataclass(frozen=True)
+class Search:
+    """DAMC's lambda search over the decoupled models, by `criterion`; its result is composition `id`."""
+
+    id: str
+    criterion: Literal["validation", "agreement"]
+
+
+MCUB_TASKS = ["MCUB-4", *[f"MCUB-3 {'-'.join(subset)}" for subset in MCUB3_SUBSETS]]
+TASKS = [*MCUB_TASKS, *MODALITIES]
+
+
+def modalities_of(task: str) -> list[str]:
+    """The modalities a task's items carry."""
+    if task == "MCUB-4":
+        return list(MODALITIES)
+    if task.startswith("MCUB-3 "):
+        return task.removeprefix("MCUB-3 ").split("-")
+    return [task]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the results table, as plain data (worker processes evaluate it).
+
+    `model`: one checkpoint answers (given only the inputs of `only`, if set); `tool`: one captioning
+    checkpoint per modality (in `MODALITIES` order) and the base LLM; `text`: the base LLM on the text twins
+    of the tasks (entity names in place of media). `sources` are checkpoint paths relative to the run
+    directory (`train/RUN/model`, `composed/COMPOSITION`)."""
+
+    id: str
+    label: str
+    kind: Literal["model", "tool", "text"]
+    sources: tuple[str, ...] = ()
+    only: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] = tuple(TASKS)
+
+
+DAMC, NAIVE, SEARCHED = "damc-linear", "naive-linear", "damc-search-val"
+"""The methods the paper's claims compare: uniform-lambda DAMC, NaiveMC (both linear), searched-lambda DAMC."""
+
+
+def single_id(modality: str) -> str:
+    return f"{modality}-single"
+
+
+def trained(run: str) -> str:
+    """The final checkpoint of a training run, relative to the run directory."""
+    return f"train/{run}/model"
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: str
+    settings: DemoProfile
+    recipe: str
+    waves: tuple[tuple[TrainingRun, ...], ...]  # a run depends only on runs of earlier waves
+    compositions: tuple[Composition, ...]
+    searches: tuple[Search, ...]
+    methods: tuple[Method, ...]
+
+    def identity(self) -> dict[str, Any]:
+        """What a cached run directory must share with this plan to be reused."""
+        return {"profile": self.profile, "recipe": self.recipe, "settings": asdict(self.settings)}
+
+    def labels(self) -> dict[str, str]:
+        return {method.id: method.label for method in self.methods}
+
+
+COMPOSITIONS = (
+    Composition("naive-linear", "shared", "naive"),
+    Composition("naive-ties", "shared", "naive", "ties", sparsified=True),
+    Composition("naive-dare", "shared", "naive", "dare_linear", sparsified=True),
+    Composition("damc-linear", "decoupled", "damc"),
+    Composition("damc-ties", "decoupled", "damc", "ties", sparsified=True),
+)
+SEARCHES = (Search("damc-search-val", "validation"), Search("damc-search-agree", "agreement"))
+COMPOSITION_LABELS = {
+    "naive-linear": "NaiveMC (linear)", "naive-ties": "NaiveMC (TIES)", "naive-dare": "NaiveMC (DARE)",
+    "damc-linear": "DAMC (linear, 1/M)", "damc-ties": "DAMC (TIES)",
+    "damc-search-val": "DAMC (searched λ, val)", "damc-search-agree": "DAMC (searched λ, label-free)",
+}
+
+
+def demo_plan(profile: str, recipe: str = "official") -> Plan:
+    """The demo's experiment for a profile and a decoupled recipe."""
+    if profile not in PROFILES:
+        raise MMComposeError(f"unknown demo profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if recipe not in RECIPES:
+        raise MMComposeError(f"unknown decoupled recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    s, decoupled = PROFILES[profile], RECIPES[recipe]
+    pretrain, instruct = LEARNING_RATES["pretrain"], LEARNING_RATES["instruct"]
+    stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (f"{m}_caption.json",), "pretrain",
+                          s.stage1_steps, (), pretrain) for m in MODALITIES]
+    first_of = {m: f"{m}-stage1" for m in MODALITIES}
+    if decoupled.boundary_tokens:  # the decoupled runs' branches carry boundary tokens from stage 1 on
+        stage1 += [TrainingRun(f"{m}-stage1-boundary", (m,), "connector-only", (f"{m}_caption.json",), "pretrain",
+                               s.stage1_steps, (), pretrain, boundary_tokens=decoupled.boundary_tokens)
+                   for m in MODALITIES]
+        first_of = {m: f"{m}-stage1-boundary" for m in MODALITIES}
+    decoupled_lr = instruct if decoupled.language_ratio is None else \
+        instruct.model_copy(update={"language": round(instruct.deltas * decoupled.language_ratio, 12)})
+    shared = [TrainingRun(f"{m}-shared", (m,), "shared", (f"{m}_instruct.json",), "instruct", s.stage2_steps,
+                          (f"{m}-stage1",), instruct) for m in MODALITIES]
+    singles = [TrainingRun(f"{m}-decoupled", (m,), "decoupled", (f"{m}_instruct.json",), "instruct",
+                           s.stage2_steps, (first_of[m],), decoupled_lr) for m in MODALITIES]
+    joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled", tuple(f"{m}_instruct.json" for m in MODALITIES),
+                        "instruct", s.joint_steps, tuple(first_of[m] for m in MODALITIES), decoupled_lr)
+    stage2 = [run for m in range(len(MODALITIES)) for run in (shared[m], singles[m])]
+    waves = (tuple(stage1), (joint, *stage2))  # the longest run first, so that it does not finish last, alone
+
+    methods = [Method(single_id(m), f"{m}-LLM (own input only)", "model", (trained(f"{m}-decoupled"),), only=(m,),
+                      tasks=tuple(t for t in TASKS if m in modalities_of(t))) for m in MODALITIES]
+    methods += [Method(c.id, COMPOSITION_LABELS[c.id], "model", (f"composed/{c.id}",))
+                for c in (*COMPOSITIONS, *SEARCHES)]
+    methods += [Method("joint", "joint training (upper ref.)", "model", (trained("joint-decoupled"),)),
+                Method("tool", "tool pipeline (captions -> LLM)", "tool",
+                       tuple(trained(f"{m}-decoupled") for m in MODALITIES), tasks=tuple(MCUB_TASKS)),
+                Method("text-oracle", "base LLM with entity names (text oracle)", "text", tasks=tuple(MCUB_TASKS))]
+    return Plan(profile, s, recipe, waves, COMPOSITIONS, SEARCHES, tuple(methods))

@@ -1,0 +1,85 @@
+"""The demo's plan: ids that resolve, the two decoupled recipes, NaiveMC runs that do not depend on the recipe,
+and the orchestrator's directories and command-line checks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mmcompose.cli import app
+from mmcompose.errors import MMComposeError
+from mmcompose.experiment.demo import seed_directories
+from mmcompose.experiment.plan import TASKS, demo_plan
+from mmcompose.experiment.report import print_whole, results_table
+from mmcompose.world import MODALITIES
+
+
+def _runs(recipe: str) -> dict:
+    return {run.id: run for wave in demo_plan("quick", recipe).waves for run in wave}
+
+
+@pytest.mark.parametrize("recipe", ["official", "one-rate"])
+def test_every_id_resolves_and_every_run_starts_from_an_earlier_wave(recipe: str) -> None:
+    plan = demo_plan("default", recipe)
+    finished: set[str] = set()
+    for wave in plan.waves:
+        assert all(set(run.start_from) <= finished for run in wave)
+        finished |= {run.id for run in wave}
+    composed = {c.id for c in plan.compositions} | {s.id for s in plan.searches}
+    for method in plan.methods:
+        for source in method.sources:
+            kind, name, *_ = source.split("/")
+            assert (kind == "train" and name in finished) or (kind == "composed" and name in composed), source
+    assert len({m.id for m in plan.methods}) == len(plan.methods) == len(set(plan.labels().values()))
+    assert all(set(m.tasks) <= set(TASKS) for m in plan.methods)
+
+
+def test_the_official_recipe_changes_only_the_decoupled_runs() -> None:
+    official, one_rate = _runs("official"), _runs("one-rate")
+    for m in MODALITIES:
+        assert official[f"{m}-shared"] == one_rate[f"{m}-shared"]  # NaiveMC: the same run under both
+        assert official[f"{m}-stage1"] == one_rate[f"{m}-stage1"]
+        new, old = official[f"{m}-decoupled"], one_rate[f"{m}-decoupled"]
+        assert new.lr.language == pytest.approx(new.lr.deltas / 10) and old.lr.language is None
+        assert new.lr.deltas == old.lr.deltas and new.lr.connector == old.lr.connector
+        assert new.start_from == (f"{m}-stage1-boundary",) and old.start_from == (f"{m}-stage1",)
+        assert official[f"{m}-stage1-boundary"].boundary_tokens == 5
+    assert not any(run.boundary_tokens for run in one_rate.values())
+    assert official["joint-decoupled"].start_from == tuple(f"{m}-stage1-boundary" for m in MODALITIES)
+
+
+def test_unknown_profile_or_recipe_is_refused() -> None:
+    with pytest.raises(MMComposeError, match="unknown demo profile 'huge'"):
+        demo_plan("huge")
+    with pytest.raises(MMComposeError, match="unknown decoupled recipe 'fast'; choose one of official, one-rate"):
+        demo_plan("quick", "fast")
+
+
+def test_seed_directories() -> None:
+    assert seed_directories("quick", [0], None) == ({0: Path("runs/demo-quick-s0")}, Path("runs/demo-quick-s0"))
+    assert seed_directories("quick", [0, 2], None) == (
+        {0: Path("runs/demo-quick-s0"), 2: Path("runs/demo-quick-s2")}, Path("runs/demo-quick-seeds-0-2"))
+    assert seed_directories("quick", [1], Path("x")) == ({1: Path("x")}, Path("x"))
+    assert seed_directories("quick", [1, 3], Path("x")) == ({1: Path("x/s1"), 3: Path("x/s3")}, Path("x"))
+
+
+@pytest.mark.parametrize(("seeds", "message"), [("0,a", "expected integers"), ("1,1", "distinct seeds")])
+def test_bad_seeds_are_one_line_errors(seeds: str, message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--profile", "quick", "--seeds", seeds, "-o", str(tmp_path / "d")])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_table_is_written_whole_when_the_console_is_not_a_terminal() -> None:
+    plan = demo_plan("quick")
+    results = {m.label: dict.fromkeys(TASKS, 0.5) for m in plan.methods}
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=False, width=80)
+    print_whole(console, results_table(results, list(TASKS), "accuracy"))
+    header = next(line for line in screen.getvalue().splitlines() if "method" in line)
+    assert header.rstrip().endswith("point ┃") and len(header) > 80
+    assert console.width == 80  # the console is left as it was
