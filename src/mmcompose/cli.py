@@ -235,8 +235,8 @@ def evaluate(
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
     from mmcompose.eval.benchmark import load_benchmark, load_mcub
-    from mmcompose.eval.presets import get_preset, load_preset_tasks
     from mmcompose.eval.predict import embedding_similarity, model_predictor
+    from mmcompose.eval.presets import get_preset, load_preset_tasks
     from mmcompose.eval.runner import merge_shards, run_benchmark
 
     if judge not in ("names", "embedding"):
