@@ -237,15 +237,18 @@ def _report_import(out: Path) -> None:
         console.print(f"note: {note}")
 
 
+ENCODER_HELP = ("MODALITY=SPEC (repeatable): a local CLIP, Whisper or CLAP directory, a Point-BERT state-dict file, "
+                "an mmcompose checkpoint with that modality, a JSON file {\"type\": ..., \"options\": ...}, or a "
+                "registered encoder name with optional JSON options (whisper-audio, 'point-bert:{\"depth\": 12}').")
+
+
 @import_app.command("modelcompose")
 @one_line_errors
 def import_modelcompose_command(
     src: Annotated[Path, typer.Argument(help="Official checkpoint directory: config.json + adapter_model.bin.")],
     out: OutOption,
     base: BaseOption,
-    encoder: Annotated[list[str] | None, typer.Option(
-        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, "
-             "an mmcompose checkpoint with that modality, or a JSON file {\"type\": ..., \"options\": ...}.")] = None,
+    encoder: Annotated[list[str] | None, typer.Option(help=ENCODER_HELP)] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import an official ModelCompose checkpoint (lora_strategy same, modal+language or modal).
@@ -254,13 +257,9 @@ def import_modelcompose_command(
     --encoder image=clip-vit-large-patch14-336
     """
     from mmcompose.importers import import_modelcompose
+    from mmcompose.importers.encoders import parse_encoder_option
 
-    encoders: dict[str, Any] = {}
-    for item in encoder or []:
-        modality, separator, path = item.partition("=")
-        if not separator or not modality or not path:
-            raise MMComposeError(f"--encoder expects MODALITY=PATH, got {item!r}")
-        encoders[modality] = Path(path)
+    encoders = dict(parse_encoder_option(item) for item in encoder or [])
     _report_import(import_modelcompose(src, out, base=base, encoders=encoders, overwrite=overwrite))
 
 

@@ -32,11 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from mmcompose.checkpoint.fingerprint import fingerprint_base
-from mmcompose.checkpoint.manifest import read_manifest
-from mmcompose.checkpoint.store import read_tensors
 from mmcompose.errors import CheckpointError
 from mmcompose.importers._common import (
     Filler,
@@ -47,16 +44,9 @@ from mmcompose.importers._common import (
     read_json,
     skeleton,
 )
-from mmcompose.modalities import get_modality
-from mmcompose.modalities.encoders import CLIPVisionEncoder
+from mmcompose.importers.encoders import EncoderSource, ResolvedEncoder, resolve_encoder
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
-
-# CLIP's own normalisation, used when a CLIP directory has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-EncoderSource = Component | Path | str
 
 
 @dataclass(frozen=True)
@@ -104,14 +94,6 @@ def _adapters(src: Path, strategy: str, modalities: list[OfficialModality]
         return "decoupled", per_modality
     raise CheckpointError(f"{src}: lora_strategy {strategy!r} is not supported "
                           f"(expected 'same', 'modal+language' or 'modal')")
-
-
-@dataclass(frozen=True)
-class _Encoder:
-    component: Component
-    processor: Component
-    tensors: dict[str, torch.Tensor] | None  # None: the component's own factory provides the weights
-    description: str
 
 
 def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str, EncoderSource] | None = None,
@@ -245,7 +227,7 @@ def _boundary_tokens(keys: SourceKeys, name: str, count: int, hidden: int, src: 
 
 
 def _resolve_encoders(src: Path, config: dict[str, Any], present: list[OfficialModality],
-                      given: dict[str, EncoderSource]) -> dict[str, _Encoder]:
+                      given: dict[str, EncoderSource]) -> dict[str, ResolvedEncoder]:
     wanted = {m.ours for m in present}
     extra = sorted(set(given) - wanted)
     if extra:
@@ -261,59 +243,11 @@ def _resolve_encoders(src: Path, config: dict[str, Any], present: list[OfficialM
     return {m.ours: _encoder(m, given[m.ours], config) for m in present}
 
 
-def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str, Any]) -> _Encoder:
-    default = get_modality(modality.ours)
-    default_processor = Component(type=default.processor, options=default.processor_options)
-    if isinstance(source, Component):
-        return _Encoder(source, default_processor, None, f"component {source.type}")
-    path = Path(source)
-    if path.is_file() and path.suffix == ".json":
-        try:
-            component = Component.model_validate(read_json(path))
-        except ValidationError as error:
-            raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
-        return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
-    if (path / "manifest.json").is_file():
-        return _encoder_from_checkpoint(path, modality.ours)
-    if (path / "config.json").is_file():
-        model_type = read_json(path / "config.json").get("model_type")
-        if model_type in ("clip", "clip_vision_model"):
-            return _clip_encoder(path, modality, config)
-        raise CheckpointError(f"{path}: a {model_type!r} model, not CLIP; pass a component for this encoder instead")
-    raise CheckpointError(f"{path}: not a CLIP directory, an mmcompose checkpoint or a component JSON file")
-
-
-def _encoder_from_checkpoint(path: Path, modality: str) -> _Encoder:
-    manifest = read_manifest(path)
-    spec = next((m for m in manifest.model.modalities if m.name == modality), None)
-    if spec is None:
-        have = ", ".join(m.name for m in manifest.model.modalities) or "none"
-        raise CheckpointError(f"{path}: has no {modality!r} modality to take an encoder from (it has: {have})")
-    prefix = f"modalities.{modality}.encoder."
-    tensors = {name.removeprefix(prefix): value for name, value in read_tensors(path, manifest.files).items()
-               if name.startswith(prefix)}
-    return _Encoder(spec.encoder, spec.processor, tensors, f"{spec.encoder.type} from checkpoint {path}")
-
-
-def _clip_encoder(path: Path, modality: OfficialModality, config: dict[str, Any]) -> _Encoder:
-    """CLIP features as the official tower selects them: hidden state `select_layer`, CLS dropped for 'patch'."""
-    if modality.select_layer_key is None or modality.select_feature_key is None:
-        raise CheckpointError(f"{path}: a CLIP directory can serve image or video, not {modality.ours}")
-    layer = int(config.get(modality.select_layer_key, -1))
-    feature = config.get(modality.select_feature_key, "patch")
-    if feature not in ("patch", "cls_patch"):
-        raise CheckpointError(f"{path}: unsupported feature selection {feature!r} (expected 'patch' or 'cls_patch')")
-    encoder = CLIPVisionEncoder.from_pretrained(str(path), feature_layer=layer, drop_cls=feature == "patch")
-    vision = encoder.model.config
-    processor_file = path / "preprocessor_config.json"
-    processor_config = read_json(processor_file) if processor_file.is_file() else {}
-    crop = processor_config.get("crop_size", vision.image_size)
-    size = crop.get("height", vision.image_size) if isinstance(crop, dict) else int(crop)
-    options = dict(size=size, mean=list(processor_config.get("image_mean", CLIP_MEAN)),
-                   std=list(processor_config.get("image_std", CLIP_STD)))
-    processor = Component(type=get_modality(modality.ours).processor, options=options)
-    return _Encoder(Component(type="clip-vision", options=encoder.options), processor, encoder.state_dict(),
-                    f"clip-vision from {path}")
+def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str, Any]) -> ResolvedEncoder:
+    """The shared resolver, with CLIP features selected as the checkpoint's config says."""
+    layer = int(config.get(modality.select_layer_key, -1)) if modality.select_layer_key else -1
+    feature = config.get(modality.select_feature_key, "patch") if modality.select_feature_key else "patch"
+    return resolve_encoder(modality.ours, source, clip_layer=layer, clip_feature=feature)
 
 
 __all__ = ["EncoderSource", "import_modelcompose"]
