@@ -291,6 +291,8 @@ def _accelerator(find_unused: bool, config: TrainConfig) -> Accelerator:
     precision = config.mixed_precision
     if precision is None:
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise MMComposeError("fp16 mixed precision needs a GPU (accelerate's CPU autocast ignores it); use bf16 on CPU")
     if not multi_process and AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         AcceleratorState._reset_state()
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=precision,
