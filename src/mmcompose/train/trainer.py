@@ -28,8 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin, PartialState
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -284,10 +285,15 @@ def _accelerator(find_unused: bool, config: TrainConfig) -> Accelerator:
     training or with text-only samples, a batch without some modality never reaches its branch or delta.
 
     Without CUDA, a multi-process launch (`accelerate launch --multi_gpu --num_processes N`, torchrun) is
-    made DDP on CPU over gloo: accelerate would otherwise run N unaware copies of the job. accelerate keeps
-    one precision per process; a single-process run (tests, notebooks) that asks for another one resets it.
+    made DDP on CPU over gloo: accelerate would otherwise run N unaware copies of the job. An FSDP launch
+    without CUDA is made FSDP2 on CPU over gloo: accelerate only enables FSDP on accelerator devices, while
+    torch's `fully_shard` (what accelerate's FSDP2 path calls) runs on a CPU mesh; so the state accelerate
+    builds for `cpu=True` gets the FSDP plugin of the launch configuration, and `prepare` then takes
+    accelerate's own FSDP2 path. accelerate keeps one precision per process; a single-process run (tests,
+    notebooks) that asks for another one resets it.
     """
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     precision = config.mixed_precision
     if precision is None:
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -295,9 +301,60 @@ def _accelerator(find_unused: bool, config: TrainConfig) -> Accelerator:
         raise MMComposeError("fp16 mixed precision needs a GPU (accelerate's CPU autocast ignores it); use bf16 on CPU")
     if not multi_process and AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         AcceleratorState._reset_state()
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), mixed_precision=precision,
-                       gradient_accumulation_steps=config.grad_accum,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    on_cpu = multi_process and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    if on_cpu and fsdp:
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            raise MMComposeError("FSDP on CPU needs fsdp_version: 2 (version 1 refuses CPU devices)")
+        if precision != "no":
+            plugin.set_mixed_precision(precision)
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+class _GatheredModel:
+    """What `save_checkpoint` reads from a model (spec, base, provenance, tensors), with the tensors gathered
+    from a sharded run: under FSDP or DeepSpeed ZeRO-3 the model's own parameters are shards."""
+
+    def __init__(self, model: MultimodalLLM, tensors: dict[str, torch.Tensor]) -> None:
+        self.model, self._tensors = model, tensors
+
+    def __getattr__(self, name: str) -> Any:  # spec, provenance, base_path, base_fingerprint: the model's own
+        return getattr(self.model, name)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self._tensors
+
+
+def _sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _final_model(accelerator: Accelerator, module: nn.Module, model: MultimodalLLM,
+                 dtypes: dict[str, torch.dtype]) -> Any:
+    """The model to save: itself, or its full tensors gathered by accelerate (every process must call this;
+    only the main process gets the tensors), in the dtypes they had before the engine took the model
+    (DeepSpeed casts the model to bf16 and keeps float32 masters in its optimizer)."""
+    if not _sharded(accelerator):
+        return model
+    state = accelerator.get_state_dict(module)
+    if not accelerator.is_main_process:
+        return None
+    keys = {f"modalities.{name}.": f"model.branches.{name}." for name in model.branches}
+    tensors = {}
+    for name in model.checkpoint_tensors():
+        if name.startswith("deltas."):
+            _, delta, rest = name.split(".", 2)
+            path, key = rest.rsplit(".", 1)
+            tensors[name] = state[f"model.llm.{path}.deltas.{delta}.{key}"]
+        else:
+            prefix = next(p for p in keys if name.startswith(p))
+            tensors[name] = state[keys[prefix] + name.removeprefix(prefix)]
+    tensors = {name: value.detach().to("cpu", dtypes[name]).contiguous() for name, value in tensors.items()}
+    return _GatheredModel(model, tensors)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -430,7 +487,15 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
+    if config.save_every and _sharded(accelerator):
+        raise MMComposeError(f"step checkpoints (save_every) are not supported under "
+                             f"{accelerator.distributed_type.value}: they would need the sharded optimizer state")
+    engine = accelerator.distributed_type
+    dtypes = {name: value.dtype for name, value in model.checkpoint_tensors().items()}
     loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
+    # accelerate's FSDP2 preparation re-derives the state on a CPU mesh as MULTI_CPU; gathering the tensors
+    # for saving must take the FSDP2 path again
+    accelerator.state.distributed_type = engine
     identity = {"config": config.identity(), "data": _data_identity(samples), "processes": world}
 
     start, window = 0, []  # window: per-step losses since the last log record
@@ -503,18 +568,20 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
     metrics = {
         "stage": config.stage, "strategy": model.spec.strategy, "modalities": list(model.branches),
         "samples": len(data), "steps": total, "epochs": round(total / per_epoch, 3), "global_batch": global_batch,
-        "processes": world, "grad_accum": accum, "mixed_precision": accelerator.mixed_precision,
+        "processes": world, "distributed": accelerator.distributed_type.value, "grad_accum": accum,
+        "mixed_precision": accelerator.mixed_precision,
         "resumed_from_step": start, "encoder_pretraining_loss": encoder_losses,
         "trained_encoders": sorted(trained_encoders(model, config)),
         "first_loss": records[0]["loss"] if records else None, "final_loss": records[-1]["loss"] if records else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    final = _final_model(accelerator, loss_module, model, dtypes)
     if accelerator.is_main_process:
         model.provenance = {**model.provenance, "stages": [
             *model.provenance.get("stages", []),
             {"stage": config.stage, "strategy": model.spec.strategy, "modalities": list(model.branches),
              "config": config.model_dump(mode="json"), "data": identity["data"], "steps": total}]}
-        save_checkpoint(model, out_dir / FINAL_MODEL)
+        save_checkpoint(final, out_dir / FINAL_MODEL)
         atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return metrics
