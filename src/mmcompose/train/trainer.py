@@ -138,9 +138,11 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
 
     `encoders` maps a modality to an encoder source (see `importers.encoders.resolve_encoder`); encoders read
     from pretrained weights are recorded in the provenance (`frozen_encoders`), so every later stage keeps them
-    frozen too. `connector` and `boundary_tokens` (prefix and suffix each) override the registered defaults of
-    modalities that do not come from `start_from`. An encoder whose width does not fit the connector it is
-    paired with is a one-line error here, before any step.
+    frozen too. `connector` overrides the registered default of modalities that do not come from `start_from`;
+    `boundary_tokens` (prefix and suffix each) applies to every modality, and a `start_from` branch with
+    another count gets fresh boundary tokens (ModelCompose's DAMC stage 2 adds 5 + 5 to a stage 1 without).
+    An encoder whose width does not fit the connector it is paired with is a one-line error here, before any
+    step.
     """
     names = [m if isinstance(m, str) else m.name for m in modalities]
     encoders = dict(encoders or {})
@@ -167,10 +169,16 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
         if len(templates) > 1:
             raise MMComposeError(f"the start checkpoints use different templates: {', '.join(sorted(templates))}")
     resolved = {name: resolve_encoder(name, source) for name, source in encoders.items()}
+    fresh_boundary: set[str] = set()
     specs = []
     for name, given in zip(names, modalities, strict=True):
         if name in sources:
             spec = sources[name][0]
+            if boundary_tokens is not None and (spec.num_prefix_tokens, spec.num_suffix_tokens) != (
+                    boundary_tokens, boundary_tokens):
+                spec = spec.model_copy(update={"num_prefix_tokens": boundary_tokens,
+                                               "num_suffix_tokens": boundary_tokens})
+                fresh_boundary.add(name)
         elif isinstance(given, ModalitySpec):
             spec = given
         else:
@@ -201,7 +209,8 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
             raise CheckpointError(f"{path}: trained on a different base LLM than {base}")
         stages += manifest.provenance.get("stages", [])
         wanted = tuple(f"modalities.{name}." for name in names if name in sources and sources[name][1] == path)
-        replaced = tuple(f"modalities.{name}.encoder." for name in resolved)
+        replaced = tuple(f"modalities.{name}.encoder." for name in resolved) + tuple(
+            f"modalities.{name}.{end}" for name in fresh_boundary for end in ("prefix", "suffix"))
         with torch.no_grad():
             for key, tensor in read_tensors(path, manifest.files).items():
                 if not key.startswith(wanted) or key.startswith(replaced):
