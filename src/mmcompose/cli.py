@@ -402,9 +402,10 @@ def train_base(
     Writes OUT (a transformers model directory) with metrics.json: perplexity on corpus/valid.txt and
     text-only attribute multiple-choice accuracy on data/text_qa.json.
     """
+    from mmcompose.data import names
     from mmcompose.train.base_llm import pretrain_base
 
-    corpus, text_qa = world / "corpus", world / "data" / "text_qa.json"
+    corpus, text_qa = world / "corpus", world / names.DATA_DIR / names.TEXT_QA_FILE
     metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", out, profile=profile, seed=seed,
                             text_qa=text_qa if text_qa.is_file() else None, overwrite=overwrite)
     accuracy = f", text QA accuracy {metrics['text_qa_accuracy']:.3f}" if "text_qa_accuracy" in metrics else ""
