@@ -443,6 +443,15 @@ def train_modality(
     resume: Annotated[bool, typer.Option(help="Continue from the latest step checkpoint in OUT.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of new parameters and of the data order (default: 0).")]
     = None,
+    on_bad_sample: Annotated[str | None, typer.Option(
+        help="stop: an invalid sample (bad shape, missing medium, a modality the model lacks, placeholders that "
+             "do not match its media) is an error before training, each one named; skip: leave such samples "
+             "out and count them (default: stop).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes decoding media "
+                                                         "(default: 0, in the training process).")] = None,
+    cache_features: Annotated[Path | None, typer.Option(
+        help="Directory caching frozen encoders' outputs (safetensors, keyed by file digest and encoder "
+             "fingerprint), reused across epochs and runs; needs train_encoder false.")] = None,
 ) -> None:
     """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
@@ -458,7 +467,7 @@ def train_modality(
     """
     from accelerate import PartialState
 
-    from mmcompose.train.data import load_samples
+    from mmcompose.data.dataset import load_training_samples
     from mmcompose.train.trainer import build_model, load_config, train
 
     rates = None if lr is None else {"encoder": lr, "connector": lr, "boundary": lr, "deltas": lr}
@@ -468,15 +477,21 @@ def train_modality(
     if chosen not in ("connector-only", "shared", "decoupled", "full"):
         raise MMComposeError(f"--strategy {strategy!r}: choose connector-only, shared, decoupled or full"
                              if strategy else "--strategy is required for the instruct stage")
-    samples = [sample for file in data for sample in load_samples(file)]
+    options = settings.data.updated(on_bad_sample=on_bad_sample, num_workers=num_workers,
+                                    cache_features=cache_features)
+    settings = settings.model_copy(update={"data": options})
     names = [name.strip() for name in modality.split(",") if name.strip()]
     model = build_model(base, names, strategy=chosen, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
                         start_from=start_from or [], seed=settings.seed)
-    metrics = train(model, samples, data_root, settings, out, resume=resume)
+    loaded = load_training_samples(data, data_root, model, options.on_bad_sample)
+    metrics = train(model, loaded.samples, data_root, settings, out, resume=resume, skipped=loaded.skipped)
     if PartialState().is_main_process:
-            console.print(f"trained {'+'.join(names)} ({settings.stage}, {chosen}): {metrics['steps']} steps, loss "
+        console.print(f"trained {'+'.join(names)} ({settings.stage}, {chosen}): {metrics['steps']} steps, loss "
                       f"{metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} ({metrics['seconds']:.0f}s); "
                       f"model in {out / 'model'}")
+        dropped = metrics["skipped_samples"]
+        if any(dropped.values()):
+            console.print(f"skipped {dropped['invalid']} invalid and {dropped['too_long']} too long sample(s)")
 
 
 if __name__ == "__main__":

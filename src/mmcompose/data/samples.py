@@ -196,7 +196,7 @@ def validate_records(records: Sequence[Any], source: str, data_root: str | Path 
         if isinstance(sample, Sample) and purpose == "eval":
             if sample.id in seen:
                 sample = BadSample(source, index, "id", f"duplicate id {sample.id!r} (first used by sample "
-                                                        f"#{seen[sample.id]})")
+                                                        f"#{seen[sample.id]})", sample.id)
             else:
                 seen[sample.id] = index
         if isinstance(sample, BadSample):
@@ -230,6 +230,8 @@ def _validate(record: Any, layout: Layout, source: str, index: int, root: Path |
         first = error.errors()[0]
         where = _field_name(first["loc"])
         message = "missing" if first["type"] == "missing" else first["msg"]
+        if where == "id" and first["type"] != "missing":
+            message = f"must be a non-empty string or an integer, got {record['id']!r}"
         return bad(where, message)
     if sample_id == "":
         return bad("id", "must be a non-empty string or an integer")

@@ -27,6 +27,7 @@ from mmcompose.checkpoint import load_checkpoint
 from mmcompose.compose.config import parse_config
 from mmcompose.compose.engine import compose
 from mmcompose.data import names
+from mmcompose.data.dataset import load_training_samples
 from mmcompose.data.names import MCUB_TASKS
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.benchmark import Sample, load_benchmark
@@ -40,7 +41,6 @@ from mmcompose.experiment.tool import tool_predictor
 from mmcompose.files import atomic_write_text
 from mmcompose.model import MultimodalLLM
 from mmcompose.train.base_llm import pretrain_base
-from mmcompose.train.data import load_samples
 from mmcompose.train.trainer import LearningRates, TrainConfig, build_model, train
 from mmcompose.world import MODALITIES, build_world
 
@@ -108,12 +108,12 @@ def train_run(out: Path, settings: DemoProfile, seed: int, run: TrainingRun) -> 
     model = build_model(out / "base", list(run.modalities), strategy=run.strategy, rank=settings.rank,
                         alpha=2.0 * settings.rank, seed=seed,
                         start_from=[out / "train" / name / FINAL_MODEL for name in run.start_from])
-    samples = [s for file in run.data for s in load_samples(out / "world" / "data" / file)]
+    loaded = load_training_samples([out / "world" / names.DATA_DIR / file for file in run.data], out / "world", model)
     config = TrainConfig(stage=run.stage, steps=run.steps, batch_size=settings.batch_size, seed=seed,
                          train_encoder=False, lr=LEARNING_RATES[run.stage],
                          encoder_steps=settings.encoder_steps if run.stage == "pretrain" else 0,
                          save_every=max(1, run.steps // 4))
-    train(model, samples, out / "world", config, directory, resume=True, progress=False)
+    train(model, loaded.samples, out / "world", config, directory, resume=True, progress=False)
 
 
 class Demo:

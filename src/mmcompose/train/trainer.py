@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -29,12 +29,13 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mmcompose.checkpoint.manifest import read_manifest
 from mmcompose.checkpoint.store import TENSOR_FILE, read_tensors, save_checkpoint
+from mmcompose.data.dataset import DataOptions, SampleDataset, StepBatches, step_loader, training_samples
+from mmcompose.data.samples import BadSample, Sample
 from mmcompose.errors import CheckpointError, MMComposeError
 from mmcompose.files import atomic_directory, atomic_write_text
 from mmcompose.model.assembly import Example
 from mmcompose.model.mllm import MultimodalLLM, modality_spec
 from mmcompose.model.spec import ModalitySpec, Strategy
-from mmcompose.train.data import ExampleSet, Sample
 from mmcompose.train.encoder import caption_classes, pretrain_encoder
 from mmcompose.train.progress import progress_bar
 
@@ -73,6 +74,7 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="step checkpoint every N steps (0: none)")
     keep_last: int = Field(2, gt=0, description="step checkpoints kept")
     log_every: int = Field(10, gt=0)
+    data: DataOptions = Field(default_factory=DataOptions)
 
     @model_validator(mode="after")
     def _encoder_steps_only_in_pretrain(self) -> TrainConfig:
@@ -82,7 +84,8 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one (everything but bookkeeping)."""
-        return self.model_dump(mode="json", exclude={"save_every", "keep_last", "log_every"})
+        return self.model_dump(mode="json", exclude={"save_every": True, "keep_last": True, "log_every": True,
+                                                     "data": {"num_workers", "cache_features"}})
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -184,12 +187,12 @@ def _parameter_groups(model: MultimodalLLM, config: TrainConfig) -> list[dict[st
 class _LossModule(nn.Module):
     """Assembly and LLM forward in one module, so DDP sees the branches and deltas used in one forward pass."""
 
-    def __init__(self, model: MultimodalLLM) -> None:
+    def __init__(self, model: MultimodalLLM, encoded: Sequence[str] = ()) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.encoded = model, tuple(encoded)
 
     def forward(self, examples: list[Example]) -> torch.Tensor:
-        return self.model(self.model.assemble(examples, padding_side="right")).loss
+        return self.model(self.model.assemble(examples, padding_side="right", encoded=self.encoded)).loss
 
 
 def _accelerator(find_unused: bool) -> Accelerator:
@@ -209,7 +212,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _data_identity(samples: Sequence[Sample]) -> dict[str, Any]:
-    return {"samples": len(samples), "first_id": str(samples[0].get("id")), "last_id": str(samples[-1].get("id"))}
+    return {"samples": len(samples), "first_id": samples[0].id, "last_id": samples[-1].id}
 
 
 def _save_state(directory: Path, model: MultimodalLLM, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
@@ -245,9 +248,16 @@ def step_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path, config: TrainConfig,
-          out_dir: str | Path, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Train `model` on benchmark-layout `samples` (media paths relative to `data_root`); save to `out_dir`.
+def train(model: MultimodalLLM, samples: Sequence[Sample | dict[str, Any]], data_root: str | Path,
+          config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
+          skipped: Sequence[BadSample] = ()) -> dict[str, Any]:
+    """Train `model` on `samples`; save to `out_dir`.
+
+    `samples` are validated `Sample`s (from `mmcompose.data.dataset.load_training_samples`, media paths
+    resolved), or raw records of any data layout, validated here with media paths relative to `data_root`.
+    `skipped`: the records the loader left out, counted in the metrics with those too long for
+    `config.data.max_length`. Media are decoded lazily by `config.data.num_workers` DataLoader workers;
+    with `config.data.cache_features`, frozen encoders' outputs come from that feature cache.
 
     Writes `out_dir/log.jsonl` (mean loss every `log_every` steps), step checkpoints under
     `out_dir/checkpoints/step-N/` every `save_every` steps, the final model to `out_dir/model` and a summary
@@ -264,18 +274,26 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
     if not samples:
         raise MMComposeError("no training samples")
     started = time.perf_counter()
-    data = ExampleSet(model, samples, data_root)
+    loaded = training_samples(samples, data_root, model, config.data.on_bad_sample)
+    data = SampleDataset(model, loaded.samples, max_length=config.data.max_length)
+    skipped = [*skipped, *loaded.skipped]
+    cache_report = {}
+    if config.data.cache_features is not None:
+        if config.train_encoder or config.encoder_steps:
+            raise MMComposeError("cache_features needs frozen encoders: set train_encoder false and encoder_steps 0")
+        with PartialState().main_process_first():  # the main process encodes, the others then read
+            cache_report = data.cache_features(model, config.data.cache_features)
     # Before DDP wraps the model; every process computes the same weights (same data, same seed). A resumed run
     # finds the pretrained encoders in its step checkpoint.
     encoder_losses = {}
     if config.encoder_steps and not (resume and previous):
         for modality in data.modalities:
-            inputs, labels, num_classes = caption_classes(data.examples, modality)
+            inputs, labels, num_classes = caption_classes((data[i] for i in range(len(data))), modality)
             encoder_losses[modality] = pretrain_encoder(
                 model.branches[modality].encoder, inputs, labels, num_classes, steps=config.encoder_steps,
                 batch_size=config.batch_size, lr=config.lr.encoder, seed=config.seed)
     groups = _parameter_groups(model, config)
-    accelerator = _accelerator(find_unused=len(data.modalities) > 1 or any(not e.inputs for e in data.examples))
+    accelerator = _accelerator(find_unused=len(data.modalities) > 1 or data.has_text_only)
     global_batch = config.batch_size * accelerator.num_processes
     per_epoch = len(data) // global_batch
     if per_epoch == 0:
@@ -284,9 +302,10 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
     total = config.steps or config.epochs * per_epoch
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
-    loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
+    loss_module, optimizer = accelerator.prepare(_LossModule(model, data.encoded), optimizer)
     trainable = [p for group in groups for p in group["params"]]
-    identity = {"config": config.identity(), "data": _data_identity(samples), "processes": accelerator.num_processes}
+    identity = {"config": config.identity(), "data": _data_identity(data.samples),
+                "processes": accelerator.num_processes}
 
     start, window = 0, []  # window: per-step losses since the last log record
     if resume and previous:
@@ -308,10 +327,12 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
         bar = stack.enter_context(progress_bar(progress if accelerator.is_main_process else False))
         log = stack.enter_context(log_path.open("a")) if accelerator.is_main_process else None
         task = bar.add_task(f"{config.stage} {'+'.join(model.branches)}", total=total, completed=start, loss="-")
-        for step in range(start, total):
+        batches = StepBatches(data, seed=config.seed, global_batch=global_batch, rank=accelerator.process_index,
+                              world=accelerator.num_processes, group_by_length=config.group_by_length, start=start,
+                              total=total)
+        for step, examples in zip(range(start, total), step_loader(data, batches, config.data.num_workers),
+                                  strict=True):
             torch.manual_seed(_step_seed(config.seed, step, accelerator.process_index))
-            examples = data.batch(config.seed, step, global_batch, accelerator.process_index,
-                                  accelerator.num_processes, config.group_by_length)
             loss = loss_module(examples)
             accelerator.backward(loss)
             if config.grad_clip is not None:
@@ -346,6 +367,8 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
         "samples": len(data), "steps": total, "epochs": round(total / per_epoch, 3), "global_batch": global_batch,
         "processes": accelerator.num_processes, "resumed_from_step": start,
         "encoder_pretraining_loss": encoder_losses,
+        "skipped_samples": {"invalid": len(skipped), "too_long": len(data.too_long)},
+        "feature_cache": cache_report,
         "first_loss": records[0]["loss"] if records else None, "final_loss": records[-1]["loss"] if records else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
