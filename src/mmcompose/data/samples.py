@@ -110,7 +110,7 @@ class _Record(BaseModel):
     conversations: list[_Turn]
     modal_inputs: dict[str, list[StrictStr]]
     category: StrictStr | None = None
-    meta: _Meta | None = None
+    meta: Any = None  # free-form; only an object's `references` is read
 
 
 class _LlavaRecord(BaseModel):
@@ -252,7 +252,12 @@ def _validate(record: Any, layout: Layout, source: str, index: int, root: Path |
                 return bad("modal_inputs", f"both {key!r} and another key name modality {name!r}")
             raw_inputs[name] = files
         category = parsed.category
-        references = tuple(r.strip() for r in parsed.meta.references) if parsed.meta else ()
+        references = ()
+        if isinstance(parsed.meta, dict):
+            try:
+                references = tuple(r.strip() for r in _Meta.model_validate(parsed.meta).references)
+            except ValidationError as error:
+                return bad("meta." + _field_name(error.errors()[0]["loc"]), error.errors()[0]["msg"])
     inputs: dict[str, list[Path]] = {}
     for modality, files in raw_inputs.items():
         where = f"modal_inputs.{modality}" if layout == "modal_inputs" else "image"
