@@ -89,14 +89,15 @@ class SampleDataset(Dataset[Example]):
         if not samples:
             raise InputError(f"{source}: no training samples")
         self.processors = dict(model.processors)
-        self.placeholders = [spec.placeholder for spec in model.spec.modalities]
+        self.template = model.spec.template
+        placeholders = [spec.placeholder for spec in model.spec.modalities]
         present = sorted({m for sample in samples for m in sample.modal_inputs})
         first = {m: next(s.modal_inputs[m][0] for s in samples if s.modal_inputs.get(m)) for m in present}
         self.positions = {m: model.input_length(m, self.processors[m](first[m])) for m in present}
         limit = getattr(model.assembler, "max_length", None) or 0
         limit = min(limit, max_length) if limit and max_length else (max_length or limit)
         self.samples: list[Sample] = []
-        self.texts: list[tuple[str, str | None]] = []
+        texts: list[str] = []  # for the lengths only: items format their text again when fetched
         self.too_long: list[BadSample] = []
         for index, sample in enumerate(samples):
             prompt, target = format_conversation(sample.conversations, model.spec.template)
@@ -108,16 +109,15 @@ class SampleDataset(Dataset[Example]):
                                                f"{limit} ({counts or 'text only'}); skipped", sample.id))
                 continue
             self.samples.append(sample)
-            self.texts.append((prompt, target))
+            texts.append(_without(prompt, placeholders) + (target or ""))
         if not self.samples:
             raise InputError(f"{source}: all {len(samples)} samples are longer than the maximum length {limit} "
                              f"(first: {self.too_long[0]})")
         self.modalities = sorted({m for sample in self.samples for m in sample.modal_inputs})
         self.has_text_only = any(not sample.modal_inputs for sample in self.samples)
-        texts = model.tokenizer([_without(p, self.placeholders) + (t or "") for p, t in self.texts],
-                                add_special_tokens=False)["input_ids"]
+        tokens = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
         self.lengths = [len(text) + sum(self.positions[m] * len(paths) for m, paths in sample.modal_inputs.items())
-                        for text, sample in zip(texts, self.samples, strict=True)]
+                        for text, sample in zip(tokens, self.samples, strict=True)]
         self.caches: dict[str, FeatureCache] = {}
         self._digests: dict[str, dict[Path, str]] = {}
         self._order: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
@@ -127,7 +127,7 @@ class SampleDataset(Dataset[Example]):
 
     def __getitem__(self, index: int) -> Example:
         sample = self.samples[index]
-        prompt, target = self.texts[index]
+        prompt, target = format_conversation(sample.conversations, self.template)
         inputs = {m: [self._input(m, path) for path in paths] for m, paths in sample.modal_inputs.items()}
         return Example(prompt=prompt, inputs=inputs, target=target, id=sample.id)
 

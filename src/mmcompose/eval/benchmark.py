@@ -6,6 +6,7 @@ A malformed benchmark silently skews every number computed on it, so loading che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -105,7 +106,7 @@ def _attach_mcub_answer(sample: Sample, answers: dict[str, str], file: Path, ans
     if letter is None:
         return sample
     if sample.answer is None:
-        return sample.model_copy(update={"answer": letter})
+        return dataclasses.replace(sample, answer=letter)
     own = extract_choice(sample.answer, parse_options(sample.question) or None)
     if own != letter:
         raise MMComposeError(

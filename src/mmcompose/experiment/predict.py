@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -27,7 +28,7 @@ def restrict(sample: Sample, keep: Sequence[str]) -> Sample:
             human = human.replace(placeholder, "")
     conversations = [{**sample.conversations[0], "value": human}, *sample.conversations[1:]]
     inputs = {m: paths for m, paths in sample.modal_inputs.items() if m in keep}
-    return sample.model_copy(update={"conversations": conversations, "modal_inputs": inputs})
+    return replace(sample, conversations=conversations, modal_inputs=inputs)
 
 
 def model_predictor(model: MultimodalLLM, max_new_tokens: int = 8, only: Sequence[str] | None = None) -> Predictor:
