@@ -491,7 +491,8 @@ def train_modality(
                       f"model in {out / 'model'}")
         dropped = metrics["skipped_samples"]
         if any(dropped.values()):
-            console.print(f"skipped {dropped['invalid']} invalid and {dropped['too_long']} too long sample(s)")
+            console.print(f"skipped {dropped['invalid']} invalid and {dropped['too_long']} too long sample(s), "
+                          f"listed in {out / 'skipped_samples.txt'}")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,6 @@ def test_bad_training_input_fails_before_any_step_and_writes_nothing(llama_base:
     assert too_long > 0
     assert metrics["skipped_samples"] == {"invalid": 1, "too_long": too_long}
     assert json.loads((tmp_path / "counted" / "metrics.json").read_text())["skipped_samples"]["too_long"] == too_long
+    lines = (tmp_path / "counted" / "skipped_samples.txt").read_text().splitlines()
+    assert len(lines) == 1 + too_long and lines[0].startswith(f"{path}: sample #12 (id 't'): conversations:")
+    assert all(line.startswith(f"{path}: sample #") and "exceed the maximum length" in line for line in lines[1:])

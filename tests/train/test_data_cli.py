@@ -35,6 +35,8 @@ def test_bad_samples_stop_before_training_or_are_skipped_and_counted(llama_base:
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["samples"] == 8 and metrics["skipped_samples"] == {"invalid": 1, "too_long": 0}
     assert metrics["feature_cache"]["point"]["computed"] > 0
+    assert (tmp_path / "run" / "skipped_samples.txt").read_text().splitlines() == [
+        f"{data}: sample #3 (id 'lost'): modal_inputs.point: point file not found: {world / 'media/point/none.npy'}"]
     assert list((tmp_path / "cache").glob("point-*/shard-*.safetensors"))
 
     wrong = runner.invoke(app, [*common, "--on-bad-sample", "ignore", "-o", str(tmp_path / "wrong")])

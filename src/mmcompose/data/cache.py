@@ -50,7 +50,7 @@ def encoder_fingerprint(spec: ModalitySpec, encoder: nn.Module) -> str:
     for name, tensor in sorted(encoder.state_dict().items()):
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 

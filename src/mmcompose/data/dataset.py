@@ -94,8 +94,7 @@ class SampleDataset(Dataset[Example]):
         present = sorted({m for sample in samples for m in sample.modal_inputs})
         first = {m: next(s.modal_inputs[m][0] for s in samples if s.modal_inputs.get(m)) for m in present}
         self.positions = {m: model.input_length(m, self.processors[m](first[m])) for m in present}
-        limit = getattr(model.assembler, "max_length", None) or 0
-        limit = min(limit, max_length) if limit and max_length else (max_length or limit)
+        limit = min(model.assembler.max_length, max_length or model.assembler.max_length)
         self.samples: list[Sample] = []
         texts: list[str] = []  # for the lengths only: items format their text again when fetched
         self.too_long: list[BadSample] = []
@@ -103,9 +102,10 @@ class SampleDataset(Dataset[Example]):
             prompt, target = format_conversation(sample.conversations, model.spec.template)
             counts = {m: len(paths) for m, paths in sample.modal_inputs.items()}
             length = model.assembler.sequence_length(Example(prompt=prompt, target=target, id=sample.id),
-                                                     self.positions) if limit else 0
-            if limit and length > limit:
-                self.too_long.append(BadSample(source, index, "", f"{length} positions exceed the maximum length "
+                                                     self.positions)
+            if length > limit:
+                file, position = sample.origin or (source, index)
+                self.too_long.append(BadSample(file, position, "", f"{length} positions exceed the maximum length "
                                                f"{limit} ({counts or 'text only'}); skipped", sample.id))
                 continue
             self.samples.append(sample)

@@ -47,7 +47,8 @@ class Sample:
     ``conversations`` are the turns verbatim (placeholders included: the model needs them to place its
     inputs). ``modal_inputs`` paths are joined to the loader's ``data_root`` when it was given one, otherwise
     as written. ``answer`` is the final gpt turn (stripped), or for MCUB the letter of its answer file;
-    ``references`` are extra gold captions from ``meta.references``. A slotted (pydantic) dataclass rather
+    ``references`` are extra gold captions from ``meta.references``; ``origin`` is (file, index) of the
+    record, for messages about the sample after loading. A slotted (pydantic) dataclass rather
     than a model: a training file holds every sample's text in memory, and slots take ~500 bytes less per
     sample (88 -> 64 MB for 50k two-turn samples, measured with tracemalloc).
     """
@@ -58,6 +59,7 @@ class Sample:
     answer: str | None = None
     category: str | None = None
     references: tuple[str, ...] = ()
+    origin: tuple[str, int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def question(self) -> str:
@@ -282,7 +284,7 @@ def _validate(record: Any, layout: Layout, source: str, index: int, root: Path |
                                         f"{given} {modality} file(s)")
     answer = turns[-1]["value"].strip() if turns[-1]["from"] == "gpt" else None
     return Sample(id=str(parsed.id), conversations=turns, modal_inputs=inputs, answer=answer, category=category,
-                  references=references)
+                  references=references, origin=(source, index))
 
 
 def _turn_problem(turns: list[dict[str, str]], purpose: Purpose) -> str | None:

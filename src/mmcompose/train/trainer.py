@@ -41,6 +41,7 @@ from mmcompose.train.progress import progress_bar
 
 CHECKPOINTS, FINAL_MODEL, LOG_FILE, METRICS_FILE = "checkpoints", "model", "log.jsonl", "metrics.json"
 STATE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE = "trainer_state.json", "optimizer.safetensors", "optimizer.json"
+SKIPPED_FILE = "skipped_samples.txt"
 
 
 class LearningRates(BaseModel):
@@ -261,7 +262,8 @@ def train(model: MultimodalLLM, samples: Sequence[Sample | dict[str, Any]], data
 
     Writes `out_dir/log.jsonl` (mean loss every `log_every` steps), step checkpoints under
     `out_dir/checkpoints/step-N/` every `save_every` steps, the final model to `out_dir/model` and a summary
-    to `out_dir/metrics.json` (returned). With `resume`, training continues from the latest step checkpoint,
+    to `out_dir/metrics.json` (returned), with `out_dir/skipped_samples.txt` (one line per skipped sample: file,
+    index, field, reason) when any was skipped. With `resume`, training continues from the latest step checkpoint,
     which must come from the same configuration and data. Only the main process writes.
     """
     out_dir = Path(out_dir)
@@ -379,5 +381,7 @@ def train(model: MultimodalLLM, samples: Sequence[Sample | dict[str, Any]], data
              "config": config.model_dump(mode="json"), "data": identity["data"], "steps": total}]}
         save_checkpoint(model, out_dir / FINAL_MODEL)
         atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        if skipped or data.too_long:
+            atomic_write_text(out_dir / SKIPPED_FILE, "".join(f"{line}\n" for line in [*skipped, *data.too_long]))
     accelerator.wait_for_everyone()
     return metrics
