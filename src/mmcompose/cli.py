@@ -401,9 +401,10 @@ def train_base(
     Writes OUT (a transformers model directory) with metrics.json: perplexity on corpus/valid.txt and
     text-only attribute multiple-choice accuracy on data/text_qa.json.
     """
+    from mmcompose.data import names
     from mmcompose.train.base_llm import pretrain_base
 
-    corpus, text_qa = world / "corpus", world / "data" / "text_qa.json"
+    corpus, text_qa = world / "corpus", world / names.DATA_DIR / names.TEXT_QA_FILE
     metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", out, profile=profile, seed=seed,
                             text_qa=text_qa if text_qa.is_file() else None, overwrite=overwrite)
     accuracy = f", text QA accuracy {metrics['text_qa_accuracy']:.3f}" if "text_qa_accuracy" in metrics else ""
@@ -466,6 +467,15 @@ def train_modality(
     resume: Annotated[bool, typer.Option(help="Continue from the latest step checkpoint in OUT.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of new parameters and of the data order (default: 0).")]
     = None,
+    on_bad_sample: Annotated[str | None, typer.Option(
+        help="stop: an invalid sample (bad shape, missing medium, a modality the model lacks, placeholders that "
+             "do not match its media) is an error before training, each one named; skip: leave such samples "
+             "out and count them (default: stop).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes decoding media "
+                                                         "(default: 0, in the training process).")] = None,
+    cache_features: Annotated[Path | None, typer.Option(
+        help="Directory caching frozen encoders' outputs (safetensors, keyed by file digest and encoder "
+             "fingerprint), reused across epochs and runs; needs train_encoder false.")] = None,
 ) -> None:
     """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
@@ -488,11 +498,12 @@ def train_modality(
     train_values = dict(stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
                         encoder_steps=encoder_steps, save_every=save_every, seed=seed, grad_accum=grad_accum,
                         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                        max_length=max_length, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                        train_encoder=train_encoder)
+                        weight_decay=weight_decay, warmup_ratio=warmup_ratio, train_encoder=train_encoder)
+    data_values = dict(on_bad_sample=on_bad_sample, num_workers=num_workers, cache_features=cache_features,
+                       max_length=max_length)
     model_values = model_overrides(modality, strategy, rank, alpha, encoder or [], connector, boundary_tokens,
                                    template)
-    run = resolve_run(recipe, config, model_values, train_values)
+    run = resolve_run(recipe, config, model_values, train_values, data_values)
     metrics = run_modality_training(base=base, data=data, data_root=data_root, out=out, recipe=run,
                                     start_from=start_from or [], resume=resume)
     if PartialState().is_main_process:
@@ -500,6 +511,10 @@ def train_modality(
         console.print(f"trained {names} ({metrics['stage']}, {metrics['strategy']}): {metrics['steps']} steps, loss "
                       f"{metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} ({metrics['seconds']:.0f}s); "
                       f"model in {out / 'model'}")
+        dropped = metrics["skipped_samples"]
+        if any(dropped.values()):
+            console.print(f"skipped {dropped['invalid']} invalid and {dropped['too_long']} too long sample(s), "
+                          f"listed in {out / 'skipped_samples.txt'}")
 
 
 if __name__ == "__main__":

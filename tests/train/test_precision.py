@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmcompose.data.dataset import SampleDataset, training_samples
 from mmcompose.errors import MMComposeError
 from mmcompose.model import Component
-from mmcompose.train.data import ExampleSet
 from mmcompose.train.trainer import (
     TRAINED_TENSORS,
     LearningRates,
@@ -56,7 +56,8 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward(llama_
     model.requires_grad_(False)
     for layer in model.routed.values():
         layer.deltas.requires_grad_(True)
-    examples = ExampleSet(model, samples(world, "image_instruct", 4), world).examples
+    data = SampleDataset(model, training_samples(samples(world, "image_instruct", 4), world, model).samples)
+    examples = [data[i] for i in range(len(data))]
     plain = gradients(model, examples, checkpointing=False, in_routing=False)
     checkpointed = gradients(model, examples, checkpointing=True, in_routing=True)
     assert plain.keys() == checkpointed.keys() and any(".deltas.image." in name for name in plain)

@@ -44,7 +44,7 @@ def test_recipe_builds_its_model_on_a_tiny_base_of_the_same_structure(path: Path
                         boundary_tokens=described.boundary_tokens, target_modules=described.target_modules)
     branch = model.branches[modality]
     assert model.spec.modalities[0].connector.type == described.connector
-    assert settings.mixed_precision == "bf16" and settings.gradient_checkpointing and settings.max_length == 2048
+    assert settings.mixed_precision == "bf16" and settings.gradient_checkpointing and settings.data.max_length == 2048
     assert settings.warmup_ratio == 0.03 and settings.weight_decay == 0.0 and settings.train_encoder is False
     if settings.stage == "pretrain":
         assert described.strategy == "connector-only" and not model.routed

@@ -3,6 +3,7 @@
 Everything here takes a prediction callable, never a model, so it is tested without weights.
 """
 
+from mmcompose.data.samples import DEFAULT_MODALITIES, Sample
 from mmcompose.eval.answers import (
     extract_choice,
     label_key,
@@ -12,9 +13,7 @@ from mmcompose.eval.answers import (
     vqa_match,
 )
 from mmcompose.eval.benchmark import (
-    DEFAULT_MODALITIES,
     TASK_KINDS,
-    Sample,
     gold_answer,
     load_benchmark,
     load_mcub,

@@ -26,10 +26,13 @@ from rich.console import Console
 from mmcompose.checkpoint import load_checkpoint
 from mmcompose.compose.config import parse_config
 from mmcompose.compose.engine import compose
+from mmcompose.data import names
+from mmcompose.data.dataset import load_training_samples
+from mmcompose.data.names import MCUB_TASKS
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.benchmark import Sample, load_benchmark
 from mmcompose.eval.runner import Predictor
-from mmcompose.experiment.evaluate import evaluate, load_tasks, task_files
+from mmcompose.experiment.evaluate import evaluate, load_tasks
 from mmcompose.experiment.parallel import default_jobs, run_parallel
 from mmcompose.experiment.predict import model_predictor
 from mmcompose.experiment.report import plot_results, results_table, write_results
@@ -38,9 +41,8 @@ from mmcompose.experiment.tool import tool_predictor
 from mmcompose.files import atomic_write_text
 from mmcompose.model import MultimodalLLM
 from mmcompose.train.base_llm import pretrain_base
-from mmcompose.train.data import load_samples
 from mmcompose.train.trainer import LearningRates, TrainConfig, build_model, train
-from mmcompose.world import MCUB3_SUBSETS, MODALITIES, build_world
+from mmcompose.world import MODALITIES, build_world
 
 RESULTS_FILE, PLOT_FILE = "results.json", "results.png"
 FINAL_MODEL = "model"
@@ -106,12 +108,12 @@ def train_run(out: Path, settings: DemoProfile, seed: int, run: TrainingRun) -> 
     model = build_model(out / "base", list(run.modalities), strategy=run.strategy, rank=settings.rank,
                         alpha=2.0 * settings.rank, seed=seed,
                         start_from=[out / "train" / name / FINAL_MODEL for name in run.start_from])
-    samples = [s for file in run.data for s in load_samples(out / "world" / "data" / file)]
+    loaded = load_training_samples([out / "world" / names.DATA_DIR / file for file in run.data], out / "world", model)
     config = TrainConfig(stage=run.stage, steps=run.steps, batch_size=settings.batch_size, seed=seed,
                          train_encoder=False, lr=LEARNING_RATES[run.stage],
                          encoder_steps=settings.encoder_steps if run.stage == "pretrain" else 0,
                          save_every=max(1, run.steps // 4))
-    train(model, samples, out / "world", config, directory, resume=True, progress=False)
+    train(model, loaded.samples, out / "world", config, directory, resume=True, progress=False)
 
 
 class Demo:
@@ -156,7 +158,7 @@ class Demo:
         corpus = self.world / "corpus"
         return self.step("base LLM", self.base, lambda: pretrain_base(
             corpus / "train.txt", corpus / "valid.txt", self.base, profile=self.settings.base, seed=self.seed,
-            text_qa=self.world / "data" / "text_qa.json", progress=False))
+            text_qa=self.world / names.DATA_DIR / names.TEXT_QA_FILE, progress=False))
 
     def run_path(self, name: str) -> Path:
         return self.out / "train" / name / FINAL_MODEL
@@ -164,12 +166,13 @@ class Demo:
     def training_runs(self) -> list[list[TrainingRun]]:
         """Every training run, in waves: a run depends only on runs of earlier waves."""
         s = self.settings
-        stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (f"{m}_caption.json",), "pretrain",
+        stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                               s.stage1_steps, ()) for m in MODALITIES]
-        stage2 = [TrainingRun(f"{m}-{strategy}", (m,), strategy, (f"{m}_instruct.json",), "instruct",
+        stage2 = [TrainingRun(f"{m}-{strategy}", (m,), strategy, (names.instruct_file(m),), "instruct",
                               s.stage2_steps, (f"{m}-stage1",))
                   for m in MODALITIES for strategy in ("shared", "decoupled")]
-        joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled", tuple(f"{m}_instruct.json" for m in MODALITIES),
+        joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled",
+                            tuple(names.instruct_file(m) for m in MODALITIES),
                             "instruct", s.joint_steps, tuple(f"{m}-stage1" for m in MODALITIES))
         return [stage1, [joint, *stage2]]  # the longest run first, so that it does not finish last, alone
 
@@ -227,7 +230,7 @@ def search_run(out: Path, settings: DemoProfile, seed: int, name: str) -> None:
         validation = [s for samples in load_tasks(world, "val").values() for s in samples[: settings.search_limit]]
         criterion = validation_accuracy(validation)
     else:
-        prompts = {m: _human_only(load_benchmark(world / "data" / f"{m}_instruct.json", world))
+        prompts = {m: _human_only(load_benchmark(world / names.DATA_DIR / names.instruct_file(m), world))
                    [: settings.agreement_prompts] for m in MODALITIES}
         sources = {m: load_checkpoint(out / "train" / f"{m}-decoupled" / FINAL_MODEL).eval() for m in MODALITIES}
         criterion = source_agreement(prompts, sources)
@@ -243,17 +246,6 @@ def search_run(out: Path, settings: DemoProfile, seed: int, name: str) -> None:
 
 def _human_only(samples: list[Sample]) -> list[Sample]:
     return [s for s in samples if s.conversations[0]["value"].count("<") == 1]
-
-
-MCUB_TASKS = ["MCUB-4", *[f"MCUB-3 {'-'.join(subset)}" for subset in MCUB3_SUBSETS]]
-
-
-def _modalities_of(task: str) -> list[str]:
-    if task == "MCUB-4":
-        return list(MODALITIES)
-    if task.startswith("MCUB-3 "):
-        return task.removeprefix("MCUB-3 ").split("-")
-    return [task]
 
 
 TASKS = [*MCUB_TASKS, *MODALITIES]
@@ -292,9 +284,9 @@ def evaluate_method(out: Path, method: EvalMethod) -> dict[str, float]:
     """Accuracy of `method` on each of its tasks; predictions are cached under `out/eval`, and the method's
     models are loaded only if some prediction is missing."""
     world = out / "world"
-    files = task_files(world)
+    files = names.world_task_files(world)
     if method.kind == "text":
-        files = {t: world / "data" / f"text_{_file_tag(t)}_test.json" for t in method.tasks}
+        files = {t: world / names.DATA_DIR / names.world_text_mcub_file(names.task_modalities(t)) for t in method.tasks}
     predict = _lazy(functools.partial(_predictor, out, method))
     return {task: evaluate(predict, load_benchmark(files[task], world), _metrics_file(out, method, task).parent, task)
             for task in method.tasks}
@@ -329,7 +321,7 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
     composed["DAMC (searched λ, label-free)"] = searched["damc-search-agree"]
 
     methods = [EvalMethod(f"{m}-LLM (own input only)", "model", (singles[m, "decoupled"],), only=(m,),
-                          tasks=tuple(t for t in TASKS if m in _modalities_of(t))) for m in MODALITIES]
+                          tasks=tuple(t for t in TASKS if m in names.task_modalities(t))) for m in MODALITIES]
     methods += [EvalMethod(name, "model", (path,)) for name, path in composed.items()]
     captioners = tuple(singles[m, "decoupled"] for m in MODALITIES)
     methods += [EvalMethod("joint training (upper ref.)", "model", (joint,)),
@@ -444,10 +436,6 @@ def _lazy(factory: Callable[[], Predictor]) -> Predictor:
         return built[0](samples)
 
     return predict
-
-
-def _file_tag(task: str) -> str:
-    return "mcub4" if task == "MCUB-4" else "mcub3_" + task.removeprefix("MCUB-3 ")
 
 
 def _slug(text: str) -> str:

@@ -87,6 +87,11 @@ class Assembler:
             layout.labels += target
         return layout
 
+    def sequence_length(self, example: Example, lengths: dict[str, int]) -> int:
+        """The positions `example` takes when one input of modality m takes `lengths[m]`: no tensor is needed,
+        so a data set can be measured before any medium is decoded."""
+        return len(self._layout(example, lengths).ids)
+
     def _check_inputs(self, index: int, example: Example) -> None:
         name = example.id or f"sample {index}"
         for modality in example.inputs:

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmcompose.data.dataset import load_training_samples
 from mmcompose.errors import MMComposeError
 from mmcompose.importers._common import read_json
 from mmcompose.importers.encoders import parse_encoder_option
 from mmcompose.model.conversation import TEMPLATES
 from mmcompose.model.spec import Component
-from mmcompose.train.data import load_samples
 from mmcompose.train.recipe import Recipe, RecipeModel, load_recipe, with_overrides
 from mmcompose.train.trainer import TrainConfig, build_model, train
 
@@ -43,15 +43,19 @@ def default_template(base: Path) -> str:
 
 
 def resolve_run(recipe_path: Path | None, config_path: Path | None, model: dict[str, Any],
-                train_values: dict[str, Any]) -> Recipe:
-    """The run's recipe: `--recipe` (or a bare `TrainConfig` YAML via `--config`) with the flags on top."""
+                train_values: dict[str, Any], data_values: dict[str, Any]) -> Recipe:
+    """The run's recipe: `--recipe` (or a bare `TrainConfig` YAML via `--config`) with the flags on top
+    (`data_values`: the `TrainConfig.data` options)."""
     if recipe_path is not None and config_path is not None:
         raise MMComposeError("give --recipe or --config, not both")
     if recipe_path is not None:
-        return with_overrides(load_recipe(recipe_path), model, train_values)
+        run = with_overrides(load_recipe(recipe_path), model, train_values)
+        return run.model_copy(update={"train": run.train.model_copy(
+            update={"data": run.train.data.updated(**data_values)})})
     from mmcompose.train.trainer import load_config
 
     settings = load_config(config_path, **train_values)
+    settings = settings.model_copy(update={"data": settings.data.updated(**data_values)})
     if not model.get("modalities"):
         raise MMComposeError("--modality is required (here or in a --recipe)")
     try:
@@ -73,14 +77,14 @@ def run_modality_training(*, base: Path, data: Sequence[Path], data_root: Path, 
     if described.template is not None and described.template not in TEMPLATES:
         raise MMComposeError(f"--template {described.template!r}: known templates: {', '.join(TEMPLATES)}")
     encoders = dict(parse_encoder_option(f"{m}={spec}") for m, spec in described.encoder.items())
-    samples = [sample for file in data for sample in load_samples(file)]
     model = build_model(
         base, described.modalities, strategy=strategy, rank=described.rank,
         alpha=2.0 * described.rank if described.alpha is None else described.alpha, start_from=start_from,
         seed=settings.seed, template=described.template or (None if start_from else default_template(base)),
         encoders=encoders, connector=parse_connector(described.connector) if described.connector else None,
         boundary_tokens=described.boundary_tokens, target_modules=described.target_modules)
-    return train(model, samples, data_root, settings, out, resume=resume)
+    loaded = load_training_samples(data, data_root, model, settings.data.on_bad_sample)
+    return train(model, loaded.samples, data_root, settings, out, resume=resume, skipped=loaded.skipped)
 
 
 def model_overrides(modality: str | None, strategy: str | None, rank: int | None, alpha: float | None,

@@ -38,13 +38,14 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mmcompose.checkpoint.manifest import read_manifest
 from mmcompose.checkpoint.store import read_tensors, save_checkpoint
+from mmcompose.data.dataset import DataOptions, SampleDataset, StepBatches, step_loader, training_samples
+from mmcompose.data.samples import BadSample, Sample
 from mmcompose.errors import CheckpointError, MMComposeError
 from mmcompose.files import atomic_directory, atomic_write_text
 from mmcompose.importers.encoders import EncoderSource, resolve_encoder
 from mmcompose.model.assembly import Example
 from mmcompose.model.mllm import MultimodalLLM, modality_spec
 from mmcompose.model.spec import Component, ModalitySpec, Strategy
-from mmcompose.train.data import ExampleSet, Sample
 from mmcompose.train.encoder import caption_classes, pretrain_encoder
 from mmcompose.train.progress import progress_bar
 
@@ -52,6 +53,7 @@ CHECKPOINTS, FINAL_MODEL, LOG_FILE, METRICS_FILE = "checkpoints", "model", "log.
 STATE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE = "trainer_state.json", "optimizer.safetensors", "optimizer.json"
 TRAINED_TENSORS = "trained.safetensors"
 BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+SKIPPED_FILE = "skipped_samples.txt"
 
 
 class LearningRates(BaseModel):
@@ -81,7 +83,6 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
         None, description="autocast precision (None: accelerate's launch configuration, else 'no')")
     gradient_checkpointing: bool = False
-    max_length: int | None = Field(None, gt=0, description="longest sequence in tokens (None: the base's limit)")
     steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     epochs: int = Field(1, gt=0)
     group_by_length: bool = Field(True, description="batches of similar-length examples (less padding)")
@@ -91,6 +92,7 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="step checkpoint every N steps (0: none)")
     keep_last: int = Field(2, gt=0, description="step checkpoints kept")
     log_every: int = Field(10, gt=0)
+    data: DataOptions = Field(default_factory=DataOptions)
 
     @model_validator(mode="after")
     def _encoder_steps_only_in_pretrain(self) -> TrainConfig:
@@ -100,8 +102,9 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one (everything but bookkeeping)."""
-        return self.model_dump(mode="json", exclude={"save_every", "keep_last", "log_every",
-                                                      "gradient_checkpointing"})
+        return self.model_dump(mode="json", exclude={"save_every": True, "keep_last": True, "log_every": True,
+                                                     "gradient_checkpointing": True,
+                                                     "data": {"num_workers", "cache_features"}})
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -270,12 +273,12 @@ class _LossModule(nn.Module):
     which must therefore happen inside the same routing (see `train`).
     """
 
-    def __init__(self, model: MultimodalLLM) -> None:
+    def __init__(self, model: MultimodalLLM, encoded: Sequence[str] = ()) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.encoded = model, tuple(encoded)
 
     def forward(self, examples: list[Example], num_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.model.assemble(examples, padding_side="right")
+        batch = self.model.assemble(examples, padding_side="right", encoded=self.encoded)
         return self.model(batch, use_cache=False, num_items_in_batch=num_items).loss, batch.routes
 
 
@@ -371,7 +374,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _data_identity(samples: Sequence[Sample]) -> dict[str, Any]:
-    return {"samples": len(samples), "first_id": str(samples[0].get("id")), "last_id": str(samples[-1].get("id"))}
+    return {"samples": len(samples), "first_id": samples[0].id, "last_id": samples[-1].id}
 
 
 def trained_tensor_names(model: MultimodalLLM, trainable: Sequence[nn.Parameter],
@@ -435,13 +438,21 @@ def step_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path, config: TrainConfig,
-          out_dir: str | Path, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Train `model` on benchmark-layout `samples` (media paths relative to `data_root`); save to `out_dir`.
+def train(model: MultimodalLLM, samples: Sequence[Sample | dict[str, Any]], data_root: str | Path,
+          config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
+          skipped: Sequence[BadSample] = ()) -> dict[str, Any]:
+    """Train `model` on `samples`; save to `out_dir`.
+
+    `samples` are validated `Sample`s (from `mmcompose.data.dataset.load_training_samples`, media paths
+    resolved), or raw records of any data layout, validated here with media paths relative to `data_root`.
+    `skipped`: the records the loader left out, counted in the metrics with those too long for
+    `config.data.max_length`. Media are decoded lazily by `config.data.num_workers` DataLoader workers;
+    with `config.data.cache_features`, frozen encoders' outputs come from that feature cache.
 
     Writes `out_dir/log.jsonl` (mean loss every `log_every` steps), step checkpoints under
     `out_dir/checkpoints/step-N/` every `save_every` steps, the final model to `out_dir/model` and a summary
-    to `out_dir/metrics.json` (returned). With `resume`, training continues from the latest step checkpoint,
+    to `out_dir/metrics.json` (returned), with `out_dir/skipped_samples.txt` (one line per skipped sample: file,
+    index, field, reason) when any was skipped. With `resume`, training continues from the latest step checkpoint,
     which must come from the same configuration and data. Only the main process writes.
     """
     out_dir = Path(out_dir)
@@ -454,12 +465,12 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
     if not samples:
         raise MMComposeError("no training samples")
     started = time.perf_counter()
-    if config.max_length is not None:
-        model.assembler.max_length = config.max_length
-    data = ExampleSet(model, samples, data_root)
+    loaded = training_samples(samples, data_root, model, config.data.on_bad_sample)
+    data = SampleDataset(model, loaded.samples, max_length=config.data.max_length)
     created = not out_dir.exists()
     try:
-        return _run(model, samples, data, config, out_dir, previous if resume else [], progress, started)
+        return _run(model, data, [*skipped, *loaded.skipped], config, out_dir, previous if resume else [], progress,
+                    started)
     except BaseException:
         # A run that stops before its first step checkpoint leaves nothing behind; a later stop keeps the
         # complete step checkpoints (and the log up to them), which is what --resume continues from.
@@ -468,8 +479,14 @@ def train(model: MultimodalLLM, samples: Sequence[Sample], data_root: str | Path
         raise
 
 
-def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, config: TrainConfig, out_dir: Path,
+def _run(model: MultimodalLLM, data: SampleDataset, skipped: list[BadSample], config: TrainConfig, out_dir: Path,
          previous: list[Path], progress: bool | None, started: float) -> dict[str, Any]:
+    cache_report = {}
+    if config.data.cache_features is not None:
+        if trained_encoders(model, config) or config.encoder_steps:
+            raise MMComposeError("cache_features needs frozen encoders: set train_encoder false and encoder_steps 0")
+        with PartialState().main_process_first():  # the main process encodes, the others then read
+            cache_report = data.cache_features(model, config.data.cache_features)
     # Before DDP wraps the model; every process computes the same weights (same data, same seed). A resumed run
     # finds the pretrained encoders in its step checkpoint.
     encoder_losses = {}
@@ -477,14 +494,14 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
                   and m not in model.provenance.get("frozen_encoders", [])]
     if not previous:
         for modality in pretrained:
-            inputs, labels, num_classes = caption_classes(data.examples, modality)
+            inputs, labels, num_classes = caption_classes((data[i] for i in range(len(data))), modality)
             encoder_losses[modality] = pretrain_encoder(
                 model.branches[modality].encoder, inputs, labels, num_classes, steps=config.encoder_steps,
                 batch_size=config.batch_size, lr=config.lr.encoder, seed=config.seed)
     groups = _parameter_groups(model, config)
     trainable = [p for group in groups for p in group["params"]]
     names = trained_tensor_names(model, trainable, pretrained)
-    accelerator = _accelerator(len(data.modalities) > 1 or any(not e.inputs for e in data.examples), config)
+    accelerator = _accelerator(len(data.modalities) > 1 or data.has_text_only, config)
     micro, world, accum = config.batch_size, accelerator.num_processes, config.grad_accum
     global_batch = micro * world * accum
     per_epoch = len(data) // global_batch
@@ -501,11 +518,11 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
                              f"{accelerator.distributed_type.value}: they would need the sharded optimizer state")
     engine = accelerator.distributed_type
     dtypes = {name: value.dtype for name, value in model.checkpoint_tensors().items()}
-    loss_module, optimizer = accelerator.prepare(_LossModule(model), optimizer)
+    loss_module, optimizer = accelerator.prepare(_LossModule(model, data.encoded), optimizer)
     # accelerate's FSDP2 preparation re-derives the state on a CPU mesh as MULTI_CPU; gathering the tensors
     # for saving must take the FSDP2 path again
     accelerator.state.distributed_type = engine
-    identity = {"config": config.identity(), "data": _data_identity(samples), "processes": world}
+    identity = {"config": config.identity(), "data": _data_identity(data.samples), "processes": world}
 
     start, window = 0, []  # window: per-step losses since the last log record
     if previous:
@@ -530,16 +547,18 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
         bar = stack.enter_context(progress_bar(progress if accelerator.is_main_process else False))
         log = stack.enter_context(log_path.open("a")) if accelerator.is_main_process else None
         task = bar.add_task(f"{config.stage} {'+'.join(model.branches)}", total=total, completed=start, loss="-")
-        for step in range(start, total):
+        batches = StepBatches(data, seed=config.seed, global_batch=global_batch, rank=accelerator.process_index,
+                              world=accelerator.num_processes, group_by_length=config.group_by_length, start=start,
+                              total=total)
+        for step, examples in zip(range(start, total), step_loader(data, batches, config.data.num_workers),
+                                  strict=True):
             torch.manual_seed(_step_seed(config.seed, step, accelerator.process_index))
-            share = data.batch(config.seed, step, global_batch, accelerator.process_index, world,
-                               config.group_by_length)
-            counted = torch.tensor(float(target_tokens(model, share)), device=accelerator.device)
+            counted = torch.tensor(float(target_tokens(model, examples)), device=accelerator.device)
             num_items = accelerator.reduce(counted, reduction="sum").clamp(min=1.0)
             step_loss = torch.zeros((), device=accelerator.device)
             for index in range(accum):
                 with accelerator.accumulate(loss_module):
-                    loss, routes = loss_module(share[index * micro:(index + 1) * micro], num_items)
+                    loss, routes = loss_module(examples[index * micro:(index + 1) * micro], num_items)
                     # DDP averages gradients over processes and accelerate divides by the accumulation steps;
                     # both undone here, so the gradient is that of the step's token-mean loss.
                     with model.routing.route(routes):
@@ -581,6 +600,8 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from_step": start, "encoder_pretraining_loss": encoder_losses,
         "trained_encoders": sorted(trained_encoders(model, config)),
+        "skipped_samples": {"invalid": len(skipped), "too_long": len(data.too_long)},
+        "feature_cache": cache_report,
         "first_loss": records[0]["loss"] if records else None, "final_loss": records[-1]["loss"] if records else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -592,5 +613,7 @@ def _run(model: MultimodalLLM, samples: Sequence[Sample], data: ExampleSet, conf
              "config": config.model_dump(mode="json"), "data": identity["data"], "steps": total}]}
         save_checkpoint(final, out_dir / FINAL_MODEL)
         atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        if skipped or data.too_long:
+            atomic_write_text(out_dir / SKIPPED_FILE, "".join(f"{line}\n" for line in [*skipped, *data.too_long]))
     accelerator.wait_for_everyone()
     return metrics
