@@ -69,6 +69,9 @@ def test_media_are_decoded_only_when_an_item_is_fetched(llama_base: Path, data: 
     assert torch.equal(item.inputs["image"][0], model.processors["image"].processor(data / "img/5.png"))
     assert model.assemble([item]).embeds.shape[1] == \
         model.assembler.sequence_length(item, dataset.positions)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert model.assembler.sequence_lengths(items, dataset.positions, chunk=5) == \
+        [model.assemble([e]).embeds.shape[1] for e in items]
 
 
 def test_workers_give_the_batches_of_the_main_process(llama_base: Path, data: Path) -> None:

@@ -98,11 +98,10 @@ class SampleDataset(Dataset[Example]):
         self.samples: list[Sample] = []
         texts: list[str] = []  # for the lengths only: items format their text again when fetched
         self.too_long: list[BadSample] = []
-        for index, sample in enumerate(samples):
-            prompt, target = format_conversation(sample.conversations, model.spec.template)
+        formatted = [format_conversation(sample.conversations, self.template) for sample in samples]
+        full = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted], self.positions)
+        for index, (sample, (prompt, target), length) in enumerate(zip(samples, formatted, full, strict=True)):
             counts = {m: len(paths) for m, paths in sample.modal_inputs.items()}
-            length = model.assembler.sequence_length(Example(prompt=prompt, target=target, id=sample.id),
-                                                     self.positions)
             if length > limit:
                 file, position = sample.origin or (source, index)
                 self.too_long.append(BadSample(file, position, "", f"{length} positions exceed the maximum length "
@@ -115,9 +114,11 @@ class SampleDataset(Dataset[Example]):
                              f"(first: {self.too_long[0]})")
         self.modalities = sorted({m for sample in self.samples for m in sample.modal_inputs})
         self.has_text_only = any(not sample.modal_inputs for sample in self.samples)
-        tokens = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.lengths = [len(text) + sum(self.positions[m] * len(paths) for m, paths in sample.modal_inputs.items())
-                        for text, sample in zip(tokens, self.samples, strict=True)]
+        counts = [len(ids) for start in range(0, len(texts), 2048)
+                  for ids in model.tokenizer(texts[start:start + 2048], add_special_tokens=False,
+                                             return_attention_mask=False)["input_ids"]]
+        self.lengths = [count + sum(self.positions[m] * len(paths) for m, paths in sample.modal_inputs.items())
+                        for count, sample in zip(counts, self.samples, strict=True)]
         self.caches: dict[str, FeatureCache] = {}
         self._digests: dict[str, dict[Path, str]] = {}
         self._order: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
@@ -211,7 +212,9 @@ def _as_list(examples: list[Example]) -> list[Example]:
 def step_loader(data: SampleDataset, batches: StepBatches, num_workers: int = 0) -> DataLoader:
     """A DataLoader yielding each step's `list[Example]`, decoded by `num_workers` worker processes.
 
-    Its own generator keeps the global torch RNG untouched (the DataLoader draws a base seed from it)."""
+    Its own generator keeps the global torch RNG untouched (the DataLoader draws a base seed from it). It is
+    not given to accelerate's `prepare`: the batch sampler already takes this process's share of each global
+    batch, in the order an exact resume needs."""
     return DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
                       generator=torch.Generator().manual_seed(batches.seed))
 

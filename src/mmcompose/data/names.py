@@ -28,6 +28,7 @@ MCUB_ANSWER_FILE = "MCUB-answer.json"
 TEXT_QA_FILE = "text_qa.json"
 DATA_DIR = "data"
 SPLITS = ("test", "val")
+MCUB4 = "MCUB-4"
 
 
 def subset_name(modalities: Sequence[str]) -> str:
@@ -43,7 +44,7 @@ def mcub_subsets() -> list[tuple[str, ...]]:
 def mcub_task(modalities: Sequence[str]) -> str:
     """``MCUB-4`` for four modalities, ``MCUB-3-<subset>`` for three."""
     if len(modalities) == 4:
-        return "MCUB-4"
+        return MCUB4
     if len(modalities) == 3:
         return f"MCUB-3-{subset_name(modalities)}"
     raise ValueError(f"an MCUB task has three or four modalities, not {list(modalities)}")
@@ -54,7 +55,7 @@ MCUB_TASKS = [mcub_task(subset) for subset in mcub_subsets()]
 
 def task_modalities(task: str) -> list[str]:
     """The modalities a task's questions have: an MCUB task's subset, or the single-modality test's own."""
-    if task == "MCUB-4":
+    if task == MCUB4:
         return list(WORLD_MODALITIES)
     if task.startswith("MCUB-3-"):
         return task.removeprefix("MCUB-3-").split("-")
@@ -107,7 +108,7 @@ def mcub_file_task(name: str) -> str | None:
     match = _OFFICIAL_MCUB.fullmatch(name) or _WORLD_MCUB.fullmatch(name)
     if match is None:
         return None
-    return f"MCUB-3-{match['subset']}" if match["subset"] else "MCUB-4"
+    return f"MCUB-3-{match['subset']}" if match["subset"] else MCUB4
 
 
 def world_task_files(world: Path, split: str = "test") -> dict[str, Path]:

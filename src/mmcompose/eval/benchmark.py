@@ -11,7 +11,7 @@ import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from mmcompose.data.names import MCUB_ANSWER_FILE, mcub_file_task
+from mmcompose.data.names import MCUB4, MCUB_ANSWER_FILE, mcub_file_task
 from mmcompose.data.samples import Sample, load_samples
 from mmcompose.errors import InputError, MMComposeError
 from mmcompose.eval.answers import (
@@ -71,7 +71,7 @@ def load_mcub(directory: str | Path, data_root: str | Path | None = None) -> dic
     answer_file = directory / MCUB_ANSWER_FILE
     answers = _load_mcub_answers(answer_file) if answer_file.is_file() else None
     tasks: dict[str, list[Sample]] = {}
-    for task in sorted(files, key=lambda t: (t != "MCUB-4", t)):
+    for task in sorted(files, key=lambda t: (t != MCUB4, t)):
         samples = load_benchmark(files[task], data_root)
         if answers is not None:
             samples = [_attach_mcub_answer(s, answers, files[task], answer_file) for s in samples]

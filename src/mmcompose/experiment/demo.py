@@ -391,7 +391,7 @@ def paper_claims(results: dict[str, dict[str, float | None]], retention: dict[st
     A claim holds on the point estimates; with `outcomes` (per method, its MCUB-4 items) each comparison also
     gets the 95% paired interval of its difference, so that a reader can tell a lead from noise.
     """
-    def score(method: str, task: str = "MCUB-4") -> float:
+    def score(method: str, task: str = names.MCUB4) -> float:
         return results[method][task] or 0.0
 
     def interval(first: str, second: str) -> dict[str, Any]:
@@ -420,7 +420,7 @@ def paper_claims(results: dict[str, dict[str, float | None]], retention: dict[st
 
 def mcub4_outcomes(out: Path, method: EvalMethod) -> Outcomes:
     """`method`'s right and wrong answers on MCUB-4, from its cached predictions."""
-    path = _metrics_file(out, method, "MCUB-4").parent / "predictions.jsonl"
+    path = _metrics_file(out, method, names.MCUB4).parent / "predictions.jsonl"
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return {record["id"]: bool(record["correct"]) for record in records}
 
