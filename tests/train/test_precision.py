@@ -185,3 +185,18 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(llama_base:
         train(model, samples(world, "image_instruct", 6), world, config(batch_size=4, grad_accum=2),
               tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_base_families_train_with_checkpointing_and_accumulation(family: str, world: Path,
+                                                                       tmp_path: Path) -> None:
+    from tests.conftest import make_base
+
+    base = make_base(tmp_path / family, family)
+    model = build_model(base, [tiny_spec("image")], strategy="decoupled", rank=2, alpha=4.0, seed=0)
+    metrics = train(model, samples(world, "image_instruct", 8), world,
+                    config(steps=2, batch_size=2, grad_accum=2, gradient_checkpointing=True), tmp_path / "run",
+                    progress=False)
+    assert metrics["steps"] == 2 and metrics["global_batch"] == 4
+    assert any(k.startswith("deltas.image.") and v.abs().sum() > 0
+               for k, v in saved_tensors(tmp_path / "run").items() if ".lora_B" in k)
