@@ -303,17 +303,18 @@ def _report_import(out: Path) -> None:
         console.print(f"note: {note}")
 
 
+ENCODER_HELP = ("MODALITY=SPEC (repeatable): a local CLIP, Whisper or CLAP directory, a Point-BERT state-dict file, "
+                "an mmcompose checkpoint with that modality, a JSON file {\"type\": ..., \"options\": ...}, or a "
+                "registered encoder name with optional JSON options (whisper-audio, 'point-bert:{\"depth\": 12}').")
+
+
 @import_app.command("modelcompose")
 @one_line_errors
 def import_modelcompose_command(
     src: Annotated[Path, typer.Argument(help="Official checkpoint directory: config.json + adapter_model.bin.")],
     out: OutOption,
     base: BaseOption,
-    encoder: Annotated[list[str] | None, typer.Option(
-        help="MODALITY=PATH (repeatable) for each frozen encoder the checkpoint needs: a local CLIP directory, a BEATs "
-             ".pt (or config.json + weights.safetensors directory), a LanguageBind_Video_merge directory, "
-             "a Point-BERT .pt, an mmcompose checkpoint with that modality, or a JSON file "
-             "{\"type\": ..., \"options\": ...} (a point-bert one may add \"weights\": FILE).")] = None,
+    encoder: Annotated[list[str] | None, typer.Option(help=ENCODER_HELP)] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import an official ModelCompose checkpoint (lora_strategy same, modal+language or modal).
@@ -322,13 +323,9 @@ def import_modelcompose_command(
     --encoder image=clip-vit-large-patch14-336
     """
     from mmcompose.importers import import_modelcompose
+    from mmcompose.importers.encoders import parse_encoder_option
 
-    encoders: dict[str, Any] = {}
-    for item in encoder or []:
-        modality, separator, path = item.partition("=")
-        if not separator or not modality or not path:
-            raise MMComposeError(f"--encoder expects MODALITY=PATH, got {item!r}")
-        encoders[modality] = Path(path)
+    encoders = dict(parse_encoder_option(item) for item in encoder or [])
     _report_import(import_modelcompose(src, out, base=base, encoders=encoders, overwrite=overwrite))
 
 
@@ -501,9 +498,10 @@ def train_base(
     Writes OUT (a transformers model directory) with metrics.json: perplexity on corpus/valid.txt and
     text-only attribute multiple-choice accuracy on data/text_qa.json.
     """
+    from mmcompose.data import names
     from mmcompose.train.base_llm import pretrain_base
 
-    corpus, text_qa = world / "corpus", world / "data" / "text_qa.json"
+    corpus, text_qa = world / "corpus", world / names.DATA_DIR / names.TEXT_QA_FILE
     metrics = pretrain_base(corpus / "train.txt", corpus / "valid.txt", out, profile=profile, seed=seed,
                             text_qa=text_qa if text_qa.is_file() else None, overwrite=overwrite)
     accuracy = f", text QA accuracy {metrics['text_qa_accuracy']:.3f}" if "text_qa_accuracy" in metrics else ""
@@ -514,72 +512,112 @@ def train_base(
 @train_app.command("modality")
 @one_line_errors
 def train_modality(
-    base: Annotated[Path, typer.Option(help="The base LLM directory.")],
-    modality: Annotated[str, typer.Option(help="Modality, or several comma-separated for joint training.")],
+    base: Annotated[Path, typer.Option(help="The base LLM directory: a local LLaMA, Mistral or Qwen2 with its "
+                                            "tokenizer.")],
     data: Annotated[list[Path], typer.Option(help="A training JSON file in the benchmark layout (repeatable).")],
     data_root: Annotated[Path, typer.Option(help="Media paths in the data files are relative to this.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: model/, checkpoints/, log.jsonl.")],
+    recipe: Annotated[Path | None, typer.Option(
+        help="A recipe YAML (recipes/*.yaml): model and training settings; the flags below override it.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig fields; flags override it.")] = None,
+    modality: Annotated[str | None, typer.Option(
+        help="Modality, or several comma-separated for joint training (required here or in --recipe).")] = None,
     stage: Annotated[str | None, typer.Option(
-        help="pretrain (branches only, on captions) or instruct (deltas too); required here or in --config.")]
-    = None,
+        help="pretrain (branches only, on captions) or instruct (deltas too); required here, in --config or "
+             "in --recipe.")] = None,
     strategy: Annotated[str | None, typer.Option(
         help="connector-only, shared, decoupled or full (default: connector-only for pretrain).")] = None,
     start_from: Annotated[list[Path] | None, typer.Option(
         "--from", help="Checkpoint(s) whose modality branches this run starts from, e.g. stage 1 (repeatable).")]
     = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig fields; flags override it.")] = None,
+    encoder: Annotated[list[str] | None, typer.Option(help=ENCODER_HELP + " Pretrained encoders stay frozen "
+                                                      "unless --train-encoder.")] = None,
+    connector: Annotated[str | None, typer.Option(
+        help="Connector of new branches: linear, mlp2x_gelu, resampler or another registered one, optionally "
+             "NAME:{json options}.")] = None,
+    boundary_tokens: Annotated[int | None, typer.Option(
+        help="Learnable prefix and suffix tokens (each) around every input of a new branch (DAMC: 5).")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Conversation template: vicuna_v1 or plain (default: the --from checkpoint's; vicuna_v1 for a base "
+             "whose name says vicuna; plain otherwise).")] = None,
+    train_encoder: Annotated[bool | None, typer.Option(
+        help="Train the encoders too (default: only those not loaded from pretrained weights).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data (default: 1).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per step and process (default: 16).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per micro-batch and process (default: 16).")]
+    = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches accumulated per optimizer step.")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(
+        help="bf16, fp16 (GPU only) or no (default: the accelerate launch configuration's, else no).")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        help="Recompute decoder-layer activations in the backward pass (less memory, ~30% more time).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Longest training sequence in tokens.")] = None,
     lr: Annotated[float | None, typer.Option(help="One peak learning rate for every parameter group.")] = None,
     language_lr: Annotated[float | None, typer.Option(
         min=0.0, help="Peak learning rate of the language delta (strategy decoupled; ModelCompose's DAMC runs use "
                       "a tenth of the modality delta's rate).", show_default="the rate of the other deltas")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay of weight matrices.")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option(help="Linear warmup share of the cosine schedule.")] = None,
     encoder_steps: Annotated[int | None, typer.Option(
         help="pretrain: first train each encoder alone to tell its captions apart, for this many steps (an encoder "
              "that starts from random weights learns slowly through the frozen LLM; default: 0).")] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank of the deltas.")] = 16,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank of the deltas (default: 16).")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: 2 x rank).")] = None,
     save_every: Annotated[int | None, typer.Option(help="Step checkpoint every N steps (0: none).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest step checkpoint in OUT.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of new parameters and of the data order (default: 0).")]
     = None,
+    on_bad_sample: Annotated[str | None, typer.Option(
+        help="stop: an invalid sample (bad shape, missing medium, a modality the model lacks, placeholders that "
+             "do not match its media) is an error before training, each one named; skip: leave such samples "
+             "out and count them (default: stop).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes decoding media "
+                                                         "(default: 0, in the training process).")] = None,
+    cache_features: Annotated[Path | None, typer.Option(
+        help="Directory caching frozen encoders' outputs (safetensors, keyed by file digest and encoder "
+             "fingerprint), reused across epochs and runs; needs train_encoder false.")] = None,
 ) -> None:
     """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
-    Stage 1 trains the encoder, connector and boundary tokens on captions with the LLM frozen (with
-    --encoder-steps, each encoder first learns alone to tell the captions apart); stage 2 also trains the LLM
-    deltas of STRATEGY. Step checkpoints (--save-every) make a run resumable (--resume).
+    Stage 1 trains the connector and boundary tokens (and encoders that are not pretrained) on captions with the
+    LLM frozen; stage 2 also trains the LLM deltas of STRATEGY. Step checkpoints (--save-every) make a run
+    resumable (--resume).
 
-    Several processes: accelerate launch --multi_gpu --num_processes 2 -m mmcompose.cli train modality ...
-    (on a machine without GPUs this is DDP on CPU over gloo).
+    Several processes or GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml (or fsdp.yaml,
+    deepspeed_zero2.yaml, deepspeed_zero3.yaml) -m mmcompose.cli train modality ... (on a machine without GPUs,
+    DDP runs on CPU over gloo and FSDP2 too; DeepSpeed needs GPUs).
 
     Example: mmcompose train modality --base runs/base --modality image --data world/data/image_caption.json
     --data-root world --stage pretrain -o runs/image-stage1
     """
     from accelerate import PartialState
 
-    from mmcompose.train.data import load_samples
-    from mmcompose.train.trainer import build_model, load_config, train
+    from mmcompose.train.run import model_overrides, resolve_run, run_modality_training
 
     rates = None if lr is None else {"encoder": lr, "connector": lr, "boundary": lr, "deltas": lr}
-    settings = load_config(config, stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
-                           encoder_steps=encoder_steps, save_every=save_every, seed=seed)
+    train_values = dict(stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
+                        encoder_steps=encoder_steps, save_every=save_every, seed=seed, grad_accum=grad_accum,
+                        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                        weight_decay=weight_decay, warmup_ratio=warmup_ratio, train_encoder=train_encoder)
+    data_values = dict(on_bad_sample=on_bad_sample, num_workers=num_workers, cache_features=cache_features,
+                       max_length=max_length)
+    model_values = model_overrides(modality, strategy, rank, alpha, encoder or [], connector, boundary_tokens,
+                                   template)
+    run = resolve_run(recipe, config, model_values, train_values, data_values)
     if language_lr is not None:
-        settings = settings.model_copy(update={"lr": settings.lr.model_copy(update={"language": language_lr})})
-    chosen = strategy or ("connector-only" if settings.stage == "pretrain" else None)
-    if chosen not in ("connector-only", "shared", "decoupled", "full"):
-        raise MMComposeError(f"--strategy {strategy!r}: choose connector-only, shared, decoupled or full"
-                             if strategy else "--strategy is required for the instruct stage")
-    samples = [sample for file in data for sample in load_samples(file)]
-    names = [name.strip() for name in modality.split(",") if name.strip()]
-    model = build_model(base, names, strategy=chosen, rank=rank, alpha=2.0 * rank if alpha is None else alpha,
-                        start_from=start_from or [], seed=settings.seed)
-    metrics = train(model, samples, data_root, settings, out, resume=resume)
+        lr_set = run.train.lr.model_copy(update={"language": language_lr})
+        run = run.model_copy(update={"train": run.train.model_copy(update={"lr": lr_set})})
+    metrics = run_modality_training(base=base, data=data, data_root=data_root, out=out, recipe=run,
+                                    start_from=start_from or [], resume=resume)
     if PartialState().is_main_process:
-            console.print(f"trained {'+'.join(names)} ({settings.stage}, {chosen}): {metrics['steps']} steps, loss "
+        names = "+".join(metrics["modalities"])
+        console.print(f"trained {names} ({metrics['stage']}, {metrics['strategy']}): {metrics['steps']} steps, loss "
                       f"{metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} ({metrics['seconds']:.0f}s); "
                       f"model in {out / 'model'}")
+        dropped = metrics["skipped_samples"]
+        if any(dropped.values()):
+            console.print(f"skipped {dropped['invalid']} invalid and {dropped['too_long']} too long sample(s), "
+                          f"listed in {out / 'skipped_samples.txt'}")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,10 @@ class ScriptedModel:
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def ask(sample_id: str, question: str, answer: str | None, category: str | None = None,
+        references: tuple[str, ...] = ()) -> Sample:
+    """A one-question sample with its gold answer (no media)."""
+    return Sample(id=sample_id, conversations=[{"from": "human", "value": question}], answer=answer,
+                  category=category, references=references)

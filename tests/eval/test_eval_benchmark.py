@@ -42,11 +42,10 @@ def test_load_benchmark_reads_samples(tmp_path: Path) -> None:
         id="q1",
         conversations=[{"from": "human", "value": QUESTION}, {"from": "gpt", "value": "B"}],
         modal_inputs={"image": [Path("img/1.png")], "audio": [Path("aud/1.wav")], "video": [Path("vid/1.mp4")]},
-        question=QUESTION,
         answer="B",
-        options={"A": "has wings", "B": "lives in the desert", "C": "is red", "D": "eats fish"},
         category="mcub4",
     )
+    assert first.question == QUESTION
     assert second.id == "7"
     assert second.answer is None
     assert second.category is None
@@ -66,7 +65,8 @@ def test_missing_media_file_is_named(tmp_path: Path) -> None:
     path = write(tmp_path / "bench.json", [item()])
     with pytest.raises(InputError) as info:
         load_benchmark(path, data_root=tmp_path)
-    assert str(info.value) == f"{path}: sample #0 (id 'q1'): audio file not found: {tmp_path / 'aud/1.wav'}"
+    assert str(info.value) == \
+        f"{path}: sample #0 (id 'q1'): modal_inputs.audio: audio file not found: {tmp_path / 'aud/1.wav'}"
 
 
 def _drop(key: str) -> dict[str, Any]:
@@ -78,28 +78,31 @@ def _drop(key: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (_drop("modal_inputs"), "sample #1 (id 'q2'): missing key 'modal_inputs'"),
-        (_drop("conversations"), "sample #1 (id 'q2'): missing key 'conversations'"),
-        ({k: v for k, v in item().items() if k != "id"}, "sample #1: missing key 'id'"),
-        (item("q1"), "sample #1: duplicate id 'q1' (first used by sample #0)"),
-        (item("q2", modal_inputs={"image": "img/1.png"}), "modal_inputs['image'] must be a list of paths"),
-        (item("q2", modal_inputs=["img/1.png"]), "'modal_inputs' must be an object"),
+        (_drop("modal_inputs"), "sample #1 (id 'q2'): modal_inputs: missing"),
+        (_drop("conversations"), "sample #1 (id 'q2'): conversations: missing"),
+        ({k: v for k, v in item().items() if k != "id"}, "sample #1: id: missing"),
+        (item("q1"), "sample #1 (id 'q1'): id: duplicate id 'q1' (first used by sample #0)"),
+        (item("q2", modal_inputs={"image": "img/1.png"}), "modal_inputs.image: Input should be a valid list"),
+        (item("q2", modal_inputs=["img/1.png"]), "(id 'q2'): modal_inputs: Input should be a valid dictionary"),
         (
             item("q2", modal_inputs={"image": ["a.png", "b.png"], "audio": ["1.wav"], "video": ["1.mp4"]}),
-            "sample #1 (id 'q2'): the human turn has 1 <image> placeholder(s) but modal_inputs lists 2 image file(s)",
+            "sample #1 (id 'q2'): conversations: the human turns have 1 <image> placeholder(s) but the sample has 2 "
+            "image file(s)",
         ),
         (
             item("q2", modal_inputs={"image": ["a.png"], "audio": ["1.wav"]}),
-            "the human turn has 1 <video> placeholder(s) but modal_inputs lists 0 video file(s)",
+            "the human turns have 1 <video> placeholder(s) but the sample has 0 video file(s)",
         ),
         (
             item("q2", modal_inputs={"image": ["a.png"], "audio": ["1.wav"], "video": ["1.mp4"], "point": ["p.npy"]}),
-            "the human turn has 0 <point> placeholder(s) but modal_inputs lists 1 point file(s)",
+            "the human turns have 0 <point> placeholder(s) but the sample has 1 point file(s)",
         ),
-        (item("q2", conversations=[{"from": "gpt", "value": "B"}]), "conversations[0] must be {'from': 'human'"),
-        (item("q2", conversations=[]), "'conversations' must be a list of one human turn"),
-        (item("q2", category=3), "'category' must be a string"),
-        (item(True), "sample #1: 'id' must be a non-empty string or an integer, got True"),
+        (item("q2", conversations=[{"from": "gpt", "value": "B"}]),
+         "conversations: must be one human turn and an optional gpt turn"),
+        (item("q2", conversations=[]), "conversations: must be one human turn and an optional gpt turn"),
+        (item("q2", conversations=[{"from": "human"}]), "conversations[0].value: missing"),
+        (item("q2", category=3), "category: Input should be a valid string"),
+        (item(True), "sample #1: id: must be a non-empty string or an integer, got True"),
         ("not an object", "sample #1: expected an object, got str"),
     ],
 )
@@ -114,7 +117,7 @@ def test_validation_errors_name_file_and_sample(tmp_path: Path, second: Any, mes
 
 
 def test_file_level_errors(tmp_path: Path) -> None:
-    with pytest.raises(MMComposeError, match="benchmark file not found"):
+    with pytest.raises(MMComposeError, match="data file not found"):
         load_benchmark(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("[{", encoding="utf-8")
     with pytest.raises(MMComposeError, match=r"bad\.json: not valid JSON"):
@@ -156,7 +159,7 @@ def test_load_mcub_official_layout_attaches_answers(tmp_path: Path) -> None:
     assert [(s.id, s.answer) for s in tasks["MCUB-4"]] == [("m1", "A"), ("m2", "D")]
     assert [(s.id, s.answer) for s in tasks["MCUB-3-image-audio-video"]] == [("m1", "A"), ("m3", "(C) z")]
     assert [(s.id, s.answer) for s in tasks["MCUB-3-audio-video-point"]] == [("m2", "D")]
-    assert tasks["MCUB-4"][0].options == {"A": "x", "B": "y", "C": "z", "D": "w"}
+    assert parse_options(tasks["MCUB-4"][0].question) == {"A": "x", "B": "y", "C": "z", "D": "w"}
 
 
 def test_load_mcub_answer_file_disagreeing_with_gpt_turn(tmp_path: Path) -> None:
@@ -201,7 +204,7 @@ def test_load_mcub_layout_conflicts_and_empty_dir(tmp_path: Path) -> None:
 
 
 def _sample(answer: str | None, question: str = QUESTION, sample_id: str = "s") -> Sample:
-    return Sample(sample_id, [], {}, question, answer, parse_options(question))
+    return Sample(id=sample_id, conversations=[{"from": "human", "value": question}], answer=answer)
 
 
 def test_score_choice() -> None:

@@ -28,7 +28,7 @@ from mmcompose.eval.captions import (
     sentence_bleu,
 )
 from mmcompose.eval.runner import merge_shards, run_benchmark
-from tests.eval.fakes import ScriptedModel, read_lines
+from tests.eval.fakes import ScriptedModel, ask, read_lines
 
 DOG = "a small brown dog runs in the park"
 DOG_REF = "a small brown dog plays in the park"
@@ -211,7 +211,7 @@ def test_samples_carry_meta_references(tmp_path: Path) -> None:
     # the gpt turn first, then meta.references, exact duplicates dropped
     assert gold_answer(c1, "caption") == ["A cat sits on the mat.", "A cat is sitting on a mat."]
     assert gold_answer(c2, "caption") == ["A red ball."]
-    only_meta = Sample("m", [], {}, "Describe.", None, {}, references=("A dog.",))
+    only_meta = ask("m", "Describe.", None, references=("A dog.",))
     assert gold_answer(only_meta, "caption") == ["A dog."]
     perfect = {"bleu": 1.0, "rouge_l": 1.0}
     assert score_caption(c1, "A cat is sitting on a mat") == ("a cat is sitting on a mat", perfect)
@@ -221,12 +221,12 @@ def test_samples_carry_meta_references(tmp_path: Path) -> None:
 
 def test_caption_gold_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"sample 'n': no gold answer \(no gpt turn and no meta.references\)"):
-        gold_answer(Sample("n", [], {}, "Describe.", None, {}), "caption")
+        gold_answer(ask("n", "Describe.", None), "caption")
     with pytest.raises(InputError, match=r"sample 'e': reference caption '\.\.\.' is empty after normalisation"):
-        gold_answer(Sample("e", [], {}, "Describe.", "A dog.", {}, references=("...",)), "caption")
+        gold_answer(ask("e", "Describe.", "A dog.", references=("...",)), "caption")
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([caption_item("b", "A dog.", "A dog.")]), encoding="utf-8")
-    with pytest.raises(MMComposeError, match=r"sample #0 \(id 'b'\): 'meta.references' must be a list of strings"):
+    with pytest.raises(MMComposeError, match=r"sample #0 \(id 'b'\): meta.references: Input should be a valid list"):
         load_benchmark(path)
     # other meta keys stay free-form; a non-object meta is ignored as before
     item = caption_item("ok", "A dog.")

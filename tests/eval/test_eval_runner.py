@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 from mmcompose.errors import InputError, MMComposeError
-from mmcompose.eval.answers import parse_options
 from mmcompose.eval.benchmark import Sample
 from mmcompose.eval.runner import merge_shards, run_benchmark, shard_files
-from tests.eval.fakes import ScriptedModel, read_lines
+from tests.eval.fakes import ScriptedModel, ask, read_lines
 
 QUESTION = "<image><audio><video> Shared?\nA. has wings\nB. lives in the desert\nC. is red\nD. eats fish"
 
@@ -29,7 +28,7 @@ CASES: dict[str, tuple[str, str, str | None]] = {
 
 def make_samples() -> list[Sample]:
     return [
-        Sample(sid, [], {}, QUESTION, gold, parse_options(QUESTION), category)
+        ask(sid, QUESTION, gold, category)
         for sid, (gold, category, _) in CASES.items()
     ]
 
@@ -185,7 +184,7 @@ def test_other_exceptions_propagate(tmp_path: Path) -> None:
 
 def test_bad_gold_fails_before_any_prediction(tmp_path: Path) -> None:
     samples = make_samples()
-    samples[3] = Sample("s3", [], {}, QUESTION, "no idea", parse_options(QUESTION))
+    samples[3] = ask("s3", QUESTION, "no idea")
     model = FakeModel()
     with pytest.raises(InputError, match="sample 's3': gold answer 'no idea' is not an option letter"):
         run_benchmark(samples, model, tmp_path, "MCUB-4", "choice", progress=False)
@@ -198,13 +197,13 @@ def test_bad_gold_fails_before_any_prediction(tmp_path: Path) -> None:
 
 def _open_and_label_samples() -> tuple[list[Sample], list[Sample]]:
     open_samples = [
-        Sample("o0", [], {}, "<audio><video> How many instruments?", "three", {}),
-        Sample("o1", [], {}, "<audio><video> Which is louder?", "the cello", {}),
+        ask("o0", "<audio><video> How many instruments?", "three"),
+        ask("o1", "<audio><video> Which is louder?", "the cello"),
     ]
     label_samples = [
-        Sample("p0", [], {}, "<point> What object is this?", "night_stand", {}),
-        Sample("p1", [], {}, "<point> What object is this?", "chair", {}),
-        Sample("p2", [], {}, "<point> What object is this?", "stand", {}),
+        ask("p0", "<point> What object is this?", "night_stand"),
+        ask("p1", "<point> What object is this?", "chair"),
+        ask("p2", "<point> What object is this?", "stand"),
     ]
     return open_samples, label_samples
 

@@ -48,7 +48,7 @@ def test_import_modelcompose(llama_base: Path, tmp_path: Path) -> None:
     assert "deltas language->text, image->image, audio->audio" in output and "note: dropped prefix_tokens" in output
     assert "--encoder image=PATH" in run_bad("import", "modelcompose", tmp_path / "official", "-o", tmp_path / "o2",
                                              "--base", llama_base)
-    assert "--encoder expects MODALITY=PATH, got 'image'" in run_bad(
+    assert "--encoder expects MODALITY=SPEC, got 'image'" in run_bad(
         "import", "modelcompose", tmp_path / "official", "-o", tmp_path / "o2", "--base", llama_base,
         "--encoder", "image")
 

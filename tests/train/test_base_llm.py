@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mmcompose.data import Sample
 from mmcompose.errors import MMComposeError
 from mmcompose.model import MultimodalLLM, load_base
 from mmcompose.train import base_llm
@@ -44,7 +45,7 @@ def test_choice_accuracy_picks_the_option_text_the_model_scores_highest() -> Non
 
     question = "zork\nWhat colour is it?\nA. red\nB. blue\nC. green\nD. pink\nAnswer with one of the options."
     golds = ["A", "B", "blue", "pink"]  # gold given as a letter or as the option's text: 2 of 4 are "blue"
-    samples = [{"id": str(i), "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": gold}]}
+    samples = [Sample(id=str(i), conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": gold}])
                for i, gold in enumerate(golds)]
     assert choice_accuracy(PrefersBlue(), tokenizer, samples) == 0.5
 

@@ -4,6 +4,7 @@ Everything here but `predict` (which binds a model to the runner) takes a predic
 model, so it is tested without weights; `stats` compares two methods item by item.
 """
 
+from mmcompose.data.samples import DEFAULT_MODALITIES, Sample
 from mmcompose.eval.answers import (
     extract_choice,
     label_key,
@@ -13,9 +14,7 @@ from mmcompose.eval.answers import (
     vqa_match,
 )
 from mmcompose.eval.benchmark import (
-    DEFAULT_MODALITIES,
     TASK_KINDS,
-    Sample,
     gold_answer,
     load_benchmark,
     load_mcub,

@@ -1,4 +1,4 @@
-"""Benchmark files: strict loading into :class:`Sample` and scoring of one prediction.
+"""Benchmark files: strict loading into :class:`~mmcompose.data.Sample` and scoring of one prediction.
 
 A malformed benchmark silently skews every number computed on it, so loading checks everything it can
 (keys, ids, placeholder counts, media files) and fails with one line naming the file and the sample.
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
 
+from mmcompose.data.names import MCUB4, MCUB_ANSWER_FILE, mcub_file_task
+from mmcompose.data.samples import Sample, load_samples
 from mmcompose.errors import InputError, MMComposeError
 from mmcompose.eval.answers import (
     Similarity,
@@ -25,145 +24,23 @@ from mmcompose.eval.answers import (
 )
 from mmcompose.eval.captions import caption_scores, normalize_caption
 
-DEFAULT_MODALITIES = ("image", "audio", "video", "point")
-"""Modalities whose ``<name>`` placeholder is always counted, even when a sample has no such input."""
-
 TASK_KINDS = ("choice", "open", "label", "caption")
 """``choice``: an option letter (MCUB, AVQA); ``open``: short text, VQA-normalised exact match
 (MUSIC-AVQA); ``label``: one class of a closed set (ModelNet40); ``caption``: free text scored against
 reference captions with BLEU-4 and ROUGE-L (:mod:`mmcompose.eval.captions`), never right or wrong."""
 
-MCUB_ANSWER_FILE = "MCUB-answer.json"
-OFFICIAL_MODALITY_KEYS = {"vision": "image"}
-"""Official ModelCompose files key images as ``vision`` (placeholder ``<image>``); read as our ``image``."""
 
+def load_benchmark(path: str | Path, data_root: str | Path | None = None, *,
+                   modalities: Collection[str] | None = None) -> list[Sample]:
+    """Load and validate a benchmark file with the one sample loader (:func:`mmcompose.data.load_samples`).
 
-@dataclass(frozen=True)
-class Sample:
-    """One benchmark question with its inputs and (when known) its gold answer.
-
-    ``question`` is the human turn verbatim, placeholders included, because the model needs them to
-    place its inputs; ``options`` are parsed from it (empty for non-choice questions). ``answer`` is the
-    gpt turn, or the letter from MCUB's answer file. ``modal_inputs`` paths are joined to ``data_root``
-    when the loader was given one, otherwise they are as written in the file. ``references`` are extra
-    gold captions from the sample's ``meta.references`` (only ``caption`` tasks use them).
+    Any of its layouts: ``{id, conversations, modal_inputs: {modality: [path]}}`` (ours and the official
+    release's, which keys images ``vision``) or LLaVA's ``image`` key. Conversations are one human turn,
+    optionally followed by the gpt turn holding the gold answer; ids are unique; each modality's placeholder
+    occurs exactly as often as it has files. With ``data_root``, media paths are resolved against it and
+    must exist; without it they stay as written. ``modalities``: the only ones allowed (a model's).
     """
-
-    id: str
-    conversations: list[dict[str, str]]
-    modal_inputs: dict[str, list[Path]]
-    question: str
-    answer: str | None
-    options: dict[str, str]
-    category: str | None = None
-    references: tuple[str, ...] = ()
-
-
-def load_benchmark(
-    path: str | Path, data_root: str | Path | None = None, *, modalities: Iterable[str] = DEFAULT_MODALITIES
-) -> list[Sample]:
-    """Load and validate a benchmark JSON file.
-
-    The file is a list of ``{"id", "conversations": [{"from": "human"|"gpt", "value"}],
-    "modal_inputs": {modality: [path, ...]}}`` with an optional ``"category"`` string and an optional
-    ``"meta"`` object (free-form, except that ``meta.references``, if present, must be a list of strings:
-    more reference captions). Conversations are one human turn, optionally followed by the gpt turn holding
-    the gold answer. Each modality's ``<modality>`` placeholder must occur in the human turn exactly as
-    often as it has files. With ``data_root``, media paths are resolved against it and must exist; without
-    it they stay as written.
-    """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MMComposeError(f"{path}: benchmark file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MMComposeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, list):
-        raise MMComposeError(f"{path}: expected a JSON list of samples, got {type(raw).__name__}")
-    if not raw:
-        raise MMComposeError(f"{path}: contains no samples")
-    root = Path(data_root) if data_root is not None else None
-    always = tuple(modalities)
-    seen: dict[str, int] = {}
-    samples = []
-    for index, item in enumerate(raw):
-        sample = _parse_sample(item, f"{path}: sample #{index}", root, always)
-        if sample.id in seen:
-            raise MMComposeError(
-                f"{path}: sample #{index}: duplicate id {sample.id!r} (first used by sample #{seen[sample.id]})"
-            )
-        seen[sample.id] = index
-        samples.append(sample)
-    return samples
-
-
-def _parse_sample(item: Any, where: str, root: Path | None, always: tuple[str, ...]) -> Sample:
-    if not isinstance(item, dict):
-        raise MMComposeError(f"{where}: expected an object, got {type(item).__name__}")
-    if "id" in item:
-        sample_id = item["id"]
-        if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)) or sample_id == "":
-            raise MMComposeError(f"{where}: 'id' must be a non-empty string or an integer, got {sample_id!r}")
-        where = f"{where} (id {str(sample_id)!r})"
-    for key in ("id", "conversations", "modal_inputs"):
-        if key not in item:
-            raise MMComposeError(f"{where}: missing key {key!r}")
-
-    conversations = item["conversations"]
-    if not isinstance(conversations, list) or len(conversations) not in (1, 2):
-        raise MMComposeError(f"{where}: 'conversations' must be a list of one human turn and an optional gpt turn")
-    for turn_index, (turn, speaker) in enumerate(zip(conversations, ("human", "gpt"), strict=False)):
-        if not isinstance(turn, dict) or turn.get("from") != speaker or not isinstance(turn.get("value"), str):
-            raise MMComposeError(
-                f"{where}: conversations[{turn_index}] must be {{'from': '{speaker}', 'value': <string>}}"
-            )
-    question = conversations[0]["value"]
-
-    modal_inputs = item["modal_inputs"]
-    if not isinstance(modal_inputs, dict):
-        raise MMComposeError(f"{where}: 'modal_inputs' must be an object mapping modality to a list of paths")
-    modal_inputs = {OFFICIAL_MODALITY_KEYS.get(m, m): files for m, files in modal_inputs.items()}
-    resolved: dict[str, list[Path]] = {}
-    for modality, files in modal_inputs.items():
-        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
-            raise MMComposeError(f"{where}: modal_inputs[{modality!r}] must be a list of paths")
-        resolved[modality] = [root / f if root is not None else Path(f) for f in files]
-        if root is not None:
-            missing = next((f for f in resolved[modality] if not f.is_file()), None)
-            if missing is not None:
-                raise InputError(f"{where}: {modality} file not found: {missing}")
-    for modality in dict.fromkeys((*always, *modal_inputs)):
-        count = question.count(f"<{modality}>")
-        expected = len(resolved.get(modality, ()))
-        if count != expected:
-            raise MMComposeError(
-                f"{where}: the human turn has {count} <{modality}> placeholder(s) "
-                f"but modal_inputs lists {expected} {modality} file(s)"
-            )
-
-    category = item.get("category")
-    if category is not None and not isinstance(category, str):
-        raise MMComposeError(f"{where}: 'category' must be a string, got {category!r}")
-    meta = item.get("meta")
-    references = meta.get("references", []) if isinstance(meta, dict) else []
-    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
-        raise MMComposeError(f"{where}: 'meta.references' must be a list of strings, got {references!r}")
-    answer = conversations[1]["value"].strip() if len(conversations) == 2 else None
-    return Sample(
-        id=str(item["id"]),
-        conversations=conversations,
-        modal_inputs=resolved,
-        question=question,
-        answer=answer,
-        options=parse_options(question),
-        category=category,
-        references=tuple(r.strip() for r in references),
-    )
-
-
-_OFFICIAL_MCUB = re.compile(r"MCUB-(?:4|3-(?P<subset>.+))\.json")
-_WORLD_MCUB = re.compile(r"mcub(?:4|3_(?P<subset>.+))_test\.json")
+    return load_samples(path, data_root, purpose="eval", modalities=modalities).samples
 
 
 def load_mcub(directory: str | Path, data_root: str | Path | None = None) -> dict[str, list[Sample]]:
@@ -180,10 +57,9 @@ def load_mcub(directory: str | Path, data_root: str | Path | None = None) -> dic
         raise MMComposeError(f"{directory}: MCUB directory not found")
     files: dict[str, Path] = {}
     for file in sorted(directory.glob("*.json")):
-        match = _OFFICIAL_MCUB.fullmatch(file.name) or _WORLD_MCUB.fullmatch(file.name)
-        if match is None:
+        task = mcub_file_task(file.name)
+        if task is None:
             continue
-        task = f"MCUB-3-{match['subset']}" if match["subset"] else "MCUB-4"
         if task in files:
             raise MMComposeError(f"{directory}: both {files[task].name} and {file.name} define task {task}")
         files[task] = file
@@ -195,7 +71,7 @@ def load_mcub(directory: str | Path, data_root: str | Path | None = None) -> dic
     answer_file = directory / MCUB_ANSWER_FILE
     answers = _load_mcub_answers(answer_file) if answer_file.is_file() else None
     tasks: dict[str, list[Sample]] = {}
-    for task in sorted(files, key=lambda t: (t != "MCUB-4", t)):
+    for task in sorted(files, key=lambda t: (t != MCUB4, t)):
         samples = load_benchmark(files[task], data_root)
         if answers is not None:
             samples = [_attach_mcub_answer(s, answers, files[task], answer_file) for s in samples]
@@ -231,7 +107,7 @@ def _attach_mcub_answer(sample: Sample, answers: dict[str, str], file: Path, ans
         return sample
     if sample.answer is None:
         return dataclasses.replace(sample, answer=letter)
-    own = extract_choice(sample.answer, sample.options or None)
+    own = extract_choice(sample.answer, parse_options(sample.question) or None)
     if own != letter:
         raise MMComposeError(
             f"{file}: sample id {sample.id!r}: gold answer {sample.answer!r} disagrees with "
@@ -254,7 +130,7 @@ def gold_answer(sample: Sample, kind: str, labels: Sequence[str] | None = None) 
     if sample.answer is None:
         raise InputError(f"sample {sample.id!r}: no gold answer")
     if kind == "choice":
-        letter = extract_choice(sample.answer, sample.options or None)
+        letter = extract_choice(sample.answer, parse_options(sample.question) or None)
         if letter is None:
             raise InputError(f"sample {sample.id!r}: gold answer {sample.answer!r} is not an option letter")
         return letter
@@ -301,7 +177,7 @@ def score(
         raise ValueError("kind 'caption' is scored by score_caption")
     gold = gold_answer(sample, kind, labels)
     if kind == "choice":
-        parsed = extract_choice(prediction, sample.options or None)
+        parsed = extract_choice(prediction, parse_options(sample.question) or None)
         return parsed, parsed == gold
     if kind == "open":
         normalized = normalize_vqa(prediction) or None

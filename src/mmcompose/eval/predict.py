@@ -28,7 +28,7 @@ def restrict(sample: Sample, keep: Sequence[str]) -> Sample:
             human = human.replace(placeholder, "")
     conversations = [{**sample.conversations[0], "value": human}, *sample.conversations[1:]]
     inputs = {m: paths for m, paths in sample.modal_inputs.items() if m in keep}
-    return replace(sample, conversations=conversations, modal_inputs=inputs, question=human)
+    return replace(sample, conversations=conversations, modal_inputs=inputs)
 
 
 def model_predictor(model: MultimodalLLM, max_new_tokens: int = 8, only: Sequence[str] | None = None) -> Predictor:

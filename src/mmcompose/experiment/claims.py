@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcompose.data import names
 from mmcompose.eval.stats import Outcomes, mcnemar_exact, paired_interval, paired_ratio_draws, verdict
 from mmcompose.experiment.plan import DAMC, NAIVE, SEARCHED, single_id
 from mmcompose.world import MODALITIES
@@ -41,7 +42,7 @@ def paper_claims(outcomes: MethodOutcomes) -> list[dict[str, Any]]:
     modality's own test for DAMC and that modality's single model.
     """
     def mcub4(method: str) -> Outcomes:
-        return outcomes[method]["MCUB-4"]
+        return outcomes[method][names.MCUB4]
 
     singles = [single_id(m) for m in MODALITIES]
     best = max(singles, key=lambda method: accuracy(mcub4(method)))

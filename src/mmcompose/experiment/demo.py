@@ -26,12 +26,14 @@ from rich.table import Table
 from mmcompose.checkpoint import load_checkpoint
 from mmcompose.compose.config import parse_config
 from mmcompose.compose.engine import compose
+from mmcompose.data import names
+from mmcompose.data.dataset import load_training_samples
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.benchmark import Sample, load_benchmark
 from mmcompose.eval.predict import model_predictor
 from mmcompose.eval.runner import Predictor
 from mmcompose.experiment.claims import MethodOutcomes, accuracy, paper_claims
-from mmcompose.experiment.evaluate import evaluate, load_tasks, task_files
+from mmcompose.experiment.evaluate import evaluate, load_tasks
 from mmcompose.experiment.parallel import default_jobs, run_parallel
 from mmcompose.experiment.plan import (
     MCUB_TASKS,
@@ -50,7 +52,6 @@ from mmcompose.experiment.tool import tool_predictor
 from mmcompose.files import atomic_write_text
 from mmcompose.model import MultimodalLLM, modality_spec
 from mmcompose.train.base_llm import pretrain_base
-from mmcompose.train.data import load_samples
 from mmcompose.train.progress import ProgressBoard, progress_to_file
 from mmcompose.train.trainer import TrainConfig, build_model, train
 from mmcompose.world import MODALITIES, build_world
@@ -68,13 +69,13 @@ def train_run(out: Path, settings: DemoProfile, seed: int, run: TrainingRun) -> 
     model = build_model(out / "base", modalities, strategy=run.strategy, rank=settings.rank,
                         alpha=2.0 * settings.rank, seed=seed,
                         start_from=[out / "train" / name / FINAL_MODEL for name in run.start_from])
-    samples = [s for file in run.data for s in load_samples(out / "world" / "data" / file)]
+    loaded = load_training_samples([out / "world" / names.DATA_DIR / file for file in run.data], out / "world", model)
     config = TrainConfig(stage=run.stage, steps=run.steps, batch_size=settings.batch_size, seed=seed,
                          train_encoder=False, lr=run.lr,
                          encoder_steps=settings.encoder_steps if run.stage == "pretrain" else 0,
                          save_every=max(1, run.steps // 4))
     with progress_to_file(out / PROGRESS_DIR / f"{run.id}.json"):
-        train(model, samples, out / "world", config, directory, resume=True)
+        train(model, loaded.samples, out / "world", config, directory, resume=True, skipped=loaded.skipped)
 
 
 def composition_config(out: Path, composition: Composition, seed: int) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def search_run(out: Path, settings: DemoProfile, seed: int, search: Search) -> N
         validation = [s for samples in load_tasks(world, "val").values() for s in samples[: settings.search_limit]]
         criterion = validation_accuracy(validation)
     else:
-        prompts = {m: _human_only(load_benchmark(world / "data" / f"{m}_instruct.json", world))
+        prompts = {m: _human_only(load_benchmark(world / names.DATA_DIR / names.instruct_file(m), world))
                    [: settings.agreement_prompts] for m in MODALITIES}
         sources = {m: load_checkpoint(out / "train" / f"{m}-decoupled" / FINAL_MODEL).eval() for m in MODALITIES}
         criterion = source_agreement(prompts, sources)
@@ -129,9 +130,9 @@ def evaluate_method(out: Path, method: Method) -> dict[str, float]:
     """Accuracy of `method` on each of its tasks; predictions are cached under `out/eval`, and the method's
     models are loaded only if some prediction is missing."""
     world = out / "world"
-    files = task_files(world)
+    files = names.world_task_files(world)
     if method.kind == "text":
-        files = {t: world / "data" / f"text_{_file_tag(t)}_test.json" for t in method.tasks}
+        files = {t: world / names.DATA_DIR / names.world_text_mcub_file(names.task_modalities(t)) for t in method.tasks}
     predict = _lazy(functools.partial(_predictor, out, method))
     return {task: evaluate(predict, load_benchmark(files[task], world), _eval_dir(out, method, task), task)
             for task in method.tasks}
@@ -190,7 +191,7 @@ class Demo:
         def pretrain() -> None:
             with self.board(), progress_to_file(self.out / PROGRESS_DIR / "base-llm.json"):
                 pretrain_base(corpus / "train.txt", corpus / "valid.txt", self.base, profile=self.settings.base,
-                              seed=self.seed, text_qa=self.world / "data" / "text_qa.json")
+                              seed=self.seed, text_qa=self.world / names.DATA_DIR / names.TEXT_QA_FILE)
 
         return self.step("base LLM", self.base, pretrain)
 
@@ -371,10 +372,6 @@ def _lazy(factory: Callable[[], Predictor]) -> Predictor:
         return built[0](samples)
 
     return predict
-
-
-def _file_tag(task: str) -> str:
-    return "mcub4" if task == "MCUB-4" else "mcub3_" + task.removeprefix("MCUB-3 ")
 
 
 def _slug(text: str) -> str:

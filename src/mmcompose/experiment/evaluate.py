@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmcompose.data.names import world_task_files
 from mmcompose.eval.benchmark import Sample, load_benchmark
 from mmcompose.eval.runner import Predictor, run_benchmark
 
@@ -14,18 +15,7 @@ def evaluate(predict: Predictor, samples: list[Sample], out_dir: Path, task: str
     return metrics["accuracy"]
 
 
-def task_files(world: Path, split: str = "test") -> dict[str, Path]:
-    """MCUB-4, the four MCUB-3 subsets and the single-modality tests of a world directory."""
-    data = world / "data"
-    files = {"MCUB-4": data / f"mcub4_{split}.json"}
-    for path in sorted(data.glob(f"mcub3_*_{split}.json")):
-        files["MCUB-3 " + path.name.removeprefix("mcub3_").removesuffix(f"_{split}.json")] = path
-    if split == "test":
-        for modality in ("image", "audio", "video", "point"):
-            files[modality] = data / f"{modality}_test.json"
-    return files
-
-
 def load_tasks(world: Path, split: str = "test") -> dict[str, list[Sample]]:
-    return {task: load_benchmark(path, world) for task, path in task_files(world, split).items()}
+    """Every task of a world directory (MCUB-4, the MCUB-3 subsets, the single-modality tests), loaded."""
+    return {task: load_benchmark(path, world) for task, path in world_task_files(world, split).items()}
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from mmcompose.data import names
 from mmcompose.errors import MMComposeError
 from mmcompose.train.trainer import LearningRates
-from mmcompose.world import MCUB3_SUBSETS, MODALITIES
+from mmcompose.world import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -108,17 +109,8 @@ class Search:
     criterion: Literal["validation", "agreement"]
 
 
-MCUB_TASKS = ["MCUB-4", *[f"MCUB-3 {'-'.join(subset)}" for subset in MCUB3_SUBSETS]]
+MCUB_TASKS = names.MCUB_TASKS
 TASKS = [*MCUB_TASKS, *MODALITIES]
-
-
-def modalities_of(task: str) -> list[str]:
-    """The modalities a task's items carry."""
-    if task == "MCUB-4":
-        return list(MODALITIES)
-    if task.startswith("MCUB-3 "):
-        return task.removeprefix("MCUB-3 ").split("-")
-    return [task]
 
 
 @dataclass(frozen=True)
@@ -192,27 +184,27 @@ def demo_plan(profile: str, recipe: str = "official") -> Plan:
         raise MMComposeError(f"unknown decoupled recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     s, decoupled = PROFILES[profile], RECIPES[recipe]
     pretrain, instruct = LEARNING_RATES["pretrain"], LEARNING_RATES["instruct"]
-    stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (f"{m}_caption.json",), "pretrain",
+    stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                           s.stage1_steps, (), pretrain) for m in MODALITIES]
     first_of = {m: f"{m}-stage1" for m in MODALITIES}
     if decoupled.boundary_tokens:  # the decoupled runs' branches carry boundary tokens from stage 1 on
-        stage1 += [TrainingRun(f"{m}-stage1-boundary", (m,), "connector-only", (f"{m}_caption.json",), "pretrain",
+        stage1 += [TrainingRun(f"{m}-stage1-boundary", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                                s.stage1_steps, (), pretrain, boundary_tokens=decoupled.boundary_tokens)
                    for m in MODALITIES]
         first_of = {m: f"{m}-stage1-boundary" for m in MODALITIES}
     decoupled_lr = instruct if decoupled.language_ratio is None else \
         instruct.model_copy(update={"language": round(instruct.deltas * decoupled.language_ratio, 12)})
-    shared = [TrainingRun(f"{m}-shared", (m,), "shared", (f"{m}_instruct.json",), "instruct", s.stage2_steps,
+    shared = [TrainingRun(f"{m}-shared", (m,), "shared", (names.instruct_file(m),), "instruct", s.stage2_steps,
                           (f"{m}-stage1",), instruct) for m in MODALITIES]
-    singles = [TrainingRun(f"{m}-decoupled", (m,), "decoupled", (f"{m}_instruct.json",), "instruct",
+    singles = [TrainingRun(f"{m}-decoupled", (m,), "decoupled", (names.instruct_file(m),), "instruct",
                            s.stage2_steps, (first_of[m],), decoupled_lr) for m in MODALITIES]
-    joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled", tuple(f"{m}_instruct.json" for m in MODALITIES),
+    joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled", tuple(names.instruct_file(m) for m in MODALITIES),
                         "instruct", s.joint_steps, tuple(first_of[m] for m in MODALITIES), decoupled_lr)
     stage2 = [run for m in range(len(MODALITIES)) for run in (shared[m], singles[m])]
     waves = (tuple(stage1), (joint, *stage2))  # the longest run first, so that it does not finish last, alone
 
     methods = [Method(single_id(m), f"{m}-LLM (own input only)", "model", (trained(f"{m}-decoupled"),), only=(m,),
-                      tasks=tuple(t for t in TASKS if m in modalities_of(t))) for m in MODALITIES]
+                      tasks=tuple(t for t in TASKS if m in names.task_modalities(t))) for m in MODALITIES]
     methods += [Method(c.id, COMPOSITION_LABELS[c.id], "model", (f"composed/{c.id}",))
                 for c in (*COMPOSITIONS, *SEARCHES)]
     methods += [Method("joint", "joint training (upper ref.)", "model", (trained("joint-decoupled"),)),

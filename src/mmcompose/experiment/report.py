@@ -10,15 +10,16 @@ from matplotlib.figure import Figure
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from mmcompose.data.names import task_modalities
 from mmcompose.files import atomic_file, atomic_write_text
 
 Results = dict[str, dict[str, float | None]]  # method -> task -> accuracy (None: not applicable)
 
 
 def short_task(task: str) -> str:
-    """Column headers that fit a terminal: `MCUB-3 image-audio-video` -> `M3 IAV`."""
-    if task.startswith("MCUB-3 "):
-        return "M3 " + "".join(m[0].upper() for m in task.removeprefix("MCUB-3 ").split("-"))
+    """Column headers that fit a terminal: `MCUB-3-image-audio-video` -> `M3 IAV`."""
+    if task.startswith("MCUB-3-"):
+        return "M3 " + "".join(m[0].upper() for m in task_modalities(task))
     return task
 
 

@@ -42,7 +42,7 @@ def tool_predictor(captioners: dict[str, MultimodalLLM], language_model: Multimo
             captions = captioner.generate(examples, max_new_tokens=max_new_tokens)
             for (i, _), caption in zip(requests, captions, strict=True):
                 texts[i] = texts[i].replace(placeholder, caption_name(caption), 1)
-        described = [replace(s, conversations=[{"from": "human", "value": t}], modal_inputs={}, question=t)
+        described = [replace(s, conversations=[{"from": "human", "value": t}], modal_inputs={})
                      for s, t in zip(samples, texts, strict=True)]
         return answer(described)
 

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
-from mmcompose.checkpoint import MANIFEST_NAME, checkpoint_files, fingerprint_base, read_manifest, read_tensors
+from mmcompose.checkpoint import fingerprint_base
 from mmcompose.errors import CheckpointError
 from mmcompose.importers._common import (
     Filler,
@@ -50,21 +49,11 @@ from mmcompose.importers._common import (
     read_json,
     skeleton,
 )
-from mmcompose.modalities import get_modality
-from mmcompose.modalities.beats import BEATsEncoder
-from mmcompose.modalities.clip import CLIPVisionEncoder
-from mmcompose.modalities.languagebind import LanguageBindVideoEncoder
-from mmcompose.modalities.point_bert import PointBERTEncoder
+from mmcompose.importers.encoders import EncoderSource, ResolvedEncoder, resolve_encoder
 from mmcompose.modalities.qformer import OFFICIAL_TYPE, official_qformer_options, rename_official
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
 from mmcompose.tensorfiles import load_state_dict
-
-# CLIP's own normalisation, used when a CLIP directory has no preprocessor_config.json.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-EncoderSource = Component | Path | str
 
 
 @dataclass(frozen=True)
@@ -112,14 +101,6 @@ def _adapters(src: Path, strategy: str, modalities: list[OfficialModality]
         return "decoupled", per_modality
     raise CheckpointError(f"{src}: lora_strategy {strategy!r} is not supported "
                           f"(expected 'same', 'modal+language' or 'modal')")
-
-
-@dataclass(frozen=True)
-class _Encoder:
-    component: Component
-    processor: Component
-    tensors: dict[str, torch.Tensor] | None  # None: the component's own factory provides the weights
-    description: str
 
 
 def import_modelcompose(src: Path, out: Path, *, base: Path, encoders: dict[str, EncoderSource] | None = None,
@@ -273,7 +254,7 @@ def _boundary_tokens(keys: SourceKeys, name: str, count: int, hidden: int, src: 
 
 
 def _resolve_encoders(src: Path, config: dict[str, Any], present: list[OfficialModality],
-                      given: dict[str, EncoderSource]) -> dict[str, _Encoder]:
+                      given: dict[str, EncoderSource]) -> dict[str, ResolvedEncoder]:
     wanted = {m.ours for m in present}
     extra = sorted(set(given) - wanted)
     if extra:
@@ -289,123 +270,11 @@ def _resolve_encoders(src: Path, config: dict[str, Any], present: list[OfficialM
     return {m.ours: _encoder(m, given[m.ours], config) for m in present}
 
 
-def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str, Any]) -> _Encoder:
-    default = get_modality(modality.ours)
-    default_processor = Component(type=default.processor, options=default.processor_options)
-    if isinstance(source, Component):
-        return _Encoder(source, default_processor, None, f"component {source.type}")
-    path = Path(source)
-    if path.is_file() and path.suffix == ".json":
-        raw = read_json(path)
-        weights = raw.pop("weights", None)
-        try:
-            component = Component.model_validate(raw)
-        except ValidationError as error:
-            raise CheckpointError(f"{path}: not an encoder component ({error.errors()[0]['msg']})") from None
-        if weights is not None:
-            if component.type != "point-bert":
-                raise CheckpointError(f"{path}: weights: only a point-bert component takes a weights file")
-            return _point_bert_encoder(path.parent / str(weights), component.options)
-        return _Encoder(component, default_processor, None, f"component {component.type} from {path}")
-    if (path / MANIFEST_NAME).is_file():
-        return _encoder_from_checkpoint(path, modality.ours)
-    if path.is_file() and path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
-        if modality.ours == "point":
-            return _point_bert_encoder(path)
-        return _beats_encoder(path, modality)
-    if (path / "config.json").is_file():
-        encoder_config = read_json(path / "config.json")
-        vision = encoder_config.get("vision_config", encoder_config)
-        if isinstance(vision, dict) and vision.get("add_time_attn"):
-            return _languagebind_encoder(path, modality, config)
-        if "beats_cfg" in encoder_config or "encoder_embed_dim" in encoder_config.get("cfg", encoder_config):
-            return _beats_encoder(path, modality)
-        model_type = encoder_config.get("model_type")
-        if model_type in ("clip", "clip_vision_model"):
-            return _clip_encoder(path, modality, config)
-        raise CheckpointError(f"{path}: a {model_type!r} model, not CLIP, BEATs or LanguageBind; pass a component "
-                              f"for this encoder instead")
-    raise CheckpointError(f"{path}: not a CLIP, BEATs or LanguageBind checkpoint, an mmcompose checkpoint or a "
-                          f"component JSON file")
-
-
-def _beats_encoder(path: Path, modality: OfficialModality) -> _Encoder:
-    """A released BEATs checkpoint with the official processor (16 kHz fbank, 1024 frames)."""
-    if modality.ours != "audio":
-        raise CheckpointError(f"{path}: a BEATs checkpoint can serve audio, not {modality.ours}")
-    encoder = BEATsEncoder.from_checkpoint(path)
-    return _Encoder(Component(type="beats", options=encoder.options), Component(type="beats-fbank"),
-                    encoder.state_dict(), f"beats from {path}")
-
-
-def _point_bert_encoder(path: Path, options: dict[str, Any] | None = None) -> _Encoder:
-    """A Point-BERT state dict (ModelCompose's `point_bert_v1.2.pt`). Without `options` (a component JSON with a
-    `weights` file gives them), the architecture is read from the tensors where they show it (width, depth,
-    group-encoder width, xyz or xyz+rgb) and is otherwise Point-BERT v1.2's (6 heads, groups of 32, 512
-    groups); 8192 points per cloud, as the released model reads them."""
-    if options is None:
-        weights = load_state_dict(path, unwrap="state_dict")
-
-        def find(suffix: str) -> torch.Tensor:
-            value = next((v for k, v in weights.items() if k.endswith(suffix)), None)
-            if value is None:
-                raise CheckpointError(f"{path}: not a Point-BERT state dict (no {suffix})")
-            return value
-
-        depth = len({k.split("blocks.blocks.")[1].split(".")[0] for k in weights if "blocks.blocks." in k})
-        options = dict(trans_dim=int(find("cls_token").shape[-1]), depth=depth,
-                       encoder_dims=int(find("reduce_dim.weight").shape[1]),
-                       point_dims=int(find("encoder.first_conv.0.weight").shape[1]))
-    encoder = PointBERTEncoder.from_state_dict_file(path, **options)
-    processor = Component(type="point", options=dict(num_points=8192, with_color=encoder.point_dims == 6))
-    return _Encoder(Component(type="point-bert", options=encoder.options), processor, encoder.state_dict(),
-                    f"point-bert from {path}")
-
-
-def _languagebind_encoder(path: Path, modality: OfficialModality, config: dict[str, Any]) -> _Encoder:
-    """LanguageBind video at the checkpoint's select layer (all tokens, CLS included, as the official tower)."""
-    if modality.ours != "video":
-        raise CheckpointError(f"{path}: a LanguageBind video checkpoint can serve video, not {modality.ours}")
-    layer = int(config.get(modality.select_layer_key or "", -2))
-    encoder = LanguageBindVideoEncoder.from_pretrained(path, feature_layer=layer)
-    vision = encoder.options["config"]
-    processor = Component(type="languagebind-video",
-                          options=dict(num_frames=vision["num_frames"], size=vision["image_size"]))
-    return _Encoder(Component(type="languagebind-video", options=encoder.options), processor,
-                    encoder.state_dict(), f"languagebind-video from {path}")
-
-
-def _encoder_from_checkpoint(path: Path, modality: str) -> _Encoder:
-    manifest = read_manifest(path)
-    spec = next((m for m in manifest.model.modalities if m.name == modality), None)
-    if spec is None:
-        have = ", ".join(m.name for m in manifest.model.modalities) or "none"
-        raise CheckpointError(f"{path}: has no {modality!r} modality to take an encoder from (it has: {have})")
-    prefix = f"modalities.{modality}.encoder."
-    stored = read_tensors(checkpoint_files(path, manifest.files))
-    tensors = {name.removeprefix(prefix): value for name, value in stored.items() if name.startswith(prefix)}
-    return _Encoder(spec.encoder, spec.processor, tensors, f"{spec.encoder.type} from checkpoint {path}")
-
-
-def _clip_encoder(path: Path, modality: OfficialModality, config: dict[str, Any]) -> _Encoder:
-    """CLIP features as the official tower selects them: hidden state `select_layer`, CLS dropped for 'patch'."""
-    if modality.select_layer_key is None or modality.select_feature_key is None:
-        raise CheckpointError(f"{path}: a CLIP directory can serve image or video, not {modality.ours}")
-    layer = int(config.get(modality.select_layer_key, -1))
-    feature = config.get(modality.select_feature_key, "patch")
-    if feature not in ("patch", "cls_patch"):
-        raise CheckpointError(f"{path}: unsupported feature selection {feature!r} (expected 'patch' or 'cls_patch')")
-    encoder = CLIPVisionEncoder.from_pretrained(str(path), feature_layer=layer, drop_cls=feature == "patch")
-    vision = encoder.model.config
-    processor_file = path / "preprocessor_config.json"
-    processor_config = read_json(processor_file) if processor_file.is_file() else {}
-    crop = processor_config.get("crop_size", vision.image_size)
-    size = crop.get("height", vision.image_size) if isinstance(crop, dict) else int(crop)
-    options = dict(size=size, mean=list(processor_config.get("image_mean", CLIP_MEAN)),
-                   std=list(processor_config.get("image_std", CLIP_STD)))
-    processor = Component(type=get_modality(modality.ours).processor, options=options)
-    return _Encoder(Component(type="clip-vision", options=encoder.options), processor, encoder.state_dict(),
-                    f"clip-vision from {path}")
+def _encoder(modality: OfficialModality, source: EncoderSource, config: dict[str, Any]) -> ResolvedEncoder:
+    """The shared resolver, with CLIP features selected as the checkpoint's config says."""
+    layer = int(config.get(modality.select_layer_key, -1)) if modality.select_layer_key else -1
+    feature = config.get(modality.select_feature_key, "patch") if modality.select_feature_key else "patch"
+    return resolve_encoder(modality.ours, source, clip_layer=layer, clip_feature=feature)
 
 
 __all__ = ["EncoderSource", "import_modelcompose"]

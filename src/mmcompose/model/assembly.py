@@ -8,7 +8,7 @@ placeholders, as LLaVA and ModelCompose do, so token boundaries never straddle a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,6 +86,39 @@ class Assembler:
             layout.routes += [0] * len(target)
             layout.labels += target
         return layout
+
+    def sequence_length(self, example: Example, lengths: dict[str, int]) -> int:
+        """The positions `example` takes when one input of modality m takes `lengths[m]`: no tensor is needed,
+        so a data set can be measured before any medium is decoded."""
+        return len(self._layout(example, lengths).ids)
+
+    def sequence_lengths(self, examples: Sequence[Example], lengths: dict[str, int], chunk: int = 2048) -> list[int]:
+        """`sequence_length` of many examples, with the text pieces tokenized in batched calls of `chunk` texts
+        (one call per piece costs ~0.1 ms; a 50k-sample file has ~200k pieces)."""
+        texts: list[str] = []
+        owners: list[int] = []
+        totals = []
+        for index, example in enumerate(examples):
+            total = 0 if self.tokenizer.bos_token_id is None else 1
+            for piece in self._split.split(example.prompt) if self._split else [example.prompt]:
+                modality = self.modality_of.get(piece)
+                if modality is not None:
+                    total += lengths[modality]
+                elif piece:
+                    texts.append(piece)
+                    owners.append(index)
+            if example.target is not None:
+                total += self.tokenizer.eos_token_id is not None
+                if example.target:
+                    texts.append(example.target)
+                    owners.append(index)
+            totals.append(total)
+        for start in range(0, len(texts), chunk):
+            ids = self.tokenizer(texts[start:start + chunk], add_special_tokens=False,
+                                 return_attention_mask=False)["input_ids"]
+            for owner, tokens in zip(owners[start:start + chunk], ids, strict=True):
+                totals[owner] += len(tokens)
+        return totals
 
     def _check_inputs(self, index: int, example: Example) -> None:
         name = example.id or f"sample {index}"

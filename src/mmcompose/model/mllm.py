@@ -3,7 +3,7 @@ transformers causal LM whose target linears are `RoutedLinear`s."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,8 +44,9 @@ class ModalityBranch(nn.Module):
         self.suffix = nn.Parameter(torch.randn(spec.num_suffix_tokens, hidden_size) * 0.02) \
             if spec.num_suffix_tokens else None
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        features = self.connector(self.encoder(inputs))
+    def forward(self, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
+        """`encoded`: `inputs` are already the encoder's outputs (a feature cache of a frozen encoder)."""
+        features = self.connector(inputs if encoded else self.encoder(inputs))
         parts = [features]
         if self.prefix is not None:
             parts.insert(0, self.prefix.to(features.dtype).expand(features.shape[0], -1, -1))
@@ -140,11 +141,14 @@ class MultimodalLLM(nn.Module):
         prompt, target = format_conversation(turns, self.spec.template)
         return self.example(prompt, inputs, target, id)
 
-    def assemble(self, examples: list[Example], padding_side: Literal["left", "right"] = "right") -> Batch:
+    def assemble(self, examples: list[Example], padding_side: Literal["left", "right"] = "right",
+                 encoded: Collection[str] = ()) -> Batch:
+        """One padded batch; the inputs of the modalities in `encoded` are encoder outputs, not processed media."""
         embed = self.llm.get_input_embeddings()
         return self.assembler(
             examples,
-            encode=lambda modality, x: self.branches[modality](x.to(self.device, self._dtype_of(modality))),
+            encode=lambda modality, x: self.branches[modality](x.to(self.device, self._dtype_of(modality)),
+                                                               encoded=modality in encoded),
             embed_tokens=lambda ids: embed(ids.to(self.device)),
             padding_side=padding_side,
         )

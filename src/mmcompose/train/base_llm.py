@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from mmcompose.data.samples import Sample, load_samples
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import parse_options
 from mmcompose.files import atomic_directory
 from mmcompose.model.conversation import TEMPLATES, format_conversation
-from mmcompose.train.data import load_samples
 from mmcompose.train.progress import progress_bar
 from mmcompose.train.tokenizer import train_tokenizer
 
@@ -136,11 +136,11 @@ def perplexity(model: LlamaForCausalLM, rows: list[torch.Tensor], batch_size: in
     return math.exp(total / count)
 
 
-def _options_and_gold(sample: dict[str, Any], index: int) -> tuple[dict[str, str], str]:
+def _options_and_gold(sample: Sample) -> tuple[dict[str, str], str]:
     """The lettered options of a multiple-choice sample and its gold letter (the answer may be the letter or
     the option's text)."""
-    name = sample.get("id", f"sample #{index}")
-    turns = sample["conversations"]
+    name = sample.id
+    turns = sample.conversations
     options = parse_options(turns[0]["value"])
     if turns[-1]["from"] != "gpt" or not options:
         raise MMComposeError(f"{name}: a multiple-choice sample needs lettered options and its answer as gpt turn")
@@ -154,7 +154,7 @@ def _options_and_gold(sample: dict[str, Any], index: int) -> tuple[dict[str, str
 
 
 @torch.no_grad()
-def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: list[dict[str, Any]],
+def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample],
                     template: str = "plain", batch_size: int = 64) -> float:
     """Multiple-choice accuracy: the model picks the option whose text it finds most likely as the answer.
 
@@ -167,9 +167,9 @@ def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     candidates: list[tuple[int, str, list[int], int]] = []  # (sample, letter, ids, prompt length)
     golds: list[str] = []
     for index, sample in enumerate(samples):
-        options, gold = _options_and_gold(sample, index)
+        options, gold = _options_and_gold(sample)
         golds.append(gold)
-        prompt, _ = format_conversation(sample["conversations"], template)
+        prompt, _ = format_conversation(sample.conversations, template)
         prompt_ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
         for letter, answer in options.items():
             answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
@@ -203,7 +203,7 @@ def pretrain_base(corpus_train: Path, corpus_valid: Path, out: Path, *,
     settings = BASE_PROFILES[profile]
     if Path(out).exists() and not overwrite:
         raise MMComposeError(f"{out} already exists (choose another path or pass --overwrite)")
-    qa_samples = load_samples(text_qa) if text_qa is not None else []
+    qa_samples = load_samples(text_qa).samples if text_qa is not None else []
     started = time.perf_counter()
     documents = read_documents(corpus_train)
     valid_documents = read_documents(corpus_valid)

@@ -2,7 +2,8 @@
 their attributes, and the data sets (captions, instructions, single-modality tests, MCUB-3/4) built from them.
 """
 
-from mmcompose.world.build import MCUB3_SUBSETS, PROFILES, Profile, build_world, load_world
+from mmcompose.data.names import MCUB3_SUBSETS
+from mmcompose.world.build import PROFILES, Profile, build_world, load_world
 from mmcompose.world.entities import ATTRIBUTE_SCHEMA, MODALITIES, Entity, World, make_world
 from mmcompose.world.render import (
     MEDIA_EXTENSIONS,

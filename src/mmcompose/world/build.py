@@ -1,6 +1,6 @@
 """Build a world directory (media, corpus, data sets, world.json) atomically from a seed and a profile.
 
-Layout (paths relative to the world directory):
+Layout (paths relative to the world directory; the data file names come from `mmcompose.data.names`):
 
     world.json                                   seed, profile, attributes, entities, content hash
     corpus/train.txt, corpus/valid.txt           documents separated by blank lines
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mmcompose.data import names
 from mmcompose.errors import MMComposeError
 from mmcompose.files import atomic_directory
 from mmcompose.world import corpus
@@ -32,15 +33,6 @@ from mmcompose.world.entities import MODALITIES, World, make_world, stream
 from mmcompose.world.render import RENDERERS, WRITERS
 
 FORMAT_VERSION = 1
-
-MCUB3_SUBSETS: tuple[tuple[str, ...], ...] = (
-    ("image", "audio", "video"),
-    ("image", "audio", "point"),
-    ("image", "video", "point"),
-    ("audio", "video", "point"),
-)
-"""The four 3-modality subsets of MCUB-3, named in file names by joining with '-'."""
-
 
 @dataclass(frozen=True)
 class Profile:
@@ -91,11 +83,6 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def subset_name(modalities: tuple[str, ...]) -> str:
-    """File-name form of a modality subset, e.g. `image-audio-video`."""
-    return "-".join(modalities)
-
-
 def _write_json(path: Path, data: Any) -> None:
     """JSON, a list with one element per line (readable, and fast to write with the C encoder)."""
     if isinstance(data, list):
@@ -142,30 +129,30 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
     corpus_sets = (pairs, pools[3][2], pools[4][2])  # never asked about at test or validation time
     for modality in MODALITIES:
         _write_json(
-            data / f"{modality}_caption.json",
+            data / names.caption_file(modality),
             ds.caption_samples(world, modality, train, stream(seed, "caption", modality)),
         )
         _write_json(
-            data / f"{modality}_instruct.json",
+            data / names.instruct_file(modality),
             ds.instruct_samples(world, modality, train, stream(seed, "instruct", modality))
             + ds.instruct_common_samples(world, modality, corpus_sets, profile.instruct_common, train,
                                          stream(seed, "instruct-common", modality)),
         )
         _write_json(
-            data / f"{modality}_test.json",
+            data / names.single_test_file(modality),
             ds.single_test_samples(world, modality, test, stream(seed, "test", modality)),
         )
 
-    for subset in ((*MODALITIES,), *MCUB3_SUBSETS):
-        tag = "mcub4" if len(subset) == 4 else f"mcub3_{subset_name(subset)}"
+    for subset in names.mcub_subsets():
         test_sets, val_sets, _ = pools[len(subset)]
         for split, sets, renders in (("test", test_sets, test), ("val", val_sets, val)):
-            rng = stream(seed, "mcub", tag, split)
+            rng = stream(seed, "mcub", names.world_mcub_tag(subset), split)
             items = ds.common_items(world, [sets[i] for i in rng.permutation(len(sets))], rng)
-            prefix = tag.replace("_", "-") + f"-{split}"
-            _write_json(data / f"{tag}_{split}.json", ds.mcub_samples(items, subset, renders, prefix, rng))
+            prefix = names.world_mcub_id_prefix(subset, split)
+            _write_json(data / names.world_mcub_file(subset, split), ds.mcub_samples(items, subset, renders, prefix,
+                                                                                     rng))
             if split == "test":
-                _write_json(data / f"text_{tag}_test.json", ds.text_common_samples(items, f"text-{prefix}"))
+                _write_json(data / names.world_text_mcub_file(subset), ds.text_common_samples(items, f"text-{prefix}"))
 
     train_docs = corpus.fact_documents(world, tpl.TRAIN_FACTS, profile.fact_docs, stream(seed, "corpus", "facts"))
     chat_docs = corpus.chat_documents(world, profile.qa_repeats, stream(seed, "corpus", "chat"))
@@ -181,7 +168,7 @@ def _write_data(world: World, profile: Profile, root: Path) -> None:
         corpus.join_documents(valid_docs, stream(seed, "corpus", "vorder")), encoding="utf-8"
     )
     seen = {corpus.chat_human(doc) for doc in chat_docs}
-    _write_json(data / "text_qa.json", ds.text_qa_samples(world, seen, stream(seed, "text_qa")))
+    _write_json(data / names.TEXT_QA_FILE, ds.text_qa_samples(world, seen, stream(seed, "text_qa")))
 
 
 def resolve_profile(profile: str) -> Profile:

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from mmcompose.data.names import WORLD_MODALITIES
 from mmcompose.errors import MMComposeError
 
-MODALITIES: tuple[str, ...] = ("image", "audio", "video", "point")
+MODALITIES: tuple[str, ...] = WORLD_MODALITIES
 """The four modalities of the world, in the order MCUB inputs are listed."""
 
 LATENT_DIM = 16

@@ -1,0 +1,225 @@
+"""Lazy training data: validated samples -> a `torch.utils.data.Dataset` whose media are decoded on indexing.
+
+The data set holds only text and paths; media are processed when an item is fetched, by DataLoader workers
+when `num_workers > 0`, so memory does not grow with the data file. Everything the sampler needs is known
+without decoding: text lengths from the tokenizer, and one number of LLM positions per modality (the
+assembler stacks all inputs of a modality into one tensor, so a modality's processed inputs share one
+shape and take the same number of positions; it is measured on the first medium of each modality).
+
+Batch order is a pure function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted
+one would, and every process of a distributed run computes the same order.
+
+Maximum length: a sample is never truncated. One whose full sequence (special tokens, text, every
+modality span) is longer than the limit is skipped and counted, because a cut would either split a
+modality span, drop the question, or teach an answer that stops mid-sentence without its end token. The
+limit is the smaller of `max_length` and the LLM's `max_position_embeddings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from mmcompose.data.cache import FeatureCache
+from mmcompose.data.samples import BadSample, Sample, SampleSet, load_files, validate_records
+from mmcompose.errors import InputError
+from mmcompose.model.assembly import Example
+from mmcompose.model.conversation import format_conversation
+from mmcompose.model.mllm import MultimodalLLM
+
+
+class DataOptions(BaseModel):
+    """How training reads its data (a `TrainConfig`'s `data` field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    on_bad_sample: Literal["stop", "skip"] = Field(
+        "stop", description="stop: any invalid sample is an error before training; skip: leave it out, counted")
+    max_length: int | None = Field(None, gt=0, description="longest sequence in positions; longer samples are "
+                                                           "skipped and counted")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding media (0: in the "
+                                                  "training process)")
+    cache_features: Path | None = Field(None, description="directory of cached frozen-encoder features")
+
+    def updated(self, **flags: Any) -> DataOptions:
+        """These options with the given (non-None) values on top, validated: command-line flags over a config."""
+        try:
+            return DataOptions.model_validate(self.model_dump() | {k: v for k, v in flags.items() if v is not None})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise InputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def load_training_samples(files: Sequence[str | Path], data_root: str | Path, model: MultimodalLLM,
+                          on_bad_sample: Literal["stop", "skip"] = "stop") -> SampleSet:
+    """Validate every training file for `model` (its modalities and placeholders) before anything trains."""
+    return load_files(files, data_root, purpose="train", modalities=list(model.processors),
+                      placeholders={m.name: m.placeholder for m in model.spec.modalities},
+                      on_bad_sample=on_bad_sample)
+
+
+def training_samples(samples: Sequence[Sample | dict[str, Any]], data_root: str | Path, model: MultimodalLLM,
+                     on_bad_sample: Literal["stop", "skip"] = "stop") -> SampleSet:
+    """`samples` as validated training samples: `Sample`s are taken as they are (their media paths already
+    resolved), raw records are validated like a file's, with media under `data_root`."""
+    if all(isinstance(s, Sample) for s in samples):
+        return SampleSet(samples=list(samples))  # type: ignore[arg-type]
+    return validate_records(list(samples), "training samples", data_root, purpose="train",
+                            modalities=list(model.processors),
+                            placeholders={m.name: m.placeholder for m in model.spec.modalities},
+                            on_bad_sample=on_bad_sample)
+
+
+class SampleDataset(Dataset[Example]):
+    """Training samples as `Example`s in the model's template; item `i` decodes sample `i`'s media.
+
+    `lengths` (for length grouping) are each sample's text tokens without placeholders plus the positions
+    of its inputs, up to a constant (special tokens); `too_long` lists the samples left out by the
+    maximum length, as :class:`BadSample` lines.
+    """
+
+    def __init__(self, model: MultimodalLLM, samples: Sequence[Sample], *, max_length: int | None = None,
+                 source: str = "training data") -> None:
+        if not samples:
+            raise InputError(f"{source}: no training samples")
+        self.processors = dict(model.processors)
+        self.template = model.spec.template
+        placeholders = [spec.placeholder for spec in model.spec.modalities]
+        present = sorted({m for sample in samples for m in sample.modal_inputs})
+        first = {m: next(s.modal_inputs[m][0] for s in samples if s.modal_inputs.get(m)) for m in present}
+        self.positions = {m: model.input_length(m, self.processors[m](first[m])) for m in present}
+        limit = min(model.assembler.max_length, max_length or model.assembler.max_length)
+        self.samples: list[Sample] = []
+        texts: list[str] = []  # for the lengths only: items format their text again when fetched
+        self.too_long: list[BadSample] = []
+        formatted = [format_conversation(sample.conversations, self.template) for sample in samples]
+        full = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted], self.positions)
+        for index, (sample, (prompt, target), length) in enumerate(zip(samples, formatted, full, strict=True)):
+            counts = {m: len(paths) for m, paths in sample.modal_inputs.items()}
+            if length > limit:
+                file, position = sample.origin or (source, index)
+                self.too_long.append(BadSample(file, position, "", f"{length} positions exceed the maximum length "
+                                               f"{limit} ({counts or 'text only'}); skipped", sample.id))
+                continue
+            self.samples.append(sample)
+            texts.append(_without(prompt, placeholders) + (target or ""))
+        if not self.samples:
+            raise InputError(f"{source}: all {len(samples)} samples are longer than the maximum length {limit} "
+                             f"(first: {self.too_long[0]})")
+        self.modalities = sorted({m for sample in self.samples for m in sample.modal_inputs})
+        self.has_text_only = any(not sample.modal_inputs for sample in self.samples)
+        counts = [len(ids) for start in range(0, len(texts), 2048)
+                  for ids in model.tokenizer(texts[start:start + 2048], add_special_tokens=False,
+                                             return_attention_mask=False)["input_ids"]]
+        self.lengths = [count + sum(self.positions[m] * len(paths) for m, paths in sample.modal_inputs.items())
+                        for count, sample in zip(counts, self.samples, strict=True)]
+        self.caches: dict[str, FeatureCache] = {}
+        self._digests: dict[str, dict[Path, str]] = {}
+        self._order: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Example:
+        sample = self.samples[index]
+        prompt, target = format_conversation(sample.conversations, self.template)
+        inputs = {m: [self._input(m, path) for path in paths] for m, paths in sample.modal_inputs.items()}
+        return Example(prompt=prompt, inputs=inputs, target=target, id=sample.id)
+
+    def _input(self, modality: str, path: Path) -> torch.Tensor:
+        if modality in self.caches:
+            return self.caches[modality].load(self._digests[modality][path])
+        return self.processors[modality](path)
+
+    @property
+    def encoded(self) -> tuple[str, ...]:
+        """The modalities whose items are cached encoder outputs (pass to `MultimodalLLM.assemble(encoded=)`)."""
+        return tuple(self.caches)
+
+    def cache_features(self, model: MultimodalLLM, directory: Path) -> dict[str, dict[str, int]]:
+        """Serve every modality's inputs from the feature cache in `directory`, encoding the files not cached
+        yet with the model's (frozen) encoders. Returns per modality the files found and computed."""
+        report = {}
+        for modality in self.modalities:
+            files = list(dict.fromkeys(p for s in self.samples for p in s.modal_inputs.get(modality, [])))
+            spec = next(m for m in model.spec.modalities if m.name == modality)
+            cache, digests = FeatureCache.prepare(directory, spec, model.branches[modality].encoder,
+                                                  self.processors[modality], files)
+            self.caches[modality] = cache
+            self._digests[modality] = dict(zip(files, digests, strict=True))
+            report[modality] = {"cached": cache.hits, "computed": cache.computed}
+        return report
+
+    def order(self, seed: int, epoch: int, group: int = 0) -> np.ndarray:
+        """The permutation of sample indices for `epoch`: the same for every process and every resume.
+
+        With `group` (the global batch size), each run of `group` consecutive indices holds samples of similar
+        length (transformers' length grouping, as LLaVA's `group_by_modality_length`): a batch that mixes
+        one-input and four-input questions pads the short ones to the long one, measured as half the tokens of
+        a batch.
+        """
+        key = (seed, epoch, group)
+        if self._order[0] != key:  # computed once per epoch, not once per step
+            if group:
+                state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+                generator = torch.Generator().manual_seed(state)
+                order = np.array(get_length_grouped_indices(self.lengths, group, generator=generator))
+            else:
+                order = np.random.default_rng((seed, epoch)).permutation(len(self.samples))
+            self._order = (key, order)
+        return self._order[1]
+
+    def batch_indices(self, seed: int, step: int, global_batch: int, rank: int, world: int,
+                      group_by_length: bool = False) -> list[int]:
+        """This process's share of the global batch of optimizer step `step` (0-based).
+
+        An epoch is `len // global_batch` steps (the incomplete tail is dropped; reshuffling moves different
+        samples into it each epoch); process `rank` takes every `world`-th index of the global batch.
+        """
+        per_epoch = len(self.samples) // global_batch
+        epoch, position = divmod(step, per_epoch)
+        order = self.order(seed, epoch, global_batch if group_by_length else 0)
+        return [int(i) for i in order[position * global_batch:(position + 1) * global_batch][rank::world]]
+
+
+class StepBatches(Sampler[list[int]]):
+    """The batches of optimizer steps `start .. total-1` for one process, in order (a DataLoader batch sampler)."""
+
+    def __init__(self, data: SampleDataset, *, seed: int, global_batch: int, rank: int, world: int,
+                 group_by_length: bool, start: int, total: int) -> None:
+        self.data, self.seed, self.global_batch, self.rank, self.world = data, seed, global_batch, rank, world
+        self.group_by_length, self.start, self.total = group_by_length, start, total
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.total):
+            yield self.data.batch_indices(self.seed, step, self.global_batch, self.rank, self.world,
+                                          self.group_by_length)
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+def _as_list(examples: list[Example]) -> list[Example]:
+    return examples
+
+
+def step_loader(data: SampleDataset, batches: StepBatches, num_workers: int = 0) -> DataLoader:
+    """A DataLoader yielding each step's `list[Example]`, decoded by `num_workers` worker processes.
+
+    Its own generator keeps the global torch RNG untouched (the DataLoader draws a base seed from it). It is
+    not given to accelerate's `prepare`: the batch sampler already takes this process's share of each global
+    batch, in the order an exact resume needs."""
+    return DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
+                      generator=torch.Generator().manual_seed(batches.seed))
+
+
+def _without(text: str, placeholders: Sequence[str]) -> str:
+    for placeholder in placeholders:
+        text = text.replace(placeholder, "")
+    return text

@@ -1,0 +1,85 @@
+"""Training recipes: one YAML file with the model to build and the `TrainConfig` to train it with.
+
+A recipe fixes what a published training run fixed (modalities, strategy, LoRA rank and alpha, target modules,
+boundary tokens, encoder, connector, template, and every optimisation setting) and leaves the machine-specific
+parts (base LLM directory, data files, output directory, stage-1 checkpoint) to the command line, which can
+also override any field:
+
+    model:     {modalities: [image], strategy: decoupled, rank: 128, alpha: 256, target_modules: [...],
+                boundary_tokens: 5, encoder: {image: PATH-OR-NAME}, connector: mlp2x_gelu, template: vicuna_v1}
+    train:     TrainConfig fields (stage, batch_size, grad_accum, lr, ...)
+    launch:    the command that runs it (documentation)
+    gpu_memory: an estimate and how it was made (documentation)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmcompose.errors import MMComposeError
+from mmcompose.model.spec import Strategy
+from mmcompose.train.trainer import TrainConfig
+
+
+class RecipeModel(BaseModel):
+    """The model a recipe builds (see `trainer.build_model`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    modalities: list[str] = Field(min_length=1)
+    strategy: Strategy | None = Field(None, description="default: connector-only for the pretrain stage")
+    rank: int = Field(16, gt=0)
+    alpha: float | None = Field(None, description="default: 2 x rank")
+    target_modules: list[str] | None = None
+    boundary_tokens: int | None = Field(None, ge=0, description="prefix and suffix tokens each")
+    encoder: dict[str, str] = Field(default_factory=dict, description="modality -> encoder source")
+    connector: str | None = Field(None, description="a registered connector (NAME or NAME:{json options})")
+    template: str | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    launch: str = ""
+    gpu_memory: str = ""
+    model: RecipeModel
+    train: TrainConfig
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A recipe from YAML, validated; every problem is one line naming the file and the field."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise MMComposeError(f"{path}: cannot read the recipe ({' '.join(str(error).split())})") from None
+    try:
+        return Recipe.model_validate(loaded)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "recipe"
+        raise MMComposeError(f"{path}: {where}: {first['msg']}") from None
+
+
+def with_overrides(recipe: Recipe, model: dict[str, Any], train: dict[str, Any]) -> Recipe:
+    """The recipe with command-line values (None: not given) on top, validated again."""
+    merged = recipe.model_dump()
+    for key, value in model.items():
+        if value is None:
+            continue
+        merged["model"][key] = {**merged["model"][key], **value} if key == "encoder" else value
+    for key, value in train.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged["train"].get(key), dict):
+            merged["train"][key] = {**merged["train"][key], **value}
+        else:
+            merged["train"][key] = value
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise MMComposeError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
