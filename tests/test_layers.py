@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"files", "tensorfiles", "io"},
     {"modalities"},
     {"model"},
-    {"checkpoint"},
+    {"checkpoint", "data"},
     {"compose", "importers"},
     {"eval", "world"},
     {"train"},

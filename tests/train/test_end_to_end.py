@@ -119,6 +119,6 @@ def test_real_encoders_two_stages_damc_eval_and_chat(tmp_path: Path) -> None:
     metrics = json.loads(next((tmp_path / "eval").rglob("metrics.json")).read_text())
     assert metrics["n"] == 4
 
-    answer = run("chat", "--model", tmp_path / "composed", "--image", media / "images" / "red.png",
-                 "--audio", media / "sounds" / "low.wav", "--max-new-tokens", "4", "What do you see and hear?")
+    answer = run("chat", "--model", tmp_path / "composed", "-i", f"image={media / 'images' / 'red.png'}",
+                 "-i", f"audio={media / 'sounds' / 'low.wav'}", "--max-new-tokens", "4", "What do you see and hear?")
     assert answer.strip()
