@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from mmcompose.errors import MMComposeError
+from mmcompose.errors import CheckpointError, MMComposeError
 
 
 @contextmanager
@@ -63,3 +65,16 @@ def atomic_write_text(target: str | Path, text: str) -> None:
     """Write `text` to a temporary sibling, then rename it over `target`."""
     with atomic_file(target) as temporary:
         temporary.write_text(text)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a checkpoint's or model's config), with one-line errors naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {path.name}")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return value

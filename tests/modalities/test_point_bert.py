@@ -99,10 +99,11 @@ def test_refuses_a_wrong_key_set_in_one_line(tmp_path: Path) -> None:
     tensors = documented_state_dict(POINT_BERT["trans_dim"], POINT_BERT["depth"], POINT_BERT["encoder_dims"], 3)
     cases = {
         "missing": ({k: v for k, v in tensors.items() if not k.startswith("blocks.blocks.1.")},
-                    r"missing blocks\.blocks\.1\..* and \d+ more"),
-        "unexpected": ({**tensors, "head.weight": torch.zeros(1)}, r"unexpected head\.weight"),
+                    r"do not match the Point-BERT config \(missing key blocks\.blocks\.1\..*; \d+ missing, 0 "),
+        "unexpected": ({**tensors, "head.weight": torch.zeros(1)},
+                       r"\(unexpected key head\.weight; 0 missing, 1 unexpected\)"),
         "shape": ({**tensors, "reduce_dim.weight": torch.zeros(32, 99)},
-                  r"shape of reduce_dim\.weight: \(32, 99\) in the file, \(32, 24\) expected"),
+                  r"key reduce_dim\.weight has shape \(32, 99\), the config implies \(32, 24\)"),
         "no-cls": ({k: v for k, v in tensors.items() if k != "cls_token"}, "no Point-BERT weights found"),
     }
     for name, (state, message) in cases.items():
@@ -110,7 +111,7 @@ def test_refuses_a_wrong_key_set_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=message) as error:
             PointBERTEncoder.from_state_dict_file(tmp_path / f"{name}.pt", **POINT_BERT)
         assert "\n" not in str(error.value)
-    with pytest.raises(CheckpointError, match="missing cls_token"):  # an explicit prefix skips detection
+    with pytest.raises(CheckpointError, match="missing key cls_token"):  # an explicit prefix skips detection
         PointBERTEncoder.from_state_dict_file(tmp_path / "no-cls.pt", prefix="", **{**POINT_BERT, "depth": 2})
     with pytest.raises(CheckpointError, match="no such file"):
         PointBERTEncoder.from_state_dict_file(tmp_path / "absent.pt")

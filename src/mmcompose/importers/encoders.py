@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from mmcompose.checkpoint import MANIFEST_NAME, checkpoint_files, read_manifest, read_tensors
 from mmcompose.errors import CheckpointError, MMComposeError
-from mmcompose.importers._common import read_json
+from mmcompose.files import read_json
 from mmcompose.modalities import get_modality
 from mmcompose.modalities.beats import BEATsEncoder
 from mmcompose.modalities.clap import CLAPAudioEncoder

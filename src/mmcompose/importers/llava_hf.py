@@ -27,7 +27,8 @@ import torch
 
 from mmcompose.checkpoint import fingerprint_base
 from mmcompose.errors import CheckpointError
-from mmcompose.importers._common import Filler, base_config, check_same_llm, hf_config, read_json, skeleton
+from mmcompose.files import read_json
+from mmcompose.importers._common import Filler, base_config, check_same_llm, hf_config, skeleton
 from mmcompose.importers.encoders import CLIP_MEAN, CLIP_STD
 from mmcompose.model import Component, DeltaSpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES

@@ -41,12 +41,12 @@ import torch
 
 from mmcompose.checkpoint import fingerprint_base
 from mmcompose.errors import CheckpointError
+from mmcompose.files import read_json
 from mmcompose.importers._common import (
     Filler,
     SourceKeys,
     base_config,
     check_same_llm,
-    read_json,
     skeleton,
 )
 from mmcompose.importers.encoders import EncoderSource, ResolvedEncoder, resolve_encoder

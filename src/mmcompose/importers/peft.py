@@ -32,7 +32,8 @@ from peft.utils.other import get_pattern_key
 
 from mmcompose.checkpoint import checkpoint_files, fingerprint_base, read_manifest, read_tensors
 from mmcompose.errors import CheckpointError
-from mmcompose.importers._common import Filler, preview, read_json, skeleton
+from mmcompose.files import read_json
+from mmcompose.importers._common import Filler, preview, skeleton
 from mmcompose.model import DeltaSpec, ModalitySpec, ModelSpec, modality_spec
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
 from mmcompose.tensorfiles import load_state_dict

@@ -51,5 +51,24 @@ def local_model_type(path: str | Path, what: str, allowed: tuple[str, ...]) -> s
     return model_type
 
 
+def load_strict(module: nn.Module, weights: dict[str, torch.Tensor], where: str, family: str,
+                optional: tuple[str, ...] = ("num_batches_tracked",)) -> None:
+    """Load foreign pretrained `weights` into `module`, refusing any mismatch in one line that names `where`: a
+    missing key, an unexpected key, or a shape the module's config does not imply (the first of each, with the
+    counts). Keys ending in `optional` may be absent (old BatchNorm checkpoints lack the batch counter)."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in weights and not key.endswith(optional)]
+    unexpected = [key for key in weights if key not in expected]
+    if missing or unexpected:
+        first = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
+        raise CheckpointError(f"{where}: weights do not match the {family} config ({first}; {len(missing)} missing, "
+                              f"{len(unexpected)} unexpected)")
+    for key, value in expected.items():
+        if key in weights and weights[key].shape != value.shape:
+            raise CheckpointError(f"{where}: key {key} has shape {tuple(weights[key].shape)}, the config implies "
+                                  f"{tuple(value.shape)}")
+    module.load_state_dict(weights, strict=False)
+
+
 def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device

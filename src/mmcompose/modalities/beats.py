@@ -9,7 +9,6 @@ last layer's output, `(n, 512, encoder_embed_dim)` for a 10.24 s window (1024 fr
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcompose.errors import CheckpointError, InputError
+from mmcompose.files import read_json
 from mmcompose.io import load_audio
+from mmcompose.modalities._local import load_strict
 from mmcompose.tensorfiles import load_pickle, read_tensors
 
 #: Architecture fields of `BEATsConfig` that change the computation (the rest are training-time switches).
@@ -292,22 +293,8 @@ class BEATsEncoder(nn.Module):
             encoder = cls(cfg)
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{source}: bad BEATs config ({error})") from None
-        encoder.load_strict(weights, source)
+        load_strict(encoder, weights, source, "BEATs")
         return encoder.eval()
-
-    def load_strict(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        if missing or unexpected:
-            what = (f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}")
-            raise CheckpointError(f"{source}: weights do not match the BEATs config ({what}; "
-                                  f"{len(missing)} missing, {len(unexpected)} unexpected)")
-        for key, value in expected.items():
-            if weights[key].shape != value.shape:
-                raise CheckpointError(f"{source}: key {key} has shape {tuple(weights[key].shape)}, the config "
-                                      f"implies {tuple(value.shape)}")
-        self.load_state_dict(weights)
 
     def forward(self, fbank: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`padding_mask` (n, frames), True = padding, as the official encoder takes it; the official data path
@@ -339,10 +326,7 @@ def _read_beats(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], st
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path}: no config.json (a BEATs directory needs config.json and weights)")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file}: invalid JSON ({error})") from None
+        config = read_json(config_file)
         cfg = config.get("beats_cfg", config.get("cfg", config))
         weights_file = next((path / name for name in ("weights.safetensors", "model.safetensors")
                              if (path / name).is_file()), None)

@@ -8,7 +8,6 @@ a `LanguageBind_Video_merge` directory (config.json + safetensors or pytorch_mod
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcompose.errors import CheckpointError, InputError
+from mmcompose.files import read_json
 from mmcompose.io import load_video
+from mmcompose.modalities._local import load_strict
 from mmcompose.tensorfiles import load_state_dict
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -155,10 +156,7 @@ class LanguageBindVideoEncoder(nn.Module):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path}: no config.json (a LanguageBind video directory needs config and weights)")
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file}: invalid JSON ({error})") from None
+        config = read_json(config_file)
         vision = config.get("vision_config", config)
         if not isinstance(vision, dict) or "hidden_size" not in vision:
             raise CheckpointError(f"{config_file}: no vision_config with hidden_size")
@@ -172,22 +170,8 @@ class LanguageBindVideoEncoder(nn.Module):
             raise CheckpointError(f"{path}: no model.safetensors, weights.safetensors or pytorch_model.bin")
         weights = {k: v for k, v in load_state_dict(weights_file).items()
                    if k.startswith("vision_model.") and k != "vision_model.embeddings.position_ids"}
-        encoder.load_strict(weights, str(weights_file))
+        load_strict(encoder, weights, str(weights_file), "LanguageBind")
         return encoder.eval()
-
-    def load_strict(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        if missing or unexpected:
-            what = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
-            raise CheckpointError(f"{source}: weights do not match the LanguageBind config ({what}; "
-                                  f"{len(missing)} missing, {len(unexpected)} unexpected)")
-        for key, value in expected.items():
-            if weights[key].shape != value.shape:
-                raise CheckpointError(f"{source}: key {key} has shape {tuple(weights[key].shape)}, the config "
-                                      f"implies {tuple(value.shape)}")
-        self.load_state_dict(weights)
 
     def hidden_states(self, pixels: torch.Tensor, up_to: int | None = None) -> list[torch.Tensor]:
         """[pre-LayerNorm embeddings, layer 1, ..., layer `up_to`], each `(n, T, tokens, width)`."""

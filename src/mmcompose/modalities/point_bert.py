@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcompose.errors import CheckpointError, preview
+from mmcompose.errors import CheckpointError
+from mmcompose.modalities._local import load_strict
 from mmcompose.modalities.encoders import farthest_point_sample
 from mmcompose.tensorfiles import load_state_dict
 
@@ -155,23 +156,8 @@ class PointBERTEncoder(nn.Module):
                                       f"prefixes {', '.join(repr(p) for p in cls.PREFIXES)})")
         weights = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
         encoder = cls(**options)
-        encoder.load_strict(weights, str(path))
+        load_strict(encoder, weights, str(path), "Point-BERT")
         return encoder
-
-    def load_strict(self, weights: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """`load_state_dict` with every mismatch reported as one `CheckpointError` line naming `source`."""
-        expected = self.state_dict()
-        missing = [key for key in expected if key not in weights
-                   and not key.endswith("num_batches_tracked")]  # old BatchNorm checkpoints lack this counter
-        unexpected = [key for key in weights if key not in expected]
-        problems = [f"missing {preview(missing)}"] if missing else []
-        problems += [f"unexpected {preview(unexpected)}"] if unexpected else []
-        problems += [f"shape of {key}: {tuple(weights[key].shape)} in the file, {tuple(value.shape)} expected "
-                     f"(check the options {self.options})" for key, value in expected.items()
-                     if key in weights and weights[key].shape != value.shape][:1]
-        if problems:
-            raise CheckpointError(f"{source}: not a Point-BERT state dict for these options: {'; '.join(problems)}")
-        self.load_state_dict(weights, strict=False)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         if points.shape[-1] != self.point_dims or points.shape[1] < max(self.num_group, self.group_size):

@@ -9,7 +9,7 @@ from typing import Any
 
 from mmcompose.data.dataset import load_training_samples
 from mmcompose.errors import MMComposeError
-from mmcompose.importers._common import read_json
+from mmcompose.files import read_json
 from mmcompose.importers.encoders import parse_encoder_option
 from mmcompose.modalities import CONNECTORS
 from mmcompose.model.conversation import TEMPLATES
