@@ -21,8 +21,9 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from array import array
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -91,11 +92,11 @@ class BadSample:
 class SampleSet:
     """The valid samples of one or more files, in file order, and the records that were skipped."""
 
-    samples: list[Sample] = field(default_factory=list)
+    samples: Sequence[Sample] = field(default_factory=list)  # a list, or a StoredSamples when streamed
     skipped: list[BadSample] = field(default_factory=list)
 
     def extend(self, other: SampleSet) -> None:
-        self.samples += other.samples
+        self.samples = [*self.samples, *other.samples]
         self.skipped += other.skipped
 
 
@@ -309,7 +310,10 @@ def validate_records(records: Sequence[Any], source: str, data_root: str | Path 
     seen: dict[str, int] = {}
     for index, record in enumerate(records):
         sample = checker.unique(checker.check(record, layout, source, index), seen)
-        (result.skipped if isinstance(sample, BadSample) else result.samples).append(sample)  # type: ignore[arg-type]
+        if isinstance(sample, BadSample):
+            result.skipped.append(sample)
+        else:
+            result.samples.append(sample)  # type: ignore[attr-defined]
     checker.finish(source, len(result.samples), result.skipped)
     return result
 
@@ -437,14 +441,11 @@ class StoredSamples(Sequence[Sample]):
     def __iter__(self) -> Iterator[Sample]:
         """Every sample in order, each file opened once."""
         handles: dict[int, BinaryIO] = {}
-        try:
+        with ExitStack() as stack:
             for index, file in enumerate(self.arrays["file"].tolist()):
                 if file not in handles:
-                    handles[file] = Path(self.files[file][0]).open("rb")
+                    handles[file] = stack.enter_context(Path(self.files[file][0]).open("rb"))
                 yield self._read(index, handles[file])
-        finally:
-            for handle in handles.values():
-                handle.close()
 
     def _read(self, index: int, handle: BinaryIO) -> Sample:
         file, record, offset, size = (int(self.arrays[k][index]) for k in ("file", "index", "offset", "size"))
