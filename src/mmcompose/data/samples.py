@@ -14,6 +14,10 @@ its media exist under ``data_root``, that its modalities are among those allowed
 placeholder has one medium and every medium one placeholder. Each bad record is one line naming the file,
 the record's index and the field (:class:`BadSample`); ``on_bad_sample="stop"`` raises on the first file
 with bad records (all of its lines in the message's tail), ``"skip"`` drops them and reports them.
+
+Files are read record by record (:func:`iter_records`). :func:`load_files` keeps every :class:`Sample` (small
+evaluation files); :func:`stream_samples` (training) keeps only where each valid record is in its file
+(:class:`StoredSamples`), so a 50k-record file costs ~2 MB instead of ~150 MB of parsed and validated records.
 """
 
 from __future__ import annotations
