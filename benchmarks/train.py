@@ -11,7 +11,8 @@
 (c) peak RSS saved by gradient checkpointing on the 100M model (batch 4 x 256 tokens, 2 steps), and its time cost.
 
 Each RSS number is the child process's VmHWM (it includes the interpreter, torch and the model).
-Run: `python benchmarks/train.py [--repeats 3] [--steps 4]`; prints a table and appends it to RESULTS.md.
+Run: `python benchmarks/train.py [--repeats 3] [--steps 4] [--parts abc]`; prints a table and appends it to
+RESULTS.md (`--parts b`: only the RSS comparison).
 """
 
 from __future__ import annotations
@@ -192,60 +193,76 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--results", type=Path, default=ROOT / "RESULTS.md")
+    parser.add_argument("--parts", default="abc", help="which measurements to run: any of a, b, c")
     parser.add_argument("--worker", nargs=5, metavar=("KIND", "BASE", "DATA", "OUT", "CHECKPOINTING"))
     args = parser.parse_args()
     if args.worker:
         kind, base, data, out, checkpointing = args.worker
         rss_worker(kind, Path(base), Path(data), Path(out), checkpointing == "1")
         return
+    parts = set(args.parts)
+    if not parts or parts - set("abc"):
+        raise SystemExit(f"--parts {args.parts!r}: choose letters among a, b, c")
     load_before = os.getloadavg()
+    lines = ["| measure | mmcompose | anchor | ratio |", "|---|---|---|---|"]
+    model_line = ""
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        big = make_base(work / "base-100m", hidden=768, layers=14, intermediate=2048)
-        parameters = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(big).parameters())
-        samples = conversations(args.batch * args.steps, words=100)
-        ours, anchor = [], []
-        for repeat in range(args.repeats):
-            ours.append(mmcompose_run(big, samples, args.steps, args.batch, work / f"mm-{repeat}"))
-            anchor.append(peft_run(big, samples, args.steps, args.batch))
-        tiny = make_base(work / "base-tiny", hidden=64, layers=2, intermediate=128)
-        rss = {count: [child(["--worker", "data", str(tiny), str(image_data(work / "media", count)),
-                              str(work / f"rss-{count}-{r}"), "0"])["peak_mib"] for r in range(args.repeats)]
-               for count in (1000, 50000)}
-        long_data = work / "media" / "long.json"
-        rng = np.random.default_rng(2)
-        long_data.write_text(json.dumps([{"id": f"l{i}", "modal_inputs": {"image": [f"images/{i % 32}.png"]},
-                                          "conversations": [{"from": "human", "value": "<image>\nTell me."},
-                                                            {"from": "gpt", "value": " ".join(rng.choice(WORDS, 240))}]}
-                                         for i in range(8)]))
-        checkpointing = {flag: [child(["--worker", "ckpt", str(big), str(long_data), str(work / f"gc-{flag}-{r}"),
-                                       str(int(flag))]) for r in range(args.repeats)] for flag in (False, True)}
+        if parts & {"a", "c"}:
+            big = make_base(work / "base-100m", hidden=768, layers=14, intermediate=2048)
+            parameters = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(big).parameters())
+            model_line = (f"- model: random LLaMA, {parameters / 1e6:.0f}M parameters (hidden 768, 14 layers), LoRA "
+                          f"rank 16 / alpha 32 on the 7 projections, fp32, AdamW, batch {args.batch} x 12-word prompts "
+                          f"and 100-word answers ({args.steps} steps); first step of each run untimed")
+        if "a" in parts:
+            samples = conversations(args.batch * args.steps, words=100)
+            ours, anchor = [], []
+            for repeat in range(args.repeats):
+                ours.append(mmcompose_run(big, samples, args.steps, args.batch, work / f"mm-{repeat}"))
+                anchor.append(peft_run(big, samples, args.steps, args.batch))
+            ratio = statistics.median(ours) / statistics.median(anchor)
+            lines.append(f"| (a) training tokens/s | {spread(ours)} | {spread(anchor)} (transformers + PEFT loop) "
+                         f"| {ratio:.2f}x |")
+        if "b" in parts:
+            tiny = make_base(work / "base-tiny", hidden=64, layers=2, intermediate=128)
+            rss = {count: [child(["--worker", "data", str(tiny), str(image_data(work / "media", count)),
+                                  str(work / f"rss-{count}-{r}"), "0"])["peak_mib"] for r in range(args.repeats)]
+                   for count in (1000, 50000)}
+            lines.append(f"| (b) peak RSS MiB, 1k vs 50k samples, same 32 PNGs | 50k: {spread(rss[50000])} | 1k: "
+                         f"{spread(rss[1000])} | {statistics.median(rss[50000]) / statistics.median(rss[1000]):.2f}x |")
+        if "c" in parts:
+            long_data = work / "media" / "long.json"
+            long_data.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(2)
+            long_data.write_text(json.dumps([{"id": f"l{i}", "modal_inputs": {"image": [f"images/{i % 32}.png"]},
+                                              "conversations": [{"from": "human", "value": "<image>\nTell me."},
+                                                                {"from": "gpt",
+                                                                 "value": " ".join(rng.choice(WORDS, 240))}]}
+                                             for i in range(8)]))
+            image_data(work / "media", 8)  # the PNGs it names
+            checkpointing = {flag: [child(["--worker", "ckpt", str(big), str(long_data),
+                                           str(work / f"gc-{flag}-{r}"), str(int(flag))]) for r in range(args.repeats)]
+                             for flag in (False, True)}
+            memory = {flag: [r["peak_mib"] for r in runs] for flag, runs in checkpointing.items()}
+            seconds = {flag: [r["seconds"] for r in runs] for flag, runs in checkpointing.items()}
+            lines.append(f"| (c) peak RSS MiB, gradient checkpointing on vs off (batch 4 x ~250 tokens, 100M model) "
+                         f"| on: {spread(memory[True])} | off: {spread(memory[False])} | saves "
+                         f"{statistics.median(memory[False]) - statistics.median(memory[True]):.0f} MiB; run time "
+                         f"{statistics.median(seconds[True]) / statistics.median(seconds[False]):.2f}x |")
     load_after = os.getloadavg()
-    ratio = statistics.median(ours) / statistics.median(anchor)
-    memory = {flag: [r["peak_mib"] for r in runs] for flag, runs in checkpointing.items()}
-    seconds = {flag: [r["seconds"] for r in runs] for flag, runs in checkpointing.items()}
-    lines = [
+    header = [
         f"## train ({date.today().isoformat()})",
         "",
-        f"- command: `python benchmarks/train.py --repeats {args.repeats} --steps {args.steps} --batch {args.batch}`",
+        f"- command: `python benchmarks/train.py --repeats {args.repeats} --steps {args.steps} --batch {args.batch} "
+        f"--parts {args.parts}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; shared with other jobs: load average "
         f"{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end",
-        f"- model: random LLaMA, {parameters / 1e6:.0f}M parameters (hidden 768, 14 layers), LoRA rank 16 / alpha 32 "
-        f"on the 7 projections, fp32, AdamW, batch {args.batch} x 12-word prompts and 100-word answers "
-        f"({args.steps} steps); first step of each run untimed; values: median (min-max) over the repeats",
+        *([model_line] if model_line else []),
+        f"- values: median (min-max) over {args.repeats} repeats",
         "",
-        "| measure | mmcompose | anchor | ratio |",
-        "|---|---|---|---|",
-        f"| (a) training tokens/s | {spread(ours)} | {spread(anchor)} (transformers + PEFT loop) | {ratio:.2f}x |",
-        f"| (b) peak RSS MiB, 1k vs 50k samples, same 32 PNGs | 50k: {spread(rss[50000])} | 1k: {spread(rss[1000])} "
-        f"| {statistics.median(rss[50000]) / statistics.median(rss[1000]):.2f}x |",
-        f"| (c) peak RSS MiB, gradient checkpointing on vs off (batch 4 x ~250 tokens, 100M model) | on: "
-        f"{spread(memory[True])} | off: {spread(memory[False])} | saves "
-        f"{statistics.median(memory[False]) - statistics.median(memory[True]):.0f} MiB; run time "
-        f"{statistics.median(seconds[True]) / statistics.median(seconds[False]):.2f}x |",
     ]
-    publish(lines, args.results)
+    publish(header + lines, args.results)
 
 
 if __name__ == "__main__":

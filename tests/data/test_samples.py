@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from mmcompose.data import BadSample, load_files, load_samples, validate_records
+from mmcompose.data import samples as samples_module
+from mmcompose.data.samples import StoredSamples, iter_records, stream_samples
 from mmcompose.errors import InputError
 from tests.data.media import turns, write_json, write_png, write_wav
 
@@ -130,3 +132,45 @@ def test_file_level_bad_input(root: Path) -> None:
         load_samples(root / "nothing.json")
     with pytest.raises(InputError, match="on_bad_sample 'ignore'"):
         validate_records([{}], "x", on_bad_sample="ignore")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_streamed_records_and_their_offsets(root: Path, suffix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are read item by item across read boundaries (a 64-byte read here), non-ASCII text and numbers
+    at a boundary included; each offset and size cut exactly that record out of the file's bytes."""
+    monkeypatch.setattr(samples_module, "STREAM_CHUNK", 64)
+    records = [{"id": i, "text": "héllo ☃ " * (i % 5), "n": 12345678901234 + i} for i in range(40)]
+    records += [1234567, "ü", None, [1, 2]]
+    path = root / f"many{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    else:
+        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n\n", encoding="utf-8")
+    found = list(iter_records(path))
+    raw = path.read_bytes()
+    assert [r for r, _, _ in found] == records
+    assert [json.loads(raw[offset:offset + size]) for _, offset, size in found] == records
+
+
+def test_streamed_samples_match_the_eager_loader(root: Path) -> None:
+    records = [{"id": i, "conversations": turns("<image>\nWhat? " + "é" * i, f"answer {i}"),
+                "modal_inputs": {"image": [f"img/{i % 2}.png"]}} for i in range(6)]
+    records[2]["modal_inputs"] = {"image": ["img/missing.png"]}
+    path = write_json(root / "s.json", records)
+    for k in range(2):
+        write_png(root / "img" / f"{k}.png", k)
+    eager = load_files([path], root, purpose="train", on_bad_sample="skip")
+    streamed = stream_samples([path], root, purpose="train", on_bad_sample="skip")
+    assert isinstance(streamed.samples, StoredSamples) and len(streamed.samples) == 5
+    assert list(streamed.samples) == eager.samples and streamed.samples[4] == eager.samples[4]
+    assert [str(b) for b in streamed.skipped] == [str(b) for b in eager.skipped]
+    assert streamed.samples[2].origin == (str(path), 3)
+    with pytest.raises(InputError, match=r"s\.json: sample #2 \(id '2'\): modal_inputs.image: image file not found"):
+        stream_samples([path], root, purpose="train")
+    broken = root / "broken.json"
+    broken.write_text('[{"id": 1}, {"id": ]')
+    with pytest.raises(InputError, match=r"broken\.json: not valid JSON \(Expecting value: line 1 column 20"):
+        stream_samples([broken], root, purpose="train")
+    path.write_text(json.dumps([{"id": "changed"}] * 6))  # the file changes after loading
+    with pytest.raises(InputError, match=r"s\.json: sample #0.*the file changed after it was loaded"):
+        streamed.samples[0]

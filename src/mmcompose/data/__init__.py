@@ -7,10 +7,13 @@ from mmcompose.data.samples import (
     BadSample,
     Sample,
     SampleSet,
+    StoredSamples,
     detect_layout,
+    iter_records,
     load_files,
     load_samples,
     read_records,
+    stream_samples,
     validate_records,
 )
 
@@ -19,9 +22,12 @@ __all__ = [
     "BadSample",
     "Sample",
     "SampleSet",
+    "StoredSamples",
     "detect_layout",
+    "iter_records",
     "load_files",
     "load_samples",
     "read_records",
+    "stream_samples",
     "validate_records",
 ]

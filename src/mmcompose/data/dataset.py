@@ -18,6 +18,7 @@ limit is the smaller of `max_length` and the LLM's `max_position_embeddings`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from mmcompose.data.cache import FeatureCache
-from mmcompose.data.samples import BadSample, Sample, SampleSet, load_files, validate_records
+from mmcompose.data.samples import BadSample, Sample, SampleSet, StoredSamples, stream_samples, validate_records
 from mmcompose.errors import InputError
 from mmcompose.model.assembly import Example
 from mmcompose.model.conversation import format_conversation
@@ -58,16 +59,22 @@ class DataOptions(BaseModel):
 
 def load_training_samples(files: Sequence[str | Path], data_root: str | Path, model: MultimodalLLM,
                           on_bad_sample: Literal["stop", "skip"] = "stop") -> SampleSet:
-    """Validate every training file for `model` (its modalities and placeholders) before anything trains."""
-    return load_files(files, data_root, purpose="train", modalities=list(model.processors),
-                      placeholders={m.name: m.placeholder for m in model.spec.modalities},
-                      on_bad_sample=on_bad_sample)
+    """Validate every training file for `model` (its modalities and placeholders) before anything trains.
+
+    The files are streamed: the samples are a :class:`StoredSamples`, whose memory does not grow with their
+    text (each record is parsed again when its item is fetched)."""
+    return stream_samples(files, data_root, purpose="train", modalities=list(model.processors),
+                          placeholders={m.name: m.placeholder for m in model.spec.modalities},
+                          on_bad_sample=on_bad_sample)
 
 
 def training_samples(samples: Sequence[Sample | dict[str, Any]], data_root: str | Path, model: MultimodalLLM,
                      on_bad_sample: Literal["stop", "skip"] = "stop") -> SampleSet:
-    """`samples` as validated training samples: `Sample`s are taken as they are (their media paths already
-    resolved), raw records are validated like a file's, with media under `data_root`."""
+    """`samples` as validated training samples: `Sample`s (or a :class:`StoredSamples`) are taken as they are
+    (their media paths already resolved), raw records are validated like a file's, with media under
+    `data_root`."""
+    if isinstance(samples, StoredSamples):
+        return SampleSet(samples=samples)
     if all(isinstance(s, Sample) for s in samples):
         return SampleSet(samples=list(samples))  # type: ignore[arg-type]
     return validate_records(list(samples), "training samples", data_root, purpose="train",
@@ -76,13 +83,25 @@ def training_samples(samples: Sequence[Sample | dict[str, Any]], data_root: str 
                             on_bad_sample=on_bad_sample)
 
 
+def modality_counts(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
+    """Per modality, each sample's number of inputs of it (a :class:`StoredSamples` has them stored)."""
+    if isinstance(samples, StoredSamples):
+        return samples.counts
+    names = sorted({m for sample in samples for m in sample.modal_inputs})
+    return {m: np.array([len(s.modal_inputs.get(m, ())) for s in samples], dtype=np.int64) for m in names}
+
+
 class SampleDataset(Dataset[Example]):
     """Training samples as `Example`s in the model's template; item `i` decodes sample `i`'s media.
 
     `lengths` (for length grouping) are each sample's text tokens without placeholders plus the positions
     of its inputs, up to a constant (special tokens); `too_long` lists the samples left out by the
-    maximum length, as :class:`BadSample` lines.
+    maximum length, as :class:`BadSample` lines. Memory: besides `samples` (a :class:`StoredSamples` keeps no
+    text), numpy arrays of a few numbers per sample; the texts are formatted and tokenized
+    `CHUNK` samples at a time.
     """
+
+    CHUNK = 2048
 
     def __init__(self, model: MultimodalLLM, samples: Sequence[Sample], *, max_length: int | None = None,
                  source: str = "training data") -> None:
@@ -91,34 +110,46 @@ class SampleDataset(Dataset[Example]):
         self.processors = dict(model.processors)
         self.template = model.spec.template
         placeholders = [spec.placeholder for spec in model.spec.modalities]
-        present = sorted({m for sample in samples for m in sample.modal_inputs})
-        first = {m: next(s.modal_inputs[m][0] for s in samples if s.modal_inputs.get(m)) for m in present}
+        counts = modality_counts(samples)
+        present = sorted(m for m, column in counts.items() if column.any())
+        first = {m: samples[int(np.argmax(counts[m] > 0))].modal_inputs[m][0] for m in present}
         self.positions = {m: model.input_length(m, self.processors[m](first[m])) for m in present}
         limit = min(model.assembler.max_length, max_length or model.assembler.max_length)
-        self.samples: list[Sample] = []
-        texts: list[str] = []  # for the lengths only: items format their text again when fetched
+        full = np.zeros(len(samples), dtype=np.int64)  # whole sequence, for the maximum length
+        tokens = np.zeros(len(samples), dtype=np.int64)  # text without placeholders, for the lengths
         self.too_long: list[BadSample] = []
-        formatted = [format_conversation(sample.conversations, self.template) for sample in samples]
-        full = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted], self.positions)
-        for index, (sample, (prompt, target), length) in enumerate(zip(samples, formatted, full, strict=True)):
-            counts = {m: len(paths) for m, paths in sample.modal_inputs.items()}
-            if length > limit:
-                file, position = sample.origin or (source, index)
+        stream = iter(samples)
+        for start in range(0, len(samples), self.CHUNK):
+            block = list(islice(stream, self.CHUNK))
+            formatted = [format_conversation(sample.conversations, self.template) for sample in block]
+            end = start + len(block)
+            full[start:end] = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted],
+                                                               self.positions)
+            texts = [_without(prompt, placeholders) + (target or "") for prompt, target in formatted]
+            tokens[start:end] = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=False,
+                                                                     return_attention_mask=False)["input_ids"]]
+            for offset in np.flatnonzero(full[start:end] > limit).tolist():
+                sample, length = block[offset], int(full[start + offset])
+                file, position = sample.origin or (source, start + offset)
+                inputs = {m: len(paths) for m, paths in sample.modal_inputs.items()}
                 self.too_long.append(BadSample(file, position, "", f"{length} positions exceed the maximum length "
-                                               f"{limit} ({counts or 'text only'}); skipped", sample.id))
-                continue
-            self.samples.append(sample)
-            texts.append(_without(prompt, placeholders) + (target or ""))
-        if not self.samples:
+                                               f"{limit} ({inputs or 'text only'}); skipped", sample.id))
+        kept = np.flatnonzero(full <= limit)
+        if not len(kept):
             raise InputError(f"{source}: all {len(samples)} samples are longer than the maximum length {limit} "
                              f"(first: {self.too_long[0]})")
-        self.modalities = sorted({m for sample in self.samples for m in sample.modal_inputs})
-        self.has_text_only = any(not sample.modal_inputs for sample in self.samples)
-        counts = [len(ids) for start in range(0, len(texts), 2048)
-                  for ids in model.tokenizer(texts[start:start + 2048], add_special_tokens=False,
-                                             return_attention_mask=False)["input_ids"]]
-        self.lengths = [count + sum(self.positions[m] * len(paths) for m, paths in sample.modal_inputs.items())
-                        for count, sample in zip(counts, self.samples, strict=True)]
+        if len(kept) == len(samples):
+            self.samples: Sequence[Sample] = samples
+        elif isinstance(samples, StoredSamples):
+            self.samples = samples.subset(kept)
+        else:
+            self.samples = [samples[i] for i in kept.tolist()]
+        kept_counts = {m: counts[m][kept] for m in present}
+        self.modalities = [m for m in present if kept_counts[m].any()]
+        inputs = sum(kept_counts.values(), np.zeros(len(kept), dtype=np.int64))
+        self.has_text_only = bool((inputs == 0).any())
+        self.lengths = tokens[kept] + sum((self.positions[m] * kept_counts[m] for m in present),
+                                          np.zeros(len(kept), dtype=np.int64))
         self.caches: dict[str, FeatureCache] = {}
         self._digests: dict[str, dict[Path, str]] = {}
         self._order: tuple[tuple[int, int, int] | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
@@ -169,7 +200,7 @@ class SampleDataset(Dataset[Example]):
             if group:
                 state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
                 generator = torch.Generator().manual_seed(state)
-                order = np.array(get_length_grouped_indices(self.lengths, group, generator=generator))
+                order = np.array(get_length_grouped_indices(self.lengths.tolist(), group, generator=generator))
             else:
                 order = np.random.default_rng((seed, epoch)).permutation(len(self.samples))
             self._order = (key, order)

@@ -14,16 +14,25 @@ its media exist under ``data_root``, that its modalities are among those allowed
 placeholder has one medium and every medium one placeholder. Each bad record is one line naming the file,
 the record's index and the field (:class:`BadSample`); ``on_bad_sample="stop"`` raises on the first file
 with bad records (all of its lines in the message's tail), ``"skip"`` drops them and reports them.
+
+Files are read record by record (:func:`iter_records`). :func:`load_files` keeps every :class:`Sample` (small
+evaluation files); :func:`stream_samples` (training) keeps only where each valid record is in its file
+(:class:`StoredSamples`), so a 50k-record file costs ~2 MB instead of ~150 MB of parsed and validated records.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import re
+from array import array
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
@@ -87,11 +96,11 @@ class BadSample:
 class SampleSet:
     """The valid samples of one or more files, in file order, and the records that were skipped."""
 
-    samples: list[Sample] = field(default_factory=list)
+    samples: Sequence[Sample] = field(default_factory=list)  # a list, or a StoredSamples when streamed
     skipped: list[BadSample] = field(default_factory=list)
 
     def extend(self, other: SampleSet) -> None:
-        self.samples += other.samples
+        self.samples = [*self.samples, *other.samples]
         self.skipped += other.skipped
 
 
@@ -134,7 +143,119 @@ def detect_layout(records: Sequence[Any]) -> Layout:
 
 def read_records(path: str | Path) -> list[Any]:
     """The records of a data file: a JSON list, or JSON Lines (``.jsonl``: one record per line)."""
+    return [record for record, _, _ in iter_records(path)]
+
+
+STREAM_CHUNK = 1 << 20
+"""Bytes read at a time when a data file is streamed record by record."""
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[Any, int, int]]:
+    """Each record of a data file with its byte offset and size in the file, read record by record.
+
+    A JSON list is decoded item by item (``json.JSONDecoder.raw_decode`` over 1 MiB reads), JSON Lines line by
+    line, so memory holds one read and one record, not the file: a 50k-record list is ~90 MB as one parsed
+    object; :class:`StoredSamples` parses a record again from its offset and size. On any file-level problem (not
+    UTF-8, not JSON, not a list, no records) the file is read whole once more, so the error is exactly the
+    one ``json.loads`` of the whole file gives; a file that is bad anyway costs its size in memory.
+    """
     path = Path(path)
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: data file not found") from None
+    except OSError as error:
+        raise InputError(f"{path}: not a readable text file ({error})") from None
+    count = 0
+    with handle:
+        try:
+            items = _jsonl_items(handle) if path.suffix == ".jsonl" else _json_list_items(handle)
+            for item in items:
+                count += 1
+                yield item
+        except (_NotAList, json.JSONDecodeError, UnicodeDecodeError, OSError):
+            _read_whole(path)  # raises the whole-file error
+            raise InputError(f"{path}: not valid JSON") from None  # only if the whole file reads fine
+    if not count:
+        raise InputError(f"{path}: contains no samples")
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _NotAList(ValueError):
+    """The streamed JSON file is not a plain list (its exact error comes from reading it whole)."""
+
+
+def _jsonl_items(handle: BinaryIO) -> Iterator[tuple[Any, int, int]]:
+    offset = 0
+    for line in handle:
+        if line.strip():
+            yield json.loads(line), offset, len(line)
+        offset += len(line)
+
+
+def _json_list_items(handle: BinaryIO) -> Iterator[tuple[Any, int, int]]:
+    """The items of a JSON list (see :func:`iter_records`). `text[pos:]` is the undecoded rest of what was read;
+    `at` is the byte offset of `text[pos]` (outside items JSON allows only ASCII whitespace and commas, so
+    there one character is one byte)."""
+    decoder = json.JSONDecoder()
+    incremental = codecs.getincrementaldecoder("utf-8")()
+    text, pos, at, done = "", 0, 0, False
+
+    def more() -> bool:
+        nonlocal text, pos, done
+        if done:
+            return False
+        chunk = handle.read(STREAM_CHUNK)
+        done = not chunk
+        text = text[pos:] + incremental.decode(chunk, final=done)
+        pos = 0
+        return True
+
+    def skip_space() -> str:
+        """The next character after whitespace ('' at the end of the file)."""
+        nonlocal pos, at
+        while True:
+            stripped = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            at += stripped - pos
+            pos = stripped
+            if pos < len(text) or not more():
+                return text[pos:pos + 1]
+
+    if skip_space() != "[":
+        raise _NotAList
+    pos, at = pos + 1, at + 1
+    if skip_space() == "]":
+        pos, at = pos + 1, at + 1
+    else:
+        while True:
+            skip_space()
+            while True:
+                try:
+                    record, end = decoder.raw_decode(text, pos)
+                except json.JSONDecodeError:
+                    if more():
+                        continue  # the item runs past what was read
+                    raise
+                if end < len(text) or not more():  # a number at the end of a read may continue
+                    break
+            item = text[pos:end]
+            size = len(item) if item.isascii() else len(item.encode("utf-8"))
+            yield record, at, size
+            pos, at = end, at + size
+            after = skip_space()
+            pos, at = pos + 1, at + 1
+            if after == "]":
+                break
+            if after != ",":
+                raise _NotAList
+    if skip_space() != "":
+        raise _NotAList
+
+
+def _read_whole(path: Path) -> list[Any]:
+    """A data file parsed whole: the reference for the file-level errors of :func:`iter_records`."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -185,36 +306,162 @@ def validate_records(records: Sequence[Any], source: str, data_root: str | Path 
     With ``on_bad_sample="stop"`` any bad record raises :class:`InputError` listing every bad record;
     with ``"skip"`` they are left out and returned in :attr:`SampleSet.skipped`.
     """
-    if on_bad_sample not in ("stop", "skip"):
-        raise InputError(f"on_bad_sample {on_bad_sample!r}: expected stop or skip")
+    checker = _Checker(data_root, purpose, modalities, placeholders, on_bad_sample)
     if not records:
         raise InputError(f"{source}: contains no samples")
-    root = Path(data_root) if data_root is not None else None
     layout = detect_layout(records)
-    marks = dict(placeholders or {})
-    counted = list(dict.fromkeys((*DEFAULT_MODALITIES, *(modalities or ()))))
     result = SampleSet()
     seen: dict[str, int] = {}
     for index, record in enumerate(records):
-        sample = _validate(record, layout, source, index, root, purpose, modalities, marks, counted)
-        if isinstance(sample, Sample) and purpose == "eval":
-            if sample.id in seen:
-                sample = BadSample(source, index, "id", f"duplicate id {sample.id!r} (first used by sample "
-                                                        f"#{seen[sample.id]})", sample.id)
-            else:
-                seen[sample.id] = index
+        sample = checker.unique(checker.check(record, layout, source, index), seen)
         if isinstance(sample, BadSample):
             result.skipped.append(sample)
         else:
-            result.samples.append(sample)
-    if result.skipped and on_bad_sample == "stop":
-        first, rest = str(result.skipped[0]), len(result.skipped) - 1
-        more = f" (and {rest} more bad sample(s): {'; '.join(map(str, result.skipped[1:4]))}" \
-               f"{'; ...' if rest > 3 else ''})" if rest else ""
-        raise InputError(first + more)
-    if not result.samples:
-        raise InputError(f"{source}: no valid samples ({len(result.skipped)} skipped)")
+            result.samples.append(sample)  # type: ignore[attr-defined]
+    checker.finish(source, len(result.samples), result.skipped)
     return result
+
+
+def stream_samples(paths: Iterable[str | Path], data_root: str | Path | None = None, *, purpose: Purpose = "eval",
+                   modalities: Collection[str] | None = None, placeholders: Mapping[str, str] | None = None,
+                   on_bad_sample: OnBadSample = "stop") -> SampleSet:
+    """:func:`load_files`, with memory independent of the number of samples: its ``samples`` are a
+    :class:`StoredSamples`, which keeps where each valid record is and parses it again when indexed.
+
+    Each file is read twice record by record (:func:`iter_records`): once for its layout, once to validate
+    each record exactly as :func:`validate_records` does (same samples, order and messages).
+    """
+    checker = _Checker(data_root, purpose, modalities, placeholders, on_bad_sample)
+    stored = StoredSamples(checker)
+    skipped: list[BadSample] = []
+    for path in paths:
+        source, before, bad = str(path), len(stored), len(skipped)
+        layout = _stream_layout(path)
+        seen: dict[str, int] = {}
+        for index, (record, offset, size) in enumerate(iter_records(path)):
+            sample = checker.unique(checker.check(record, layout, source, index), seen)
+            if isinstance(sample, BadSample):
+                skipped.append(sample)
+            else:
+                stored.add(path, layout, index, offset, size, sample)
+        checker.finish(source, len(stored) - before, skipped[bad:])
+    return SampleSet(samples=stored.frozen(), skipped=skipped)  # type: ignore[arg-type]
+
+
+def _stream_layout(path: str | Path) -> Layout:
+    """:func:`detect_layout` of a file, streamed: only whether any record has ``modal_inputs`` or ``image``."""
+    inputs = image = False
+    for record, _, _ in iter_records(path):
+        if isinstance(record, dict):
+            inputs, image = inputs or "modal_inputs" in record, image or "image" in record
+    return detect_layout([{"image": None}] if image and not inputs else [])
+
+
+class _Checker:
+    """The validation options of one load, shared by the eager and the streamed loader."""
+
+    def __init__(self, data_root: str | Path | None, purpose: Purpose, modalities: Collection[str] | None,
+                 placeholders: Mapping[str, str] | None, on_bad_sample: OnBadSample) -> None:
+        if on_bad_sample not in ("stop", "skip"):
+            raise InputError(f"on_bad_sample {on_bad_sample!r}: expected stop or skip")
+        self.root = Path(data_root) if data_root is not None else None
+        self.purpose, self.modalities, self.on_bad_sample = purpose, modalities, on_bad_sample
+        self.marks = dict(placeholders or {})
+        self.counted = list(dict.fromkeys((*DEFAULT_MODALITIES, *(modalities or ()))))
+
+    def check(self, record: Any, layout: Layout, source: str, index: int) -> Sample | BadSample:
+        return _validate(record, layout, source, index, self.root, self.purpose, self.modalities, self.marks,
+                         self.counted)
+
+    def unique(self, sample: Sample | BadSample, seen: dict[str, int]) -> Sample | BadSample:
+        """For evaluation, a sample whose id an earlier one of its file has is bad."""
+        if isinstance(sample, Sample) and self.purpose == "eval":
+            source, index = sample.origin  # type: ignore[misc]
+            if sample.id in seen:
+                return BadSample(source, index, "id", f"duplicate id {sample.id!r} (first used by sample "
+                                                      f"#{seen[sample.id]})", sample.id)
+            seen[sample.id] = index
+        return sample
+
+    def finish(self, source: str, valid: int, skipped: Sequence[BadSample]) -> None:
+        """Raise for a file with bad records under ``stop``, or with no valid record."""
+        if skipped and self.on_bad_sample == "stop":
+            first, rest = str(skipped[0]), len(skipped) - 1
+            more = f" (and {rest} more bad sample(s): {'; '.join(map(str, skipped[1:4]))}" \
+                   f"{'; ...' if rest > 3 else ''})" if rest else ""
+            raise InputError(first + more)
+        if not valid:
+            raise InputError(f"{source}: no valid samples ({len(skipped)} skipped)")
+
+
+class StoredSamples(Sequence[Sample]):
+    """Validated samples that stay in their files: per sample only its file, record index, byte offset and
+    size, and its number of inputs per modality (numpy arrays, ~40 bytes a sample). Item `i` parses and
+    validates its record again (in DataLoader workers when they fetch it), giving the `Sample` the eager loader
+    gives; a record changed since loading is an :class:`InputError` naming it."""
+
+    def __init__(self, checker: _Checker) -> None:
+        self._checker = checker
+        self.files: list[tuple[str, Layout]] = []  # (source as given, layout)
+        self._columns: dict[str, array[int]] = {k: array("q") for k in ("file", "index", "offset", "size")}
+        self._counts: dict[str, array[int]] = {}
+        self.arrays: dict[str, np.ndarray] = {}  # file, index, offset, size
+        self.counts: dict[str, np.ndarray] = {}
+
+    def add(self, path: str | Path, layout: Layout, index: int, offset: int, size: int, sample: Sample) -> None:
+        if not self.files or self.files[-1][0] != str(path):
+            self.files.append((str(path), layout))
+        for key, value in zip(("file", "index", "offset", "size"), (len(self.files) - 1, index, offset, size),
+                              strict=True):
+            self._columns[key].append(value)
+        for modality in sample.modal_inputs:
+            self._counts.setdefault(modality, array("q", bytes(8 * (len(self) - 1))))
+        for modality, column in self._counts.items():
+            column.append(len(sample.modal_inputs.get(modality, ())))
+
+    def frozen(self) -> StoredSamples:
+        """These samples with their columns as numpy arrays (done once, after the last `add`)."""
+        self.arrays = {k: np.frombuffer(v, dtype=np.int64) for k, v in self._columns.items()}
+        self.counts = {m: np.frombuffer(v, dtype=np.int64) for m, v in self._counts.items()}
+        return self
+
+    def subset(self, indices: np.ndarray) -> StoredSamples:
+        """The samples at `indices`, in that order."""
+        chosen = StoredSamples(self._checker)
+        chosen.files = self.files
+        chosen.arrays = {k: v[indices] for k, v in self.arrays.items()}
+        chosen.counts = {m: v[indices] for m, v in self.counts.items()}
+        return chosen
+
+    def __len__(self) -> int:
+        return len(self.arrays["file"]) if self.arrays else len(self._columns["file"])
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        with Path(self.files[int(self.arrays["file"][index])][0]).open("rb") as handle:
+            return self._read(int(index), handle)
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Every sample in order, each file opened once."""
+        handles: dict[int, BinaryIO] = {}
+        with ExitStack() as stack:
+            for index, file in enumerate(self.arrays["file"].tolist()):
+                if file not in handles:
+                    handles[file] = stack.enter_context(Path(self.files[file][0]).open("rb"))
+                yield self._read(index, handles[file])
+
+    def _read(self, index: int, handle: BinaryIO) -> Sample:
+        file, record, offset, size = (int(self.arrays[k][index]) for k in ("file", "index", "offset", "size"))
+        source, layout = self.files[file]
+        handle.seek(offset)
+        try:
+            sample = self._checker.check(json.loads(handle.read(size)), layout, source, record)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            sample = BadSample(source, record, "", "not valid JSON any more")
+        if isinstance(sample, BadSample):
+            raise InputError(f"{sample} (the file changed after it was loaded)")
+        return sample
 
 
 def _validate(record: Any, layout: Layout, source: str, index: int, root: Path | None, purpose: Purpose,
