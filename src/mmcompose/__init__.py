@@ -1,7 +1,17 @@
 """mmcompose: build one multimodal LLM out of single-modality MLLMs that share a base LLM."""
 
+import os
+
+import torch
+
 from mmcompose.errors import CheckpointError, CompositionError, InputError, MMComposeError
 
 __version__ = "0.1.0"
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # transformers imports DeepSpeed whenever it is installed, and DeepSpeed's accelerator probe then logs a
+    # warning on every machine without a GPU ("Setting accelerator to CPU ..."), into every command's output.
+    # Naming the CPU accelerator it would pick anyway keeps the probe quiet; a user's own DS_ACCELERATOR wins.
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 __all__ = ["CheckpointError", "CompositionError", "InputError", "MMComposeError", "__version__"]
