@@ -18,6 +18,7 @@ limit is the smaller of `max_length` and the LLM's `max_position_embeddings`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,7 +90,8 @@ class SampleDataset(Dataset[Example]):
         if not samples:
             raise InputError(f"{source}: no training samples")
         self.processors = dict(model.processors)
-        self.template = model.spec.template
+        self.format = partial(format_conversation, template=model.spec.template, tokenizer=model.tokenizer,
+                              chat_template=model.spec.chat_template)
         placeholders = [spec.placeholder for spec in model.spec.modalities]
         present = sorted({m for sample in samples for m in sample.modal_inputs})
         first = {m: next(s.modal_inputs[m][0] for s in samples if s.modal_inputs.get(m)) for m in present}
@@ -98,7 +100,7 @@ class SampleDataset(Dataset[Example]):
         self.samples: list[Sample] = []
         texts: list[str] = []  # for the lengths only: items format their text again when fetched
         self.too_long: list[BadSample] = []
-        formatted = [format_conversation(sample.conversations, self.template) for sample in samples]
+        formatted = [self.format(sample.conversations) for sample in samples]
         full = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted], self.positions)
         for index, (sample, (prompt, target), length) in enumerate(zip(samples, formatted, full, strict=True)):
             counts = {m: len(paths) for m, paths in sample.modal_inputs.items()}
@@ -128,7 +130,7 @@ class SampleDataset(Dataset[Example]):
 
     def __getitem__(self, index: int) -> Example:
         sample = self.samples[index]
-        prompt, target = format_conversation(sample.conversations, self.template)
+        prompt, target = self.format(sample.conversations)
         inputs = {m: [self._input(m, path) for path in paths] for m, paths in sample.modal_inputs.items()}
         return Example(prompt=prompt, inputs=inputs, target=target, id=sample.id)
 
