@@ -35,7 +35,7 @@ def chat_base(directory: Path, template: str | None, family: str = "qwen2") -> P
     tokenizer.chat_template = template
     tokenizer.save_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.save_pretrained(directory)
     return directory
 
