@@ -8,9 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mmcompose.checkpoint import load_checkpoint, save_checkpoint
+from mmcompose.compose.config import parse_config
+from mmcompose.compose.engine import compose
 from mmcompose.data.dataset import SampleDataset
 from mmcompose.data.samples import Sample
-from mmcompose.errors import MMComposeError
+from mmcompose.errors import CompositionError, MMComposeError
 from mmcompose.model import ModelSpec, MultimodalLLM
 from mmcompose.model.assembly import IGNORE_INDEX, Example
 from mmcompose.model.conversation import format_conversation
@@ -116,3 +119,19 @@ def test_default_template(tmp_path: Path, llama_base: Path) -> None:
     assert default_template(chat_base(tmp_path / "qwen-base", CHATML)) == "chat"
     assert default_template(llama_base) == "plain"
     assert default_template(chat_base(tmp_path / "vicuna-7b", INST, "llama")) == "vicuna_v1"
+
+
+def test_composition_keeps_the_chat_template(chatml_model: MultimodalLLM, tmp_path: Path) -> None:
+    def saved(modality: str, chat_template: str | None) -> Path:
+        model = MultimodalLLM.from_base(chatml_model.base_path, [tiny_modality(modality)], strategy="decoupled",
+                                        rank=2, alpha=4.0, template="chat", chat_template=chat_template)
+        return save_checkpoint(model, tmp_path / f"{modality}-{len(model.spec.chat_template)}")
+
+    image, audio, other = saved("image", None), saved("audio", None), saved("point", INST)
+    composed = load_checkpoint(compose(parse_config({"method": "damc", "models": [{"path": str(image)},
+                                                                                  {"path": str(audio)}]}),
+                                       tmp_path / "composed", progress=False))
+    assert (composed.spec.template, composed.spec.chat_template) == ("chat", CHATML)
+    with pytest.raises(CompositionError, match="differ in chat_template"):
+        compose(parse_config({"method": "damc", "models": [{"path": str(image)}, {"path": str(other)}]}),
+                tmp_path / "refused")
