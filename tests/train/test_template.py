@@ -13,6 +13,7 @@ from mmcompose.checkpoint import load_checkpoint
 from mmcompose.cli import app
 from mmcompose.model import MultimodalLLM
 from mmcompose.model.assembly import Example
+from mmcompose.train.trainer import build_model
 from tests.model.test_chat_template import CHATML, INST, chat_base
 
 PROMPT = "<|im_start|>user\n<point>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
@@ -35,6 +36,8 @@ def test_train_with_the_chat_template(world: Path, tmp_path: Path, monkeypatch: 
         (base / "chat_template.jinja").write_text(INST)
     model = load_checkpoint(tmp_path / "run" / "model")
     assert model.tokenizer.chat_template == INST and model.spec.chat_template == CHATML
+    stage2 = build_model(base, ["point"], strategy="decoupled", rank=2, start_from=[tmp_path / "run" / "model"])
+    assert (stage2.spec.template, stage2.spec.chat_template) == ("chat", CHATML)
     seen: list[Example] = []
 
     def record(examples: list[Example], *args: object, **kwargs: object) -> list[str]:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mmcompose.model.conversation import CHAT
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
 
 Strategy = Literal["connector-only", "shared", "decoupled", "full", "composed"]
@@ -62,8 +63,8 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
-        if (self.template == "chat") != (self.chat_template is not None):
-            raise ValueError("template 'chat' needs its chat_template text, and only it has one")
+        if (self.template == CHAT) != (self.chat_template is not None):
+            raise ValueError(f"template {CHAT!r} needs its chat_template text, and only it has one")
         names = [m.name for m in self.modalities]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate modality names in {names}")

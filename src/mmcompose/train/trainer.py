@@ -153,7 +153,8 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
     `boundary_tokens` (prefix and suffix each) applies to every modality, and a `start_from` branch with
     another count gets fresh boundary tokens (ModelCompose's DAMC stage 2 adds 5 + 5 to a stage 1 without).
     An encoder whose width does not fit the connector it is paired with is a one-line error here, before any
-    step.
+    step. `template` None keeps the start checkpoints' template, a `chat` one with the chat template text they
+    recorded (not the base tokenizer's current one), so every stage formats conversations alike.
     """
     names = [m if isinstance(m, str) else m.name for m in modalities]
     encoders = dict(encoders or {})
