@@ -20,7 +20,6 @@ import torch
 from mmcompose.errors import InputError, MMComposeError
 from mmcompose.modalities import MODALITIES
 from mmcompose.model.assembly import Example
-from mmcompose.model.conversation import format_conversation
 from mmcompose.model.mllm import MultimodalLLM
 
 PROMPT = "> "
@@ -88,7 +87,7 @@ class ChatSession:
         human = self._human_text(question)
         conversation = [message for turn in self.turns
                         for message in ({"from": "human", "value": turn.human}, {"from": "gpt", "value": turn.answer})]
-        prompt, _ = format_conversation([*conversation, {"from": "human", "value": human}], self.model.spec.template)
+        prompt, _ = self.model.format_conversation([*conversation, {"from": "human", "value": human}])
         inputs: dict[str, list[torch.Tensor]] = {}
         for part in [*(turn.inputs for turn in self.turns), self.pending]:
             for modality, tensors in part.items():

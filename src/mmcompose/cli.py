@@ -538,8 +538,10 @@ def train_modality(
     boundary_tokens: Annotated[int | None, typer.Option(
         help="Learnable prefix and suffix tokens (each) around every input of a new branch (DAMC: 5).")] = None,
     template: Annotated[str | None, typer.Option(
-        help="Conversation template: vicuna_v1 or plain (default: the --from checkpoint's; vicuna_v1 for a base "
-             "whose name says vicuna; plain otherwise).")] = None,
+        help="Conversation template: vicuna_v1, plain, or chat (the base tokenizer's own chat template, rendered "
+             "by transformers and recorded in the checkpoint so chat, eval and serve format prompts the same way). "
+             "Default: the --from checkpoint's; vicuna_v1 for a base whose name says vicuna; chat for a base whose "
+             "tokenizer has a chat template (e.g. Qwen2, Mistral); plain otherwise.")] = None,
     train_encoder: Annotated[bool | None, typer.Option(
         help="Train the encoders too (default: only those not loaded from pretrained weights).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,

@@ -149,7 +149,7 @@ def _check_compatible(sources: list[Source]) -> None:
                 f"{source.directory} and {first.directory} were trained on different base LLMs (fingerprints "
                 f"{source.manifest.base.fingerprint[:19]}... and {first.manifest.base.fingerprint[:19]}...); "
                 "composition needs one shared base")
-        for attribute in ("template", "target_modules"):
+        for attribute in ("template", "chat_template", "target_modules"):
             if getattr(source.manifest.model, attribute) != getattr(first.manifest.model, attribute):
                 raise CompositionError(f"{source.directory} and {first.directory} differ in {attribute}")
 
@@ -242,7 +242,7 @@ def _plan(config: CompositionConfig, sources: list[Source]) -> Plan:
                         layout[target] = source.reader.layout[tensor]
                         producers[target] = (source, tensor)
     spec = ModelSpec(modalities=modalities, deltas=deltas, target_modules=first.target_modules,
-                     template=first.template, strategy="composed")
+                     template=first.template, chat_template=first.chat_template, strategy="composed")
     return Plan(spec, layout, producers, merged_paths)
 
 

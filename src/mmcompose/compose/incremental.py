@@ -91,7 +91,8 @@ def _virtual_source(directory: Path, manifest: Manifest, reader: TensorReader, r
     if method == "damc":
         deltas += [d for d in spec.deltas if d.routes[0] in mine and "text" not in d.routes]
     own = ModelSpec(modalities=[m for m in spec.modalities if m.name in mine], deltas=deltas,
-                    target_modules=spec.target_modules, template=spec.template, strategy="decoupled")
+                    target_modules=spec.target_modules, template=spec.template,
+                    chat_template=spec.chat_template, strategy="decoupled")
     view = manifest.model_copy(update={"model": own})
     return Source(directory, view, ViewReader(reader, views), record["name"], 0.0, record["density"], {},
                   {k: v for k, v in record.items() if k not in ("name", "lambda", "density", "lambda_explicit")})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from itertools import islice
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,7 +109,8 @@ class SampleDataset(Dataset[Example]):
         if not samples:
             raise InputError(f"{source}: no training samples")
         self.processors = dict(model.processors)
-        self.template = model.spec.template
+        self.format = partial(format_conversation, template=model.spec.template, tokenizer=model.tokenizer,
+                              chat_template=model.spec.chat_template)
         placeholders = [spec.placeholder for spec in model.spec.modalities]
         counts = modality_counts(samples)
         present = sorted(m for m, column in counts.items() if column.any())
@@ -121,7 +123,7 @@ class SampleDataset(Dataset[Example]):
         stream = iter(samples)
         for start in range(0, len(samples), self.CHUNK):
             block = list(islice(stream, self.CHUNK))
-            formatted = [format_conversation(sample.conversations, self.template) for sample in block]
+            formatted = [self.format(sample.conversations) for sample in block]
             end = start + len(block)
             full[start:end] = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted],
                                                                self.positions)
@@ -159,7 +161,7 @@ class SampleDataset(Dataset[Example]):
 
     def __getitem__(self, index: int) -> Example:
         sample = self.samples[index]
-        prompt, target = format_conversation(sample.conversations, self.template)
+        prompt, target = self.format(sample.conversations)
         inputs = {m: [self._input(m, path) for path in paths] for m, paths in sample.modal_inputs.items()}
         return Example(prompt=prompt, inputs=inputs, target=target, id=sample.id)
 

@@ -121,4 +121,5 @@ def _corrections(model: MultimodalLLM, text: str | None) -> tuple[ModelSpec, dic
         else:
             new_specs.append(DeltaSpec(name=name, kind="dense", routes=routes, source=origin))
     return ModelSpec(modalities=spec.modalities, deltas=new_specs, target_modules=spec.target_modules,
-                     template=spec.template, strategy=spec.strategy if new_specs else "connector-only"), tensors
+                     template=spec.template, chat_template=spec.chat_template,
+                     strategy=spec.strategy if new_specs else "connector-only"), tensors

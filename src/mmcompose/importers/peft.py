@@ -88,6 +88,7 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
     delta = DeltaSpec(name=name, kind="lora", routes=routes, rank=rank, alpha=alpha,
                       source={"format": "peft", "base_model_name_or_path": config.base_model_name_or_path})
     spec = ModelSpec(modalities=[start.branch], deltas=[*kept, delta], target_modules=targets, template=start.template,
+                     chat_template=start.chat_template,
                      strategy="shared" if route == "shared" else "decoupled")
     model = skeleton(base, spec, fingerprint)
     foreign = sorted(set(factors) - set(model.routed))
@@ -222,18 +223,20 @@ def _normalise(config: LoraConfig, factors: dict[str, tuple[torch.Tensor, torch.
 
 class _Start(NamedTuple):
     """What the imported model takes from `from_checkpoint`: the branch spec, the deltas the adapter leaves in
-    place (restricted to this modality's routes), all its tensors, its template and its target linears."""
+    place (restricted to this modality's routes), all its tensors, its template (and chat template text) and its
+    target linears."""
 
     branch: ModalitySpec
     kept: list[DeltaSpec]
     tensors: dict[str, torch.Tensor] | None
     template: str
+    chat_template: str | None
     target_modules: list[str]
 
 
 def _start(checkpoint: Path | None, modality: str, fingerprint: str, routes: list[str]) -> _Start:
     if checkpoint is None:
-        return _Start(modality_spec(modality), [], None, "plain", [])
+        return _Start(modality_spec(modality), [], None, "plain", None, [])
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
     if manifest.base.fingerprint != fingerprint:
@@ -248,4 +251,4 @@ def _start(checkpoint: Path | None, modality: str, fingerprint: str, routes: lis
         if own and not set(own) & set(routes):
             kept.append(delta.model_copy(update={"routes": own}))
     return _Start(branch, kept, read_tensors(checkpoint_files(checkpoint, manifest.files)), manifest.model.template,
-                  manifest.model.target_modules)
+                  manifest.model.chat_template, manifest.model.target_modules)

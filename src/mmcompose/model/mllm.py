@@ -15,7 +15,7 @@ from mmcompose.errors import CheckpointError, InputError, MMComposeError
 from mmcompose.files import atomic_directory
 from mmcompose.modalities import build_connector, build_encoder, build_processor, get_modality
 from mmcompose.model.assembly import Assembler, Batch, Example
-from mmcompose.model.conversation import format_conversation
+from mmcompose.model.conversation import CHAT, format_conversation, tokenizer_chat_template
 from mmcompose.model.generation import choose, prefill, step
 from mmcompose.model.manifest import (
     TENSOR_FILE,
@@ -100,15 +100,20 @@ class MultimodalLLM(nn.Module):
     def from_base(cls, base_path: str | Path, modalities: Sequence[str | ModalitySpec], *,
                   strategy: Strategy = "connector-only", rank: int = 16, alpha: float = 32.0,
                   target_modules: Sequence[str] | None = None, template: str = "plain",
-                  dtype: torch.dtype | None = None) -> MultimodalLLM:
-        """A new (untrained) modality model on a base LLM saved in `base_path`."""
+                  chat_template: str | None = None, dtype: torch.dtype | None = None) -> MultimodalLLM:
+        """A new (untrained) modality model on a base LLM saved in `base_path`.
+
+        Template `chat` records `chat_template` (a start checkpoint's) or else the base tokenizer's own."""
         specs = [m if isinstance(m, ModalitySpec) else modality_spec(m) for m in modalities]
+        llm, tokenizer = load_base(base_path, dtype)
+        if template == CHAT and chat_template is None:
+            chat_template = tokenizer_chat_template(tokenizer, f"the tokenizer of {base_path}")
         options: dict[str, Any] = {"template": template, "strategy": strategy,
+                                   "chat_template": chat_template if template == CHAT else None,
                                    "deltas": strategy_deltas(strategy, [m.name for m in specs], rank, alpha)}
         if target_modules is not None:
             options["target_modules"] = list(target_modules)
         spec = ModelSpec(modalities=specs, **options)
-        llm, tokenizer = load_base(base_path, dtype)
         return cls(llm, tokenizer, spec, base_path, fingerprint_base(base_path))
 
     @property
@@ -136,9 +141,13 @@ class MultimodalLLM(nn.Module):
             processed[modality] = [self.processors[modality](source) for source in sources]
         return Example(prompt=prompt, inputs=processed, target=target, id=id)
 
+    def format_conversation(self, turns: list[dict[str, str]]) -> tuple[str, str | None]:
+        """`turns` as (prompt, target) in this model's template: the one place training and inference format."""
+        return format_conversation(turns, self.spec.template, self.tokenizer, self.spec.chat_template)
+
     def conversation_example(self, turns: list[dict[str, str]], inputs: dict[str, Sequence[Any]] | None = None,
                              id: str = "") -> Example:
-        prompt, target = format_conversation(turns, self.spec.template)
+        prompt, target = self.format_conversation(turns)
         return self.example(prompt, inputs, target, id)
 
     def assemble(self, examples: list[Example], padding_side: Literal["left", "right"] = "right",

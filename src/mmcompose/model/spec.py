@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mmcompose.model.conversation import CHAT
 from mmcompose.model.routed import DEFAULT_TARGET_MODULES
 
 Strategy = Literal["connector-only", "shared", "decoupled", "full", "composed"]
@@ -57,10 +58,13 @@ class ModelSpec(Strict):
     deltas: list[DeltaSpec] = Field(default_factory=list)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     template: str = "plain"
+    chat_template: str | None = None  # the Jinja text of template "chat", recorded so inference renders as training
     strategy: Strategy = "connector-only"
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if (self.template == CHAT) != (self.chat_template is not None):
+            raise ValueError(f"template {CHAT!r} needs its chat_template text, and only it has one")
         names = [m.name for m in self.modalities]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate modality names in {names}")

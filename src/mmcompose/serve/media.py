@@ -18,7 +18,6 @@ import torch
 
 from mmcompose.errors import MMComposeError
 from mmcompose.model.assembly import Example
-from mmcompose.model.conversation import format_conversation
 from mmcompose.model.mllm import MultimodalLLM
 from mmcompose.serve.schema import PART_MODALITY, ChatRequest, ServeError, TextPart
 
@@ -160,7 +159,7 @@ def build_example(model: MultimodalLLM, request: ChatRequest, allowed: Path | No
                 turns.append({"from": "human", "value": "\n".join([*lines, text]) if text else "\n".join(lines)})
         if not turns or turns[-1]["from"] != "human":
             raise ServeError(400, "messages: the conversation must end with a user message", param="messages")
-        prompt, _ = format_conversation(turns, model.spec.template)
+        prompt, _ = model.format_conversation(turns)
         try:
             with torch.no_grad():
                 return model.example(prompt, sources, id="request")

@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from mmcompose.data.dataset import load_training_samples
 from mmcompose.errors import MMComposeError
 from mmcompose.files import read_json
 from mmcompose.importers.encoders import parse_encoder_option
 from mmcompose.modalities import CONNECTORS
-from mmcompose.model.conversation import TEMPLATES
+from mmcompose.model.conversation import CHAT, TEMPLATE_NAMES
 from mmcompose.model.spec import Component
 from mmcompose.train.recipe import Recipe, RecipeModel, load_recipe, with_overrides
 from mmcompose.train.trainer import TrainConfig, build_model, train
@@ -35,10 +37,17 @@ def parse_connector(text: str) -> Component:
 
 
 def default_template(base: Path) -> str:
-    """`vicuna_v1` for a Vicuna base (by directory name or recorded `_name_or_path`), `plain` otherwise."""
+    """`vicuna_v1` for a Vicuna base (by directory name or recorded `_name_or_path`: Vicuna's tokenizer has no
+    chat template, and ModelCompose trained on it with this layout), else `chat` where the base tokenizer has a
+    chat template of its own (a Qwen2 or Mistral base), `plain` otherwise."""
     config = read_json(base / "config.json") if (base / "config.json").is_file() else {}
     names = f"{base.name} {config.get('_name_or_path', '')}".lower()
-    return "vicuna_v1" if "vicuna" in names else "plain"
+    if "vicuna" in names:
+        return "vicuna_v1"
+    if not (base / "config.json").is_file():
+        return "plain"  # not a base directory: loading the model reports that
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    return CHAT if getattr(tokenizer, "chat_template", None) else "plain"
 
 
 def resolve_run(recipe_path: Path | None, config_path: Path | None, model: dict[str, Any],
@@ -73,8 +82,8 @@ def run_modality_training(*, base: Path, data: Sequence[Path], data_root: Path, 
         raise MMComposeError("--strategy is required for the instruct stage")
     if strategy not in STRATEGIES:
         raise MMComposeError(f"--strategy {strategy!r}: choose {', '.join(STRATEGIES)}")
-    if described.template is not None and described.template not in TEMPLATES:
-        raise MMComposeError(f"--template {described.template!r}: known templates: {', '.join(TEMPLATES)}")
+    if described.template is not None and described.template not in TEMPLATE_NAMES:
+        raise MMComposeError(f"--template {described.template!r}: known templates: {', '.join(TEMPLATE_NAMES)}")
     encoders = dict(parse_encoder_option(f"{m}={spec}") for m, spec in described.encoder.items())
     model = build_model(
         base, described.modalities, strategy=strategy, rank=described.rank,

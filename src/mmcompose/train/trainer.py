@@ -153,7 +153,8 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
     `boundary_tokens` (prefix and suffix each) applies to every modality, and a `start_from` branch with
     another count gets fresh boundary tokens (ModelCompose's DAMC stage 2 adds 5 + 5 to a stage 1 without).
     An encoder whose width does not fit the connector it is paired with is a one-line error here, before any
-    step.
+    step. `template` None keeps the start checkpoints' template, a `chat` one with the chat template text they
+    recorded (not the base tokenizer's current one), so every stage formats conversations alike.
     """
     names = [m if isinstance(m, str) else m.name for m in modalities]
     encoders = dict(encoders or {})
@@ -166,7 +167,7 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
     frozen: set[str] = set()
     for path in map(Path, start_from):
         manifest = read_manifest(path)
-        templates.add(manifest.model.template)
+        templates.add((manifest.model.template, manifest.model.chat_template))
         for spec in manifest.model.modalities:
             if spec.name in names and spec.name in sources:
                 raise MMComposeError(f"modality {spec.name!r} is in both {sources[spec.name][1]} and {path}")
@@ -178,7 +179,9 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
             raise MMComposeError(f"modality {missing[0]!r} is in none of the start checkpoints "
                                  f"({', '.join(map(str, start_from))})")
         if len(templates) > 1:
-            raise MMComposeError(f"the start checkpoints use different templates: {', '.join(sorted(templates))}")
+            named = sorted({name for name, _ in templates})
+            raise MMComposeError(f"the start checkpoints use different templates: {', '.join(named)}"
+                                 + ("" if len(named) > 1 else " (different chat template texts)"))
     resolved = {name: resolve_encoder(name, source) for name, source in encoders.items()}
     fresh_boundary: set[str] = set()
     specs = []
@@ -202,10 +205,12 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
             if resolved[name].pretrained:
                 frozen.add(name)
         specs.append(spec)
+    recorded, chat_template = templates.pop() if templates else ("plain", None)
     torch.manual_seed(seed)
     try:
         model = MultimodalLLM.from_base(base, specs, strategy=strategy, rank=rank, alpha=alpha,
-                                        template=template or (templates.pop() if templates else "plain"),
+                                        template=template or recorded,
+                                        chat_template=chat_template if template in (None, recorded) else None,
                                         target_modules=target_modules)
     except (TypeError, ValueError) as error:
         raise MMComposeError(f"cannot build the model: {' '.join(str(error).split())}") from None
