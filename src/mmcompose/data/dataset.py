@@ -18,8 +18,8 @@ limit is the smaller of `max_length` and the LLM's `max_position_embeddings`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from itertools import islice
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
