@@ -72,17 +72,23 @@ def parse_encoder_option(item: str) -> tuple[str, EncoderSource]:
     spec = spec.strip()
     if Path(spec).exists():
         return modality.strip(), Path(spec)
-    name, _, options = spec.partition(":")
-    if name not in ENCODERS:
+    if spec.partition(":")[0] not in ENCODERS:
         raise MMComposeError(f"--encoder {item!r}: {spec!r} is neither a local path nor a registered encoder "
                              f"({', '.join(sorted(ENCODERS))})")
+    return modality.strip(), named_component(spec, f"--encoder {item!r}")
+
+
+def named_component(text: str, option: str) -> Component:
+    """`NAME` or `NAME:{json options}` (a registered encoder or connector with its options) as a `Component`;
+    malformed options are a one-line error naming `option`."""
+    name, _, options = text.partition(":")
     try:
         parsed = json.loads(options) if options else {}
     except json.JSONDecodeError as error:
-        raise MMComposeError(f"--encoder {item!r}: options after ':' must be a JSON object ({error.msg})") from None
+        raise MMComposeError(f"{option}: options after ':' must be a JSON object ({error.msg})") from None
     if not isinstance(parsed, dict):
-        raise MMComposeError(f"--encoder {item!r}: options after ':' must be a JSON object")
-    return modality.strip(), Component(type=name, options=parsed)
+        raise MMComposeError(f"{option}: options after ':' must be a JSON object")
+    return Component(type=name, options=parsed)
 
 
 def resolve_encoder(modality: str, source: EncoderSource, *, clip_layer: int = -2,
@@ -241,4 +247,4 @@ def _clip(path: Path, modality: str, layer: int, feature: str) -> ResolvedEncode
                     f"clip-vision from {path}")
 
 
-__all__ = ["EncoderSource", "ResolvedEncoder", "parse_encoder_option", "resolve_encoder"]
+__all__ = ["EncoderSource", "ResolvedEncoder", "named_component", "parse_encoder_option", "resolve_encoder"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from transformers import AutoTokenizer
 from mmcompose.data.dataset import load_training_samples
 from mmcompose.errors import MMComposeError
 from mmcompose.files import read_json
-from mmcompose.importers.encoders import parse_encoder_option
+from mmcompose.importers.encoders import named_component, parse_encoder_option
 from mmcompose.modalities import CONNECTORS
 from mmcompose.model.conversation import CHAT, TEMPLATE_NAMES
 from mmcompose.model.spec import Component
@@ -24,16 +23,9 @@ STRATEGIES = ("connector-only", "shared", "decoupled", "full")
 
 def parse_connector(text: str) -> Component:
     """`NAME` or `NAME:{json options}` of a registered connector."""
-    name, _, options = text.partition(":")
-    if name not in CONNECTORS:
+    if text.partition(":")[0] not in CONNECTORS:
         raise MMComposeError(f"--connector {text!r}: unknown connector; registered: {', '.join(sorted(CONNECTORS))}")
-    try:
-        parsed = json.loads(options) if options else {}
-    except json.JSONDecodeError as error:
-        raise MMComposeError(f"--connector {text!r}: options after ':' must be a JSON object ({error.msg})") from None
-    if not isinstance(parsed, dict):
-        raise MMComposeError(f"--connector {text!r}: options after ':' must be a JSON object")
-    return Component(type=name, options=parsed)
+    return named_component(text, f"--connector {text!r}")
 
 
 def default_template(base: Path) -> str:
