@@ -17,12 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from mmcompose.errors import MMComposeError
 from mmcompose.model.spec import Strategy
-from mmcompose.train.trainer import TrainConfig
+from mmcompose.train.trainer import TrainConfig, read_yaml_mapping, validated
 
 
 class RecipeModel(BaseModel):
@@ -51,17 +49,7 @@ class Recipe(BaseModel):
 
 def load_recipe(path: str | Path) -> Recipe:
     """A recipe from YAML, validated; every problem is one line naming the file and the field."""
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise MMComposeError(f"{path}: cannot read the recipe ({' '.join(str(error).split())})") from None
-    try:
-        return Recipe.model_validate(loaded)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "recipe"
-        raise MMComposeError(f"{path}: {where}: {first['msg']}") from None
+    return validated(Recipe, read_yaml_mapping(path, "recipe"), str(path))
 
 
 def with_overrides(recipe: Recipe, model: dict[str, Any], train: dict[str, Any]) -> Recipe:
@@ -78,8 +66,4 @@ def with_overrides(recipe: Recipe, model: dict[str, Any], train: dict[str, Any])
             merged["train"][key] = {**merged["train"][key], **value}
         else:
             merged["train"][key] = value
-    try:
-        return Recipe.model_validate(merged)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise MMComposeError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    return validated(Recipe, merged, None)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -115,24 +115,35 @@ class TrainConfig(BaseModel):
                                                      "data": {"num_workers", "cache_features"}})
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A `TrainConfig` from an optional YAML file of its fields, with `overrides` (None values ignored) on top."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise MMComposeError(f"{path}: cannot read the training config ({' '.join(str(error).split())})") from None
-        if not isinstance(loaded, dict):
-            raise MMComposeError(f"{path}: a training config is a mapping of TrainConfig fields")
-        values = loaded
-    values.update({key: value for key, value in overrides.items() if value is not None})
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (a training config, a recipe), with one-line errors naming the file."""
     try:
-        return TrainConfig.model_validate(values)
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise MMComposeError(f"{path}: cannot read the {what} ({' '.join(str(error).split())})") from None
+    if not isinstance(loaded, dict):
+        raise MMComposeError(f"{path}: a {what} is a mapping of its fields")
+    return loaded
+
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def validated(schema: type[Schema], values: Any, origin: str | None) -> Schema:
+    """`values` as `schema`, the first problem as one line: `origin: field.path: message`."""
+    try:
+        return schema.model_validate(values)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise MMComposeError(f"{path or 'training config'}: {where}: {first['msg']}") from None
+        where = ".".join(str(part) for part in first["loc"]) or schema.__name__
+        raise MMComposeError(f"{origin}: {where}: {first['msg']}" if origin else f"{where}: {first['msg']}") from None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from an optional YAML file of its fields, with `overrides` (None values ignored) on top."""
+    values = read_yaml_mapping(path, "training config") if path is not None else {}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return validated(TrainConfig, values, str(path or "training config"))
 
 
 def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, strategy: Strategy,
