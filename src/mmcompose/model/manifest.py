@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, ValidationError
 
 from mmcompose.errors import CheckpointError
+from mmcompose.files import read_json
 from mmcompose.model.spec import ModelSpec, Strict
 from mmcompose.tensorfiles import SafetensorsStream
 
@@ -42,11 +43,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: not an mmcompose checkpoint (no {MANIFEST_NAME})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(raw, dict) or raw.get("format") != "mmcompose":
+    raw = read_json(path)
+    if raw.get("format") != "mmcompose":
         raise CheckpointError(f"{path}: not an mmcompose manifest (missing \"format\": \"mmcompose\")")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown format_version {raw.get('format_version')!r}; "
