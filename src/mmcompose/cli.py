@@ -166,6 +166,16 @@ def demo(
         help="How the decoupled (DAMC) models train: official (language delta at 1/10 of the modality delta's "
              "rate, 5+5 boundary tokens per modality) or one-rate (one rate, no boundary tokens; the earlier "
              "setting). The shared (NaiveMC) models are the same under both.")] = "official",
+    world: Annotated[str | None, typer.Option(
+        help="Replace the profile's world: small (24 entities) or large (48). With --base, the ablation of world "
+             "size and base LLM size.", show_default="the profile's")] = None,
+    base: Annotated[str | None, typer.Option(
+        help="Replace the profile's base LLM: small or large.", show_default="the profile's")] = None,
+    claims_only: Annotated[bool, typer.Option(
+        "--claims-only", help="Train, compose and evaluate only what the paper's claims compare (single models, "
+                              "NaiveMC and DAMC linear, DAMC with searched lambda): no joint run, TIES/DARE, "
+                              "label-free search or tool and text baselines. Shares run directories with the "
+                              "whole demo.")] = False,
     jobs: Annotated[int | None, typer.Option(help="Training runs and evaluations run side by side, one process "
                                                   "each.", show_default="one per CPU core", min=1)] = None,
 ) -> None:
@@ -178,12 +188,14 @@ def demo(
     straddles the claim's threshold).
     """
     from mmcompose.experiment.demo import run_seeds
+    from mmcompose.experiment.plan import demo_plan
 
     try:
         chosen = [int(seed) for seed in seeds.split(",")]
     except ValueError:
         raise MMComposeError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
-    run_seeds(profile, chosen, out, console, jobs, recipe)
+    plan = demo_plan(profile, recipe, world=world, base=base)
+    run_seeds(plan.claims_only() if claims_only else plan, chosen, out, console, jobs)
 
 
 world_app = typer.Typer(no_args_is_help=True, help="The synthetic world: entities, renderings, corpus, data sets.")

@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from mmcompose.experiment.demo import run_demo
-from mmcompose.experiment.plan import MCUB_TASKS, NAIVE
+from mmcompose.experiment.plan import CLAIM_METHODS, MCUB_TASKS, NAIVE, demo_plan
 from mmcompose.experiment.plan import PROFILES as DEMO_PROFILES
 from mmcompose.world import PROFILES
 
@@ -48,8 +48,11 @@ def test_every_method_on_every_task_and_a_cached_rerun(demo: tuple[Path, dict, s
 
     monkeypatch.setattr("mmcompose.experiment.demo.load_checkpoint", no_loading)
     monkeypatch.setattr("mmcompose.experiment.demo.MultimodalLLM.from_base", no_loading)
-    second = run_demo(out, "quick", seed=0, console=Console(quiet=True), jobs=2)
+    second = run_demo(out, demo_plan("quick"), seed=0, console=Console(quiet=True), jobs=2)
     assert second["results"] == results and second["claims"] == first["claims"]
+    # `--claims-only` reads the same run directory: a subset of the methods, the same claims, nothing reloaded
+    claims_only = run_demo(out, demo_plan("quick").claims_only(), seed=0, console=Console(quiet=True), jobs=2)
+    assert set(claims_only["results"]) == set(CLAIM_METHODS) and claims_only["claims"] == first["claims"]
 
 
 @pytest.mark.e2e

@@ -1,5 +1,5 @@
 """The demo's plan: ids that resolve, the two decoupled recipes, NaiveMC runs that do not depend on the recipe,
-and the orchestrator's directories and command-line checks."""
+world and base LLM overrides, the claims-only subset, and the orchestrator's directories and command-line checks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mmcompose.cli import app
 from mmcompose.errors import MMComposeError
 from mmcompose.experiment.demo import seed_directories
-from mmcompose.experiment.plan import TASKS, demo_plan
+from mmcompose.experiment.plan import CLAIM_METHODS, TASKS, demo_plan
 from mmcompose.experiment.report import print_whole, results_table
 from mmcompose.world import MODALITIES
 
@@ -52,11 +52,42 @@ def test_the_official_recipe_changes_only_the_decoupled_runs() -> None:
     assert official["joint-decoupled"].start_from == tuple(f"{m}-stage1-boundary" for m in MODALITIES)
 
 
+@pytest.mark.parametrize("recipe", ["official", "one-rate"])
+def test_claims_only_keeps_what_the_claims_read_and_the_runs_behind_it(recipe: str) -> None:
+    whole = demo_plan("default", recipe)
+    plan = whole.claims_only()
+    assert plan.identity() == whole.identity() and plan.name == whole.name  # the two share run directories
+    assert [m.id for m in plan.methods] == list(CLAIM_METHODS)
+    assert [c.id for c in plan.compositions] == ["naive-linear", "damc-linear"]
+    assert [s.id for s in plan.searches] == ["damc-search-val"]
+    runs = {run.id for wave in plan.waves for run in wave}
+    boundary = {f"{m}-stage1-boundary" for m in MODALITIES} if recipe == "official" else set()
+    assert runs == {f"{m}-{kind}" for m in MODALITIES for kind in ("stage1", "shared", "decoupled")} | boundary
+    finished: set[str] = set()
+    for wave in plan.waves:
+        assert all(set(run.start_from) <= finished for run in wave)
+        finished |= {run.id for run in wave}
+
+
+def test_world_and_base_replace_the_profiles_and_name_the_plan() -> None:
+    plan = demo_plan("default", world="large")
+    assert (plan.settings.world, plan.settings.base, plan.name) == ("large", "small", "default-large-world")
+    both = demo_plan("default", world="large", base="large")
+    assert both.name == "default-large-world-large-base" and both.identity() != plan.identity()
+    assert both.settings.stage2_steps == demo_plan("default").settings.stage2_steps
+    assert demo_plan("large", world="large").name == "large"  # the profile's own world is no override
+    assert seed_directories(plan.name, [1], None)[0] == {1: Path("runs/demo-default-large-world-s1")}
+
+
 def test_unknown_profile_or_recipe_is_refused() -> None:
     with pytest.raises(MMComposeError, match="unknown demo profile 'huge'"):
         demo_plan("huge")
     with pytest.raises(MMComposeError, match="unknown decoupled recipe 'fast'; choose one of official, one-rate"):
         demo_plan("quick", "fast")
+    with pytest.raises(MMComposeError, match="unknown world 'huge'; choose one of"):
+        demo_plan("quick", world="huge")
+    with pytest.raises(MMComposeError, match="unknown base LLM 'xl'; choose one of"):
+        demo_plan("quick", base="xl")
 
 
 def test_seed_directories() -> None:
@@ -67,9 +98,12 @@ def test_seed_directories() -> None:
     assert seed_directories("quick", [1, 3], Path("x")) == ({1: Path("x/s1"), 3: Path("x/s3")}, Path("x"))
 
 
-@pytest.mark.parametrize(("seeds", "message"), [("0,a", "expected integers"), ("1,1", "distinct seeds")])
-def test_bad_seeds_are_one_line_errors(seeds: str, message: str, tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--profile", "quick", "--seeds", seeds, "-o", str(tmp_path / "d")])
+@pytest.mark.parametrize(("option", "message"), [(["--seeds", "0,a"], "expected integers"),
+                                                 (["--seeds", "1,1"], "distinct seeds"),
+                                                 (["--world", "huge"], "unknown world 'huge'"),
+                                                 (["--base", "xl"], "unknown base LLM 'xl'")])
+def test_bad_options_are_one_line_errors(option: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--profile", "quick", *option, "-o", str(tmp_path / "d")])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "d").exists()
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from mmcompose.experiment import demo as demo_module
 from mmcompose.experiment.claims import paper_claims
-from mmcompose.experiment.plan import DAMC, NAIVE, SEARCHED, demo_plan, single_id
+from mmcompose.experiment.plan import DAMC, NAIVE, SEARCHED, Plan, demo_plan, single_id
 from mmcompose.world import MODALITIES
 
 
@@ -31,15 +31,17 @@ def test_claims_are_pooled_over_the_seeds_items(tmp_path: Path, monkeypatch: pyt
     calls = []
     per_seed = {0: _seed_outcomes(0, damc=12, naive=10), 1: _seed_outcomes(1, damc=14, naive=8)}
 
-    def fake_run_demo(out: Path, profile: str, seed: int, console: Console, jobs: int | None, recipe: str) -> dict:
-        calls.append((out, seed, recipe))
+    plan = demo_plan("quick", "one-rate")
+
+    def fake_run_demo(out: Path, run_plan: Plan, seed: int, console: Console, jobs: int | None) -> dict:
+        calls.append((out, seed, run_plan))
         outcomes = per_seed[seed]
-        return {"outcomes": outcomes, "claims": paper_claims(outcomes), "labels": demo_plan(profile).labels()}
+        return {"outcomes": outcomes, "claims": paper_claims(outcomes), "labels": run_plan.labels()}
 
     monkeypatch.setattr(demo_module, "run_demo", fake_run_demo)
     screen = io.StringIO()
-    report = demo_module.run_seeds("quick", [0, 1], tmp_path, Console(file=screen, width=200), 2, "one-rate")
-    assert calls == [(tmp_path / "s0", 0, "one-rate"), (tmp_path / "s1", 1, "one-rate")]
+    report = demo_module.run_seeds(plan, [0, 1], tmp_path, Console(file=screen, width=200), 2)
+    assert calls == [(tmp_path / "s0", 0, plan), (tmp_path / "s1", 1, plan)]
     lead = next(c for c in report["claims"] if c["id"] == "damc-beats-naive")
     assert lead["estimate"] == pytest.approx((26 - 18) / 40)  # 40 pooled items, not a mean of two seeds' numbers
     assert lead["mcnemar"] == {"damc_only": 8, "naive_only": 0, "p_value": pytest.approx(2 * 0.5**8)}

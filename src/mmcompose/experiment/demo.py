@@ -44,7 +44,6 @@ from mmcompose.experiment.plan import (
     Plan,
     Search,
     TrainingRun,
-    demo_plan,
 )
 from mmcompose.experiment.report import plot_results, print_whole, results_table, write_results
 from mmcompose.experiment.search import search_lambdas, source_agreement, validation_accuracy
@@ -164,7 +163,7 @@ class Demo:
             if found != wanted:
                 raise MMComposeError(f"{self.out} holds a demo with profile {found.get('profile')!r}, recipe "
                                      f"{found.get('recipe', 'one-rate')!r}, seed {found.get('seed')} or other "
-                                     "settings; use another --out or delete it")
+                                     "settings (world, base LLM, steps); use another --out or delete it")
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(marker, json.dumps(wanted, indent=2) + "\n")
@@ -245,13 +244,13 @@ class Demo:
         return {m.id: {t: item_outcomes(self.out, m, t, self.seed) for t in m.tasks} for m in self.plan.methods}
 
 
-def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Console | None = None,
-             jobs: int | None = None, recipe: str = "official") -> dict[str, Any]:
-    """Build (or reuse) everything for one seed, evaluate every method on every task, write the report.
+def run_demo(out: Path, plan: Plan, seed: int = 0, console: Console | None = None,
+             jobs: int | None = None) -> dict[str, Any]:
+    """Build (or reuse) everything `plan` needs for one seed, evaluate each of its methods on its tasks, write
+    the report.
 
     Independent training runs and evaluations go `jobs` at a time (default: one per CPU core)."""
     console = console or Console()
-    plan = demo_plan(profile, recipe)
     demo = Demo(out, plan, seed, console, jobs or default_jobs())
     started = time.perf_counter()
     demo.build_world()
@@ -265,7 +264,7 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
 
     base_metrics = json.loads((demo.base / "metrics.json").read_text())
     searches = {s.id: json.loads((out / "search" / f"{s.id}.json").read_text()) for s in plan.searches}
-    extra = {"labels": plan.labels(), "profile": profile, "recipe": recipe, "seed": seed, "claims": checks,
+    extra = {"labels": plan.labels(), "profile": plan.name, "recipe": plan.recipe, "seed": seed, "claims": checks,
              "searches": searches,
              "base_llm": {k: base_metrics.get(k) for k in ("valid_perplexity", "text_qa_accuracy", "parameters")},
              "timings": demo.timings, "seconds": round(time.perf_counter() - started, 1)}
@@ -273,8 +272,8 @@ def run_demo(out: Path, profile: str = "default", seed: int = 0, console: Consol
     labelled = {plan.labels()[method]: scores for method, scores in results.items()}
     plot_results(labelled, {"MCUB (multi-modality)": MCUB_TASKS, "single-modality": list(MODALITIES)},
                  out / PLOT_FILE)
-    print_whole(console, results_table(labelled, list(TASKS), title=f"MCUB-world accuracy (%), profile {profile}, "
-                                                                     f"recipe {recipe}, seed {seed}"))
+    print_whole(console, results_table(labelled, list(TASKS), title=f"MCUB-world accuracy (%), profile {plan.name}, "
+                                                                     f"recipe {plan.recipe}, seed {seed}"))
     console.print(f"base LLM: perplexity {base_metrics.get('valid_perplexity', float('nan')):.2f}, text QA accuracy "
                   f"{100 * base_metrics.get('text_qa_accuracy', 0):.1f}%")
     for name, search in searches.items():
@@ -294,37 +293,37 @@ def print_claims(console: Console, checks: list[dict[str, Any]], prefix: str = "
         console.print(f"{prefix}: {check['claim']}: {check['measured']} -> [{style}]{check['verdict']}[/{style}]")
 
 
-def seed_directories(profile: str, seeds: Sequence[int], out: Path | None) -> tuple[dict[int, Path], Path]:
-    """Each seed's run directory and the directory of the pooled report.
+def seed_directories(name: str, seeds: Sequence[int], out: Path | None) -> tuple[dict[int, Path], Path]:
+    """Each seed's run directory and the directory of the pooled report, for the plan named `name`.
 
-    Without `out`: `runs/demo-PROFILE-sSEED` per seed (the single-seed default, so those runs are reused) and
-    `runs/demo-PROFILE-seeds-0-1-2` for the pooled report. With `out`: one seed runs in `out`; several run in
+    Without `out`: `runs/demo-NAME-sSEED` per seed (the single-seed default, so those runs are reused) and
+    `runs/demo-NAME-seeds-0-1-2` for the pooled report. With `out`: one seed runs in `out`; several run in
     `out/sSEED` with the pooled report in `out`."""
     if len(seeds) == 1:
-        directory = out or Path("runs") / f"demo-{profile}-s{seeds[0]}"
+        directory = out or Path("runs") / f"demo-{name}-s{seeds[0]}"
         return {seeds[0]: directory}, directory
     if out is None:
-        return ({s: Path("runs") / f"demo-{profile}-s{s}" for s in seeds},
-                Path("runs") / f"demo-{profile}-seeds-{'-'.join(map(str, seeds))}")
+        return ({s: Path("runs") / f"demo-{name}-s{s}" for s in seeds},
+                Path("runs") / f"demo-{name}-seeds-{'-'.join(map(str, seeds))}")
     return {s: out / f"s{s}" for s in seeds}, out
 
 
 POOLED_FILE = "pooled.json"
 
 
-def run_seeds(profile: str, seeds: Sequence[int], out: Path | None = None, console: Console | None = None,
-              jobs: int | None = None, recipe: str = "official") -> dict[str, Any]:
+def run_seeds(plan: Plan, seeds: Sequence[int], out: Path | None = None, console: Console | None = None,
+              jobs: int | None = None) -> dict[str, Any]:
     """The whole demo for each seed (cached per seed), then each claim on all seeds' items pooled, with the
     per-seed table. One seed is `run_demo`."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise MMComposeError(f"--seeds needs distinct seeds, got {', '.join(map(str, seeds)) or 'none'}")
     console = console or Console()
-    directories, pooled_dir = seed_directories(profile, seeds, out)
+    directories, pooled_dir = seed_directories(plan.name, seeds, out)
     runs = {}
     for seed, directory in directories.items():
         if len(seeds) > 1:
             console.rule(f"seed {seed}")
-        runs[seed] = run_demo(directory, profile, seed, console, jobs, recipe)
+        runs[seed] = run_demo(directory, plan, seed, console, jobs)
     if len(seeds) == 1:
         return runs[seeds[0]]
     pooled: dict[str, dict[str, dict]] = {}
@@ -336,13 +335,14 @@ def run_seeds(profile: str, seeds: Sequence[int], out: Path | None = None, conso
     results = {method: {task: accuracy(tasks[task]) if task in tasks else None for task in TASKS}
                for method, tasks in pooled.items()}
     labels = runs[seeds[0]]["labels"]
-    report = {"profile": profile, "recipe": recipe, "seeds": list(seeds), "labels": labels, "claims": checks,
+    report = {"profile": plan.name, "recipe": plan.recipe, "seeds": list(seeds), "labels": labels, "claims": checks,
               "per_seed": {str(seed): run["claims"] for seed, run in runs.items()},
               "directories": {str(seed): str(path) for seed, path in directories.items()}}
     write_results(results, list(TASKS), pooled_dir / POOLED_FILE, report)
     console.rule(f"pooled over seeds {', '.join(map(str, seeds))}")
     print_whole(console, results_table({labels[m]: s for m, s in results.items()}, list(TASKS),
-                                       title=f"MCUB-world accuracy (%), profile {profile}, recipe {recipe}, pooled"))
+                                       title=f"MCUB-world accuracy (%), profile {plan.name}, recipe {plan.recipe}, "
+                                             "pooled"))
     print_whole(console, seed_table(runs, checks))
     print_claims(console, checks, prefix="pooled claim")
     console.print(f"wrote {pooled_dir / POOLED_FILE}")

@@ -7,13 +7,15 @@ turns a `Plan` into files and never decides what to run.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from mmcompose.data import names
 from mmcompose.errors import MMComposeError
+from mmcompose.train.base_llm import BASE_PROFILES
 from mmcompose.train.trainer import LearningRates
 from mmcompose.world import MODALITIES
+from mmcompose.world import PROFILES as WORLD_PROFILES
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,10 @@ def single_id(modality: str) -> str:
     return f"{modality}-single"
 
 
+CLAIM_METHODS = (*(single_id(m) for m in MODALITIES), NAIVE, DAMC, SEARCHED)
+"""Every method the paper's claims read (`experiment.claims`)."""
+
+
 def trained(run: str) -> str:
     """The final checkpoint of a training run, relative to the run directory."""
     return f"train/{run}/model"
@@ -157,8 +163,34 @@ class Plan:
         """What a cached run directory must share with this plan to be reused."""
         return {"profile": self.profile, "recipe": self.recipe, "settings": asdict(self.settings)}
 
+    @property
+    def name(self) -> str:
+        """The profile's name, plus the world and base LLM where they override the profile's."""
+        named = PROFILES[self.profile]
+        return "-".join([self.profile, *(f"{value}-{part}" for part, value, default in
+                                         (("world", self.settings.world, named.world),
+                                          ("base", self.settings.base, named.base)) if value != default)])
+
     def labels(self) -> dict[str, str]:
         return {method.id: method.label for method in self.methods}
+
+    def claims_only(self) -> Plan:
+        """Only what the paper's claims compare: the single models, NaiveMC and DAMC (linear) and DAMC with
+        searched lambda, and the training runs they need; no joint run, TIES/DARE, label-free search or
+        tool and text baselines. Its identity is the whole plan's: every step it keeps is the whole plan's
+        step, so the two share run directories."""
+        methods = tuple(m for m in self.methods if m.id in CLAIM_METHODS)
+        kept = {m.id for m in methods}
+        compositions = tuple(c for c in self.compositions if c.id in kept)
+        searches = tuple(s for s in self.searches if s.id in kept)
+        needed = {source.split("/")[1] for m in methods for source in m.sources if source.startswith("train/")}
+        needed |= {f"{m}-{c.strategy}" for c in compositions for m in MODALITIES}
+        needed |= {f"{m}-decoupled" for m in MODALITIES} if searches else set()
+        for wave in reversed(self.waves):  # a run's starting points are in earlier waves
+            needed |= {start for run in wave if run.id in needed for start in run.start_from}
+        waves = tuple(kept_wave for kept_wave in (tuple(r for r in wave if r.id in needed) for wave in self.waves)
+                      if kept_wave)
+        return replace(self, waves=waves, compositions=compositions, searches=searches, methods=methods)
 
 
 COMPOSITIONS = (
@@ -176,13 +208,20 @@ COMPOSITION_LABELS = {
 }
 
 
-def demo_plan(profile: str, recipe: str = "official") -> Plan:
-    """The demo's experiment for a profile and a decoupled recipe."""
+def demo_plan(profile: str, recipe: str = "official", *, world: str | None = None,
+              base: str | None = None) -> Plan:
+    """The demo's experiment for a profile and a decoupled recipe; `world` and `base` replace the profile's
+    world and base LLM (the other settings stay the profile's)."""
     if profile not in PROFILES:
         raise MMComposeError(f"unknown demo profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if recipe not in RECIPES:
         raise MMComposeError(f"unknown decoupled recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    s, decoupled = PROFILES[profile], RECIPES[recipe]
+    if world is not None and world not in WORLD_PROFILES:
+        raise MMComposeError(f"unknown world {world!r}; choose one of {', '.join(WORLD_PROFILES)}")
+    if base is not None and base not in BASE_PROFILES:
+        raise MMComposeError(f"unknown base LLM {base!r}; choose one of {', '.join(BASE_PROFILES)}")
+    s = replace(PROFILES[profile], world=world or PROFILES[profile].world, base=base or PROFILES[profile].base)
+    decoupled = RECIPES[recipe]
     pretrain, instruct = LEARNING_RATES["pretrain"], LEARNING_RATES["instruct"]
     stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                           s.stage1_steps, (), pretrain) for m in MODALITIES]
