@@ -79,6 +79,17 @@ def test_world_and_base_replace_the_profiles_and_name_the_plan() -> None:
     assert seed_directories(plan.name, [1], None)[0] == {1: Path("runs/demo-default-large-world-s1")}
 
 
+def test_the_ablation_recipes_take_the_official_one_apart() -> None:
+    official, lr_only, stage2 = _runs("official"), _runs("lr-only"), _runs("boundary-stage2")
+    for m in MODALITIES:
+        decoupled = official[f"{m}-decoupled"]
+        assert lr_only[f"{m}-decoupled"].lr == stage2[f"{m}-decoupled"].lr == decoupled.lr
+        assert lr_only[f"{m}-decoupled"].start_from == stage2[f"{m}-decoupled"].start_from == (f"{m}-stage1",)
+        assert (lr_only[f"{m}-decoupled"].boundary_tokens, stage2[f"{m}-decoupled"].boundary_tokens) == (0, 5)
+        assert f"{m}-stage1-boundary" not in lr_only and f"{m}-stage1-boundary" not in stage2
+    assert stage2["joint-decoupled"].boundary_tokens == 5 and lr_only["joint-decoupled"].boundary_tokens == 0
+
+
 def test_unknown_profile_or_recipe_is_refused() -> None:
     with pytest.raises(MMComposeError, match="unknown demo profile 'huge'"):
         demo_plan("huge")

@@ -49,7 +49,7 @@ from mmcompose.experiment.report import plot_results, print_whole, results_table
 from mmcompose.experiment.search import search_lambdas, source_agreement, validation_accuracy
 from mmcompose.experiment.tool import tool_predictor
 from mmcompose.files import atomic_write_text
-from mmcompose.model import MultimodalLLM, modality_spec
+from mmcompose.model import MultimodalLLM
 from mmcompose.train.base_llm import pretrain_base
 from mmcompose.train.progress import ProgressBoard, progress_to_file
 from mmcompose.train.trainer import TrainConfig, build_model, train
@@ -63,10 +63,8 @@ PROGRESS_DIR = "progress"
 def train_run(out: Path, settings: DemoProfile, seed: int, run: TrainingRun) -> None:
     """Train `run` in `out` (resuming from its step checkpoints, if any), reporting progress to a file."""
     directory = out / "train" / run.id
-    modalities = [modality_spec(m, num_prefix_tokens=run.boundary_tokens, num_suffix_tokens=run.boundary_tokens)
-                  if run.boundary_tokens else m for m in run.modalities]
-    model = build_model(out / "base", modalities, strategy=run.strategy, rank=settings.rank,
-                        alpha=2.0 * settings.rank, seed=seed,
+    model = build_model(out / "base", run.modalities, strategy=run.strategy, rank=settings.rank,
+                        alpha=2.0 * settings.rank, seed=seed, boundary_tokens=run.boundary_tokens or None,
                         start_from=[out / "train" / name / FINAL_MODEL for name in run.start_from])
     loaded = load_training_samples([out / "world" / names.DATA_DIR / file for file in run.data], out / "world", model)
     config = TrainConfig(stage=run.stage, steps=run.steps, batch_size=settings.batch_size, seed=seed,

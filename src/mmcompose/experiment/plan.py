@@ -67,14 +67,19 @@ class DecoupledRecipe:
     group, so the language delta trains at a tenth of the modality delta's rate, and give every modality 5
     learnable prefix and 5 suffix tokens (trained from stage 1 on, as the connector is). `one-rate`: the
     earlier setting of this demo, both deltas at one rate and no boundary tokens, kept to rerun the comparison.
+    Two ablations take the official recipe apart: `lr-only` (the tenth of the rate, no boundary tokens) and
+    `boundary-stage2` (the official recipe with boundary tokens that first appear, fresh, in stage 2).
     """
 
     language_ratio: float | None  # language-delta rate / modality-delta rate; None: one group, one rate
     boundary_tokens: int  # prefix tokens, and as many suffix tokens, per modality
+    boundary_from_stage1: bool = True  # False: stage 1 runs without them, stage 2 adds fresh ones
 
 
 RECIPES = {"official": DecoupledRecipe(language_ratio=0.1, boundary_tokens=5),
-           "one-rate": DecoupledRecipe(language_ratio=None, boundary_tokens=0)}
+           "one-rate": DecoupledRecipe(language_ratio=None, boundary_tokens=0),
+           "lr-only": DecoupledRecipe(language_ratio=0.1, boundary_tokens=0),
+           "boundary-stage2": DecoupledRecipe(language_ratio=0.1, boundary_tokens=5, boundary_from_stage1=False)}
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class TrainingRun:
     steps: int
     start_from: tuple[str, ...]
     lr: LearningRates
-    boundary_tokens: int = 0  # only for runs that create branches (start_from empty)
+    boundary_tokens: int = 0  # fresh prefix (and suffix) tokens per modality; 0: none, or the start run's
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,7 @@ def demo_plan(profile: str, recipe: str = "official", *, world: str | None = Non
     stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                           s.stage1_steps, (), pretrain) for m in MODALITIES]
     first_of = {m: f"{m}-stage1" for m in MODALITIES}
-    if decoupled.boundary_tokens:  # the decoupled runs' branches carry boundary tokens from stage 1 on
+    if decoupled.boundary_tokens and decoupled.boundary_from_stage1:  # the decoupled branches carry them from here
         stage1 += [TrainingRun(f"{m}-stage1-boundary", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                                s.stage1_steps, (), pretrain, boundary_tokens=decoupled.boundary_tokens)
                    for m in MODALITIES]
@@ -235,10 +240,12 @@ def demo_plan(profile: str, recipe: str = "official", *, world: str | None = Non
         instruct.model_copy(update={"language": round(instruct.deltas * decoupled.language_ratio, 12)})
     shared = [TrainingRun(f"{m}-shared", (m,), "shared", (names.instruct_file(m),), "instruct", s.stage2_steps,
                           (f"{m}-stage1",), instruct) for m in MODALITIES]
+    added = 0 if decoupled.boundary_from_stage1 else decoupled.boundary_tokens  # fresh in stage 2
     singles = [TrainingRun(f"{m}-decoupled", (m,), "decoupled", (names.instruct_file(m),), "instruct",
-                           s.stage2_steps, (first_of[m],), decoupled_lr) for m in MODALITIES]
+                           s.stage2_steps, (first_of[m],), decoupled_lr, boundary_tokens=added) for m in MODALITIES]
     joint = TrainingRun("joint-decoupled", MODALITIES, "decoupled", tuple(names.instruct_file(m) for m in MODALITIES),
-                        "instruct", s.joint_steps, tuple(first_of[m] for m in MODALITIES), decoupled_lr)
+                        "instruct", s.joint_steps, tuple(first_of[m] for m in MODALITIES), decoupled_lr,
+                        boundary_tokens=added)
     stage2 = [run for m in range(len(MODALITIES)) for run in (shared[m], singles[m])]
     waves = (tuple(stage1), (joint, *stage2))  # the longest run first, so that it does not finish last, alone
 
