@@ -165,7 +165,9 @@ def demo(
     recipe: Annotated[str, typer.Option(
         help="How the decoupled (DAMC) models train: official (language delta at 1/10 of the modality delta's "
              "rate, 5+5 boundary tokens per modality) or one-rate (one rate, no boundary tokens; the earlier "
-             "setting). The shared (NaiveMC) models are the same under both.")] = "official",
+             "setting); ablations of the official one: lr-only (no boundary tokens), boundary-stage2 (boundary "
+             "tokens added fresh in stage 2, not trained in stage 1). The shared (NaiveMC) models are the same "
+             "under all.")] = "official",
     world: Annotated[str | None, typer.Option(
         help="Replace the profile's world: small (24 entities) or large (48). With --base, the ablation of world "
              "size and base LLM size.", show_default="the profile's")] = None,
