@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmcompose.data.dataset import SampleDataset, StepBatches, load_training_samples, step_loader
 from mmcompose.errors import InputError, MMComposeError
@@ -72,6 +73,39 @@ def test_media_are_decoded_only_when_an_item_is_fetched(llama_base: Path, data: 
     items = [dataset[i] for i in range(len(dataset))]
     assert model.assembler.sequence_lengths(items, dataset.positions, chunk=5) == \
         [model.assemble([e]).embeds.shape[1] for e in items]
+
+
+def test_kept_inputs_are_decoded_once_within_the_budget(llama_base: Path, data: Path) -> None:
+    model = model_for(llama_base)
+    counters = {m: Counting(p) for m, p in model.processors.items()}
+    model.processors.update(counters)
+    dataset = SampleDataset(model, load_training_samples([data / "train.json"], data, model).samples)
+    first = [dataset[i] for i in range(len(dataset))]
+    calls = {m: c.calls for m, c in counters.items()}
+    assert calls == {"image": 1 + 24, "audio": 1 + 6}  # nothing kept by default: every input of every item decoded
+    image, audio = first[0].inputs["image"][0].nbytes, first[1].inputs["audio"][0].nbytes
+    dataset.keep_decoded(image - 1)  # no room for any input
+    [dataset[i] for i in range(len(dataset))]
+    assert {m: c.calls - calls[m] for m, c in counters.items()} == {"image": 24, "audio": 6}
+    calls = {m: c.calls for m, c in counters.items()}
+    dataset.keep_decoded(6 * image + 3 * audio)  # room for the 6 distinct images and 3 distinct clips
+    for _ in range(2):
+        again = [dataset[i] for i in range(len(dataset))]
+    assert {m: c.calls - calls[m] for m, c in counters.items()} == {"image": 6, "audio": 3}
+    assert all(torch.equal(a, b) for x, y in zip(first, again, strict=True)
+               for m in x.inputs for a, b in zip(x.inputs[m], y.inputs[m], strict=True))
+
+
+def test_training_with_kept_inputs_gives_the_same_weights(llama_base: Path, data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = load_training_samples([data / "train.json"], data, model_for(llama_base)).samples
+    settings = config(steps=6, batch_size=4)  # 3 steps per epoch: items come back, so inputs are kept
+    kept = train(model_for(llama_base), samples, data, settings, tmp_path / "kept", progress=False)
+    monkeypatch.setattr("mmcompose.train.trainer.KEEP_DECODED_BYTES", 0)
+    decoded = train(model_for(llama_base), samples, data, settings, tmp_path / "decoded", progress=False)
+    assert kept["final_loss"] == decoded["final_loss"]
+    for key, value in load_file(tmp_path / "kept" / "model" / "model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "decoded" / "model" / "model.safetensors")[key]), key
 
 
 def test_workers_give_the_batches_of_the_main_process(llama_base: Path, data: Path) -> None:

@@ -53,6 +53,9 @@ STATE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE = "trainer_state.json", "optimizer
 TRAINED_TENSORS = "trained.safetensors"
 BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 SKIPPED_FILE = "skipped_samples.txt"
+KEEP_DECODED_BYTES = 512 * 2**20
+"""Decoded inputs a training process keeps when items come back: all of a demo world's media (~30 MB as
+tensors) with room to spare, a bounded amount of host memory for real data."""
 
 
 class LearningRates(BaseModel):
@@ -538,6 +541,8 @@ def _run(model: MultimodalLLM, data: SampleDataset, skipped: list[BadSample], co
         raise MMComposeError(f"{len(data)} samples are fewer than one global batch of {global_batch} "
                              f"({micro} x {world} processes x {accum} accumulated)")
     total = config.steps or config.epochs * per_epoch
+    if total > per_epoch:  # items come back: keep their decoded inputs (not for one pass over a large set)
+        data.keep_decoded(KEEP_DECODED_BYTES)
     if config.gradient_checkpointing:
         model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
