@@ -9,9 +9,12 @@
 (b) peak RSS of a `train modality` run over a 1k-sample and a 50k-sample data file that reference the same 32
     PNG files (tiny model, 3 steps): the lazy loader must not grow with the file beyond its sample records.
 (c) peak RSS saved by gradient checkpointing on the 100M model (batch 4 x 256 tokens, 2 steps), and its time cost.
+(d) seconds of a demo-sized video instruction run (a small world's 512 video samples, 8-frame MP4s, LLaMA of the
+    demo's small shape with random weights, `shared` rank 16, batch 16, 3 epochs) keeping decoded inputs in
+    memory, against decoding every input every time (the anchor; `KEEP_DECODED_BYTES` 0). Interleaved repeats.
 
 Each RSS number is the child process's VmHWM (it includes the interpreter, torch and the model).
-Run: `python benchmarks/train.py [--repeats 3] [--steps 4] [--parts abc]`; prints a table and appends it to
+Run: `python benchmarks/train.py [--repeats 3] [--steps 4] [--parts abcd]`; prints a table and appends it to
 RESULTS.md (`--parts b`: only the RSS comparison).
 """
 
@@ -183,6 +186,25 @@ def image_data(directory: Path, count: int, files: int = 32) -> Path:
     return path
 
 
+def video_run(base: Path, world: Path, out: Path, keep: bool) -> float:
+    """Seconds of `train` over the world's video instruction set (3 epochs), keeping decoded inputs or not."""
+    from mmcompose.data import names
+    from mmcompose.data.dataset import load_training_samples
+    from mmcompose.train import trainer
+
+    model = trainer.build_model(base, ["video"], strategy="shared", rank=16, alpha=32.0, seed=0)
+    loaded = load_training_samples([world / names.DATA_DIR / names.instruct_file("video")], world, model)
+    config = trainer.TrainConfig(stage="instruct", batch_size=16, steps=3 * (len(loaded.samples) // 16), seed=0,
+                                 train_encoder=False, lr=trainer.LearningRates(connector=1e-4, deltas=3e-3))
+    kept, trainer.KEEP_DECODED_BYTES = trainer.KEEP_DECODED_BYTES, trainer.KEEP_DECODED_BYTES if keep else 0
+    try:
+        started = time.perf_counter()
+        trainer.train(model, loaded.samples, world, config, out, progress=False)
+        return time.perf_counter() - started
+    finally:
+        trainer.KEEP_DECODED_BYTES = kept
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
@@ -193,7 +215,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--results", type=Path, default=ROOT / "RESULTS.md")
-    parser.add_argument("--parts", default="abc", help="which measurements to run: any of a, b, c")
+    parser.add_argument("--parts", default="abcd", help="which measurements to run: any of a, b, c, d")
     parser.add_argument("--worker", nargs=5, metavar=("KIND", "BASE", "DATA", "OUT", "CHECKPOINTING"))
     args = parser.parse_args()
     if args.worker:
@@ -201,8 +223,8 @@ def main() -> None:
         rss_worker(kind, Path(base), Path(data), Path(out), checkpointing == "1")
         return
     parts = set(args.parts)
-    if not parts or parts - set("abc"):
-        raise SystemExit(f"--parts {args.parts!r}: choose letters among a, b, c")
+    if not parts or parts - set("abcd"):
+        raise SystemExit(f"--parts {args.parts!r}: choose letters among a, b, c, d")
     load_before = os.getloadavg()
     lines = ["| measure | mmcompose | anchor | ratio |", "|---|---|---|---|"]
     model_line = ""
@@ -249,6 +271,18 @@ def main() -> None:
                          f"| on: {spread(memory[True])} | off: {spread(memory[False])} | saves "
                          f"{statistics.median(memory[False]) - statistics.median(memory[True]):.0f} MiB; run time "
                          f"{statistics.median(seconds[True]) / statistics.median(seconds[False]):.2f}x |")
+        if "d" in parts:
+            from mmcompose.world import build_world
+
+            world = build_world(0, work / "world", "small")
+            small = make_base(work / "base-small", hidden=128, layers=3, intermediate=344)
+            runs: dict[bool, list[float]] = {True: [], False: []}
+            for repeat in range(args.repeats):
+                for keep in (True, False):
+                    runs[keep].append(video_run(small, world, work / f"video-{keep}-{repeat}", keep))
+            lines.append(f"| (d) seconds, video instruction run (3 epochs), decoded inputs kept vs decoded every time "
+                         f"| kept: {spread(runs[True])} | every time: {spread(runs[False])} | "
+                         f"{statistics.median(runs[False]) / statistics.median(runs[True]):.2f}x faster |")
     load_after = os.getloadavg()
     header = [
         f"## train ({date.today().isoformat()})",
