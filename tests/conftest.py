@@ -1,5 +1,4 @@
-"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads); how the
-suite shares the CPU when it runs in several processes (`pytest -n 2`)."""
+"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads)."""
 
 from __future__ import annotations
 
@@ -37,23 +36,6 @@ def make_base(directory: Path, family: str = "llama", seed: int = 0, hidden: int
     model_class(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """A test process under xdist computes on one thread: the e2e demo runs in its own subprocess beside the
-    other tests, with the machine's threads, and a tiny model's matmul gains little from a second thread."""
-    if hasattr(config, "workerinput"):
-        torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The e2e tests first, as one xdist group: their shared demo run (~10 min on 2 cores) is the suite's longest
-    step, and its first part, the base LLM's pretraining, leaves most of a second core idle for the other tests.
-    With `--no-loadscope-reorder` (in pyproject's addopts) xdist schedules groups in this order."""
-    e2e = [item for item in items if item.get_closest_marker("e2e")]
-    for item in e2e:
-        item.add_marker(pytest.mark.xdist_group("e2e"))
-    items[:] = e2e + [item for item in items if not item.get_closest_marker("e2e")]
 
 
 @pytest.fixture(scope="session")

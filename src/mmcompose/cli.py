@@ -15,9 +15,7 @@ from mmcompose.errors import MMComposeError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Compose single-modality multimodal LLMs that share a base LLM into one model, and measure it.")
-# Status lines are not wrapped at the terminal's width: most carry a path, and a path broken over two lines can
-# be neither copied nor searched for (tables still fit the width).
-console, errors = Console(soft_wrap=True), Console(stderr=True)
+console, errors = Console(), Console(stderr=True)
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
