@@ -35,6 +35,7 @@ bytes of the model's tensors (base + checkpoint, in bf16), read from the safeten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -146,14 +147,12 @@ def system_spec(shapes: Shapes) -> ModelSpec:
 
 
 # --- writing ------------------------------------------------------------------------------------------------
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
-def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, norm: bool, seed: int) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, norm: bool, seed: int,
+                  device: str = "cpu") -> torch.Tensor:
     """A plausible value for a tensor of a trained network: norms' weights 1, biases and running means 0,
-    running variances 1, everything else N(0, 0.02), drawn in float32 from the tensor's own generator (so any
-    tensor can be rebuilt alone) and cast."""
+    running variances 1, everything else N(0, 0.02), drawn in float32 on `device` from the tensor's own
+    generator (so any tensor can be rebuilt alone; a GPU's generator draws other values than the CPU's) and
+    cast."""
     leaf = name.rpartition(".")[2]
     if not dtype.is_floating_point:
         return torch.zeros(shape, dtype=dtype)
@@ -161,7 +160,8 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, norm: b
         return torch.ones(shape, dtype=dtype)
     if leaf in ("bias", "running_mean"):
         return torch.zeros(shape, dtype=dtype)
-    return torch.randn(shape, generator=_generator(seed, name)).mul_(0.02).to(dtype)
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator, device=device).mul_(0.02).to(dtype)
 
 
 def _norm_parameters(module: torch.nn.Module, prefix: str = "") -> set[str]:
@@ -172,10 +172,10 @@ def _norm_parameters(module: torch.nn.Module, prefix: str = "") -> set[str]:
 
 
 def _stream(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], norms: set[str],
-            seed: int) -> None:
+            seed: int, device: str) -> None:
     with SafetensorsStream(path, layout) as stream:
         for name, (dtype, shape) in layout.items():
-            stream.write(name, random_tensor(name, shape, dtype, name in norms, seed))
+            stream.write(name, random_tensor(name, shape, dtype, name in norms, seed, device))
 
 
 def _tokenizer(vocab_size: int, seed: int) -> Any:
@@ -184,12 +184,12 @@ def _tokenizer(vocab_size: int, seed: int) -> Any:
     syllables = [a + b for a in "bdfgklmnprstvz" for b in "aeiou"]
     words = [" ".join("".join(rng.choice(syllables, size=rng.integers(1, 5))) for _ in range(40))
              for _ in range(3000)]
-    tokenizer = train_tokenizer(words + ["USER: ASSISTANT: A B C D ( ) ? . \n"], vocab_size=min(vocab_size, 8000))
+    tokenizer = train_tokenizer([*words, "USER: ASSISTANT: A B C D ( ) ? . \n"], vocab_size=min(vocab_size, 8000))
     tokenizer.add_tokens([f"<unused{i}>" for i in range(vocab_size - len(tokenizer))])
     return tokenizer
 
 
-def write_base(directory: Path, shapes: Shapes, layers: int, seed: int, shard_bytes: int) -> int:
+def write_base(directory: Path, shapes: Shapes, layers: int, seed: int, shard_bytes: int, device: str) -> int:
     """The random LLaMA as transformers' sharded safetensors layout; returns the bytes of its tensors."""
     tokenizer = _tokenizer(shapes.llm["vocab_size"], seed)
     config = LlamaConfig(**shapes.llm, num_hidden_layers=layers, tie_word_embeddings=False, dtype="bfloat16",
@@ -212,7 +212,7 @@ def write_base(directory: Path, shapes: Shapes, layers: int, seed: int, shard_by
     for index, shard in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         print(f"  base shard {index}/{len(shards)}: {len(shard)} tensors", flush=True)
-        _stream(directory / file, shard, norms, seed)
+        _stream(directory / file, shard, norms, seed, device)
         weight_map.update({name: file for name in shard})
     total = sum(2 * math.prod(shape) for _, shape in layout.values())
     (directory / "model.safetensors.index.json").write_text(
@@ -222,7 +222,7 @@ def write_base(directory: Path, shapes: Shapes, layers: int, seed: int, shard_by
     return total
 
 
-def write_checkpoint_streamed(directory: Path, base: Path, shapes: Shapes, seed: int) -> int:
+def write_checkpoint_streamed(directory: Path, base: Path, shapes: Shapes, seed: int, device: str) -> int:
     """The composed checkpoint, its layout taken from the model built on the meta device (so the manifest and
     the tensors agree exactly with what `MultimodalLLM` expects), each tensor streamed in bf16."""
     from transformers import AutoTokenizer
@@ -237,7 +237,7 @@ def write_checkpoint_streamed(directory: Path, base: Path, shapes: Shapes, seed:
     layout = {name: (torch.bfloat16 if t.is_floating_point() else t.dtype, tuple(t.shape))
               for name, t in tensors.items()}
     print(f"  checkpoint: {len(layout)} tensors", flush=True)
-    _stream(directory / TENSOR_FILE, layout, norms, seed + 1)
+    _stream(directory / TENSOR_FILE, layout, norms, seed + 1, device)
     manifest = Manifest(base=BaseReference(path=base_reference(base, directory), fingerprint=fingerprint),
                         model=spec, files=[TENSOR_FILE],
                         provenance={"benchmark": "benchmarks/realscale.py", "seed": seed,
@@ -278,17 +278,19 @@ def write_mcub(directory: Path, shapes: Shapes, seed: int, items: int = 2) -> No
     (directory / "MCUB-answer.json").write_text(json.dumps(answers, indent=1) + "\n")
 
 
-def write_system(out: Path, *, layers: int, seed: int, tiny: bool, shard_bytes: int, overwrite: bool) -> Path:
+def write_system(out: Path, *, layers: int, seed: int, tiny: bool, shard_bytes: int, overwrite: bool,
+                 device: str = "cpu") -> Path:
+    """Write base/, composed/ and mcub/ into `out` (atomically); random values are drawn on `device`."""
     shapes = TINY if tiny else FULL
     started = time.time()
     with atomic_directory(out, overwrite=overwrite) as temporary:
         (temporary / "base").mkdir()
         (temporary / "composed").mkdir()
-        write_base(temporary / "base", shapes, layers, seed, shard_bytes)
-        write_checkpoint_streamed(temporary / "composed", temporary / "base", shapes, seed)
+        write_base(temporary / "base", shapes, layers, seed, shard_bytes, device)
+        write_checkpoint_streamed(temporary / "composed", temporary / "base", shapes, seed, device)
         write_mcub(temporary / "mcub", shapes, seed)
         (temporary / "system.json").write_text(json.dumps(
-            {"layers": layers, "seed": seed, "tiny": tiny, "written": _now()}, indent=2) + "\n")
+            {"layers": layers, "seed": seed, "tiny": tiny, "drawn_on": device, "written": _now()}, indent=2) + "\n")
     print(f"wrote {out} in {time.time() - started:.0f} s: {model_bytes(out) / 2**30:.2f} GiB of tensors")
     return out
 
@@ -344,8 +346,8 @@ def _import_everything() -> None:
     import uvicorn  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import mmcompose.cli  # noqa: F401
-    import mmcompose.eval.runner  # noqa: F401
+    import mmcompose.cli
+    import mmcompose.eval.runner
     import mmcompose.serve.app  # noqa: F401
 
 
@@ -448,10 +450,8 @@ def _serve_one(system: Path, args: argparse.Namespace) -> str:
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=client, daemon=True).start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         app(["serve", str(system / "composed"), "--port", str(port), *_cli_options(args)], standalone_mode=False)
-    except KeyboardInterrupt:
-        pass
     if "error" in answer:
         raise SystemExit(f"serve request failed: {answer['error']}")
     return answer["response"]["choices"][0]["message"]["content"]
@@ -490,7 +490,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _row(result: dict[str, Any]) -> str:
     gib = 2**30
     peak = result["peak_sample"]
-    return (f"| {result['what']} | {result['model_bytes'] / gib:.2f} | {(result['peak_rss'] - result['baseline_rss']) / gib:.2f} "
+    held = (result["peak_rss"] - result["baseline_rss"]) / gib
+    return (f"| {result['what']} | {result['model_bytes'] / gib:.2f} | {held:.2f} "
             f"| **{result['ratio']:.3f}x** | {peak['RssAnon'] / gib:.2f} / {peak['RssFile'] / gib:.2f} "
             f"| {result['seconds']:.0f} |")
 
