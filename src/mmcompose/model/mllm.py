@@ -268,8 +268,12 @@ class MultimodalLLM(nn.Module):
     # --- text-route folding --------------------------------------------------------------------------
     def fold_text_route(self) -> None:
         """Fold the text route's delta into the base weights: generated tokens then cost what the base
-        LLM costs; modality routes apply `D_m - D_text` to their own tokens only."""
-        if self.routing.folded:
+        LLM costs; modality routes apply `D_m - D_text` to their own tokens only.
+
+        A model with offloaded layers (weights on the disk, or on the CPU for a GPU model) is left unfolded: its
+        hooks reload those weights from their files at every forward, so nothing added into them would last; the
+        text delta is then applied unfused, which is exact and costs its low-rank product per token."""
+        if self.routing.folded or any(layer.base.weight.device.type == "meta" for layer in self.routed.values()):
             return
         text = self.routing.route_to_delta.get(TEXT_ROUTE)
         modality_routes = {r: self.routing.route_to_delta.get(r, "__base__")

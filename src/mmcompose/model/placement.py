@@ -119,7 +119,8 @@ def parse_max_memory(value: str | dict[Any, Any] | None, flag: str = "--max-memo
         if isinstance(device, int) and device >= _gpu_count():
             raise PlacementError(f"{flag}: GPU {device} is not visible ({_gpu_count()} GPU(s))")
         try:
-            budget[device] = size if isinstance(size, int) else convert_file_size_to_int(str(size).strip())
+            size = str(size).strip()
+            budget[device] = int(size) if size.isdigit() else convert_file_size_to_int(size)
         except ValueError:
             raise PlacementError(f"{flag}: size {size!r} of {key}: expected e.g. 20GiB, 500MB or bytes") from None
     if not budget:
