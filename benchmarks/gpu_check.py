@@ -46,8 +46,8 @@ import torch
 from realscale import FULL, TINY, write_mcub, write_system
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-from mmcompose.eval.benchmark import load_mcub
 from mmcompose.eval.predict import model_predictor
+from mmcompose.eval.presets import get_preset, load_preset_tasks
 from mmcompose.eval.runner import run_benchmark
 from mmcompose.model import Example, MultimodalLLM
 from mmcompose.model.generation import prefill, step
@@ -287,9 +287,11 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
     tiny = json.loads((system / "system.json").read_text())["tiny"]
     with tempfile.TemporaryDirectory() as scratch:
         write_mcub(Path(scratch) / "mcub", TINY if tiny else FULL, seed=1, items=args.eval_items)
-        samples = load_mcub(Path(scratch) / "mcub")["MCUB-4"]
+        preset = get_preset("mcub")
+        samples = load_preset_tasks(preset, Path(scratch) / "mcub", None)["MCUB-4"]
         started = time.perf_counter()
-        run_benchmark(samples, model_predictor(model, 1), Path(scratch) / "out", "MCUB-4", "choice", progress=False)
+        run_benchmark(samples, model_predictor(model, 1), Path(scratch) / "out", "MCUB-4", preset.kind,
+                      progress=False, scorer=preset.scorer)
         elapsed = time.perf_counter() - started
     rows.append(Row("(c) eval items/s", f"{len(samples) / elapsed:.2f}",
                     f"{len(samples)} MCUB-4-shaped items, four media each, batch 1, 1 new token"))
@@ -301,7 +303,8 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
                         f"{requests:.2f} requests/s, max_tokens {args.serve_tokens}"))
 
     # (e)
-    rows.append(Row("(e) peak memory", device.peak(), "model, CPU-reference run excluded on a GPU"))
+    rows.append(Row("(e) peak memory", device.peak(), "(a) to (d), device memory only" if device.cuda else
+                    "(a) to (d), the CPU reference included"))
     del model
     gc.collect()
 

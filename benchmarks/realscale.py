@@ -356,7 +356,7 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.device_map:
         options["device_map"] = args.device_map
     if args.max_memory:
-        options["max_memory"] = json.loads(args.max_memory)
+        options["max_memory"] = args.max_memory
     if args.offload_folder:
         options["offload_folder"] = args.offload_folder
     return options
@@ -400,7 +400,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             app(["eval", "--benchmark", "mcub", "--task", str(system / "mcub"), "--model", str(system / "composed"),
                  "-o", str(out), "--max-new-tokens", str(args.new_tokens), "--batch-size", "1",
                  *_cli_options(args)], standalone_mode=False)
-            result["predictions"] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+            result["predictions"] = [{key: record[key] for key in ("id", "prediction", "error")} for record in
+                                     map(json.loads, (out / "predictions.jsonl").read_text().splitlines())]
         else:
             raise SystemExit(f"unknown measurement {args.what!r}")
     result["seconds"] = time.time() - started
@@ -527,7 +528,7 @@ def main() -> None:
         command.add_argument("--scratch", default="/tmp/realscale", help="Where eval writes its predictions.")
         command.add_argument("--port", type=int, default=18431)
         command.add_argument("--device-map", help="auto | balanced | sequential | a JSON map.")
-        command.add_argument("--max-memory", help='JSON, e.g. {"cpu": "12GiB"}.')
+        command.add_argument("--max-memory", help="As mmcompose's --max-memory, e.g. cpu=12GiB.")
         command.add_argument("--offload-folder")
     args = parser.parse_args()
     if args.command == "write":
