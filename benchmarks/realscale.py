@@ -19,7 +19,8 @@ own seeded generator), cast to bf16 and streamed to its place in a safetensors f
 `measure` runs one measurement in this process and prints one JSON line; `run` starts each measurement in a
 fresh subprocess (so each sees only its own allocations) and prints a table:
 
-* `load`  - `MultimodalLLM.from_pretrained(composed, dtype=bf16)`;
+* `load`  - `MultimodalLLM.from_pretrained(composed, dtype=bf16)`, then one read of every page of every tensor
+            (weights memory-mapped from the safetensors files are only resident once read);
 * `fold`  - load + `fold_text_route()` + one greedy `generate` on a text prompt (the issue's measure);
 * `serve` - `mmcompose serve` in this process, answering one HTTP request (a text prompt) on loopback;
 * `eval`  - `mmcompose eval --benchmark mcub` on the two items.
@@ -387,7 +388,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if args.what in ("load", "fold"):
             model = MultimodalLLM.from_pretrained(system / "composed", **_load_options(args)).eval()
             result["load_s"] = time.time() - started
-            result["loaded_tensor_bytes"] = _resident_tensor_bytes(model)
+            result["load_peak_rss"] = _status()["VmHWM"]
+            result["loaded_tensor_bytes"] = _touch(model)
             if args.what == "fold":
                 model.fold_text_route()
                 result["generated"] = model.generate([_text_prompt(model)], max_new_tokens=args.new_tokens)[0]
@@ -406,19 +408,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown measurement {args.what!r}")
     result["seconds"] = time.time() - started
     final = _status()
-    result.update(baseline_rss=baseline["VmRSS"], peak_rss=final["VmHWM"], peak_sample=sampler.peak,
+    result.update(baseline_rss=baseline["VmRSS"], baseline_anon=baseline["RssAnon"], peak_rss=final["VmHWM"],
+                  peak_sample=sampler.peak,
                   model_bytes=model_bytes(system))
     result["ratio"] = (final["VmHWM"] - baseline["VmRSS"]) / result["model_bytes"]
     return result
 
 
-def _resident_tensor_bytes(model: torch.nn.Module) -> int:
+def _touch(model: torch.nn.Module) -> int:
+    """Read every byte of every tensor held in memory (weights memory-mapped from safetensors only become
+    resident when first read) and return their bytes: the model ready to answer anything."""
     seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.device.type == "meta" or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "meta" or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+            tensor.view(-1)[:: max(1, 4096 // tensor.element_size())].sum()  # one read per 4 KiB page
     return total
 
 
@@ -482,19 +489,45 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result.update(load_average=[load_before, os.getloadavg()], command=command[2:], date=_now())
             results.append(result)
-            print(_row(result), flush=True)
+            print(_row(result, code=args.code), flush=True)
     if args.results:
-        Path(args.results).write_text(json.dumps({"machine": machine(), "results": results}, indent=1) + "\n")
+        system = json.loads((Path(args.system) / "system.json").read_text())
+        Path(args.results).write_text(json.dumps({"machine": machine(), "layers": system["layers"], "code": args.code,
+                                                  "results": results}, indent=1) + "\n")
     return results
 
 
-def _row(result: dict[str, Any]) -> str:
+HEADER = ("| measurement | layers | code | model GiB | held GiB | held / model | anon / file GiB at peak | s "
+          "| load avg (start, end) |\n|---|---|---|---:|---:|---:|---:|---:|---|")
+
+
+def _row(result: dict[str, Any], layers: Any = "", code: str = "") -> str:
+    """One markdown row; `held` is the peak RSS above the baseline, its split sampled at the peak."""
     gib = 2**30
+    if "failed" in result:
+        return f"| {result['what']} | {layers} | {code} | failed: {' '.join(result['failed'])} |"
     peak = result["peak_sample"]
     held = (result["peak_rss"] - result["baseline_rss"]) / gib
-    return (f"| {result['what']} | {result['model_bytes'] / gib:.2f} | {held:.2f} "
-            f"| **{result['ratio']:.3f}x** | {peak['RssAnon'] / gib:.2f} / {peak['RssFile'] / gib:.2f} "
-            f"| {result['seconds']:.0f} |")
+    anon = (peak["RssAnon"] - result.get("baseline_anon", 0)) / gib
+    loads = " / ".join(f"{average[0]:.1f}" for average in result.get("load_average", []))
+    return (f"| {result['what']} | {layers} | {code} | {result['model_bytes'] / gib:.2f} | {held:.2f} "
+            f"| **{result['ratio']:.3f}x** | {anon:.2f} / {peak['RssFile'] / gib:.2f} | {result['seconds']:.0f} "
+            f"| {loads} |")
+
+
+def report(files: list[Path]) -> str:
+    """A markdown table of the results in `files` (written by `run --results`), with their commands."""
+    lines = [HEADER]
+    commands = []
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        for result in data["results"]:
+            lines.append(_row(result, data.get("layers", ""), data.get("code", "")))
+            if "command" in result:
+                commands.append(f"- {result['what']} ({result['date']}): `python benchmarks/realscale.py "
+                                f"{' '.join(result['command'])}`")
+    machines = sorted({json.loads(Path(file).read_text())["machine"] for file in files})
+    return "\n".join([*lines, "", f"- machine: {'; '.join(machines)}", *commands])
 
 
 def machine() -> str:
@@ -514,6 +547,8 @@ def main() -> None:
     write.add_argument("--tiny", action="store_true", help="Tiny widths of the same layout (seconds, for tests).")
     write.add_argument("--shard-gib", type=float, default=2.0, help="Largest base shard.")
     write.add_argument("--overwrite", action="store_true")
+    report_command = sub.add_parser("report", help="A markdown table from `run --results` files.")
+    report_command.add_argument("files", nargs="+", type=Path)
     for name, helptext in (("measure", "One measurement in this process; prints one JSON line."),
                            ("run", "Each measurement in a fresh subprocess; prints a table.")):
         command = sub.add_parser(name, help=helptext)
@@ -523,6 +558,7 @@ def main() -> None:
             command.add_argument("--only", default="load,fold,serve,eval")
             command.add_argument("--repeats", type=int, default=1)
             command.add_argument("--results", help="Write every result as JSON here.")
+            command.add_argument("--code", default="", help="What code ran, for the report (e.g. a commit).")
         command.add_argument("system", help="A directory made by `write`.")
         command.add_argument("--new-tokens", type=int, default=4)
         command.add_argument("--scratch", default="/tmp/realscale", help="Where eval writes its predictions.")
@@ -534,6 +570,8 @@ def main() -> None:
     if args.command == "write":
         write_system(args.out, layers=args.layers, seed=args.seed, tiny=args.tiny,
                      shard_bytes=int(args.shard_gib * 2**30), overwrite=args.overwrite)
+    elif args.command == "report":
+        print(report(args.files))
     elif args.command == "measure":
         print(json.dumps(measure(args)))
     else:
