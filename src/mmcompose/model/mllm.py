@@ -128,7 +128,12 @@ class MultimodalLLM(nn.Module):
     @torch.no_grad()
     def input_length(self, modality: str, processed: torch.Tensor) -> int:
         """How many LLM positions one processed input of `modality` takes, boundary tokens included."""
-        return self.branches[modality](processed.unsqueeze(0).to(self.device, self._dtype_of(modality))).shape[1]
+        return self.encode(modality, processed.unsqueeze(0)).shape[1]
+
+    def encode(self, modality: str, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
+        """Stacked processed inputs `(n, ...)` of `modality` -> their LLM positions `(n, tokens, hidden)`, on the
+        model's device; with `encoded`, the inputs are encoder outputs (a feature cache)."""
+        return self.branches[modality](inputs.to(self.device, self._dtype_of(modality)), encoded=encoded)
 
     def example(self, prompt: str, inputs: dict[str, Sequence[Any]] | None = None, target: str | None = None,
                 id: str = "") -> Example:
@@ -150,8 +155,7 @@ class MultimodalLLM(nn.Module):
         embed = self.llm.get_input_embeddings()
         return self.assembler(
             examples,
-            encode=lambda modality, x: self.branches[modality](x.to(self.device, self._dtype_of(modality)),
-                                                               encoded=modality in encoded),
+            encode=lambda modality, x: self.encode(modality, x, encoded=modality in encoded),
             embed_tokens=lambda ids: embed(ids.to(self.device)),
             padding_side=padding_side,
         )
