@@ -16,6 +16,9 @@ older code, e.g. `git archive <commit> src | tar -x -C /tmp/before`); runs alter
 `--repeats` times, and the table gives the median items/s with the min-max spread. Predictions of every
 variant must agree (the same greedy answers), else the script fails.
 
+The newer code is also measured with the text route always folded (`--forced-fold`), since `eval` folds it only
+where that pays (`ModelPredictor.folding_pays`), which a media-heavy MCUB-4 item with a short answer does not.
+
 Run: `python benchmarks/eval_throughput.py --before /tmp/before/src --repeats 3`.
 """
 
@@ -81,8 +84,9 @@ def setup(work: Path) -> tuple[Path, Path]:
 
 
 def measure(checkpoint: Path, world: Path, workers: int | None, batch_size: int, max_new_tokens: int,
-            threads: int) -> dict:
-    """One timed evaluation with whatever `mmcompose` is on the path (`workers` None: the older runner)."""
+            threads: int, fold: str) -> dict:
+    """One timed evaluation with whatever `mmcompose` is on the path (`workers` None: the older runner;
+    `fold` auto, on or off for the newer one)."""
     import inspect
 
     import torch
@@ -96,11 +100,13 @@ def measure(checkpoint: Path, world: Path, workers: int | None, batch_size: int,
     samples = load_benchmark(world / "data" / "mcub4_test.json", world)
     model = load_checkpoint(checkpoint).eval()
     options = {} if workers is None else {"num_workers": workers}
+    predictor = model_predictor(model, max_new_tokens) if workers is None else \
+        model_predictor(model, max_new_tokens, fold={"auto": None, "on": True, "off": False}[fold])
     if options and "num_workers" not in inspect.signature(run_benchmark).parameters:
         raise SystemExit("this version of the runner has no num_workers")
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        metrics = run_benchmark(samples, model_predictor(model, max_new_tokens), out, "MCUB-4", "choice",
+        metrics = run_benchmark(samples, predictor, out, "MCUB-4", "choice",
                                 progress=False, batch_size=batch_size, **options)
         seconds = time.perf_counter() - started
         lines = (Path(out) / "predictions.jsonl").read_text().splitlines()
@@ -109,9 +115,9 @@ def measure(checkpoint: Path, world: Path, workers: int | None, batch_size: int,
 
 
 def run_variant(src: Path, work: Path, workers: int | None, batch_size: int, max_new_tokens: int,
-                threads: int) -> dict:
+                threads: int, fold: str) -> dict:
     command = [sys.executable, __file__, "--measure", "--work", str(work), "--batch-size", str(batch_size),
-               "--max-new-tokens", str(max_new_tokens), "--threads", str(threads)]
+               "--max-new-tokens", str(max_new_tokens), "--threads", str(threads), "--fold", fold]
     if workers is not None:
         command += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -130,6 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the evaluating process")
+    parser.add_argument("--fold", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--forced-fold", type=int, nargs="*", default=[1],
+                        help="--num-workers values also measured with the text route always folded")
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[16, 2])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmcompose-eval-throughput")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -138,24 +147,26 @@ def main() -> None:
     if args.measure:
         world, checkpoint = args.work / "world", args.work / "composed"
         workers = args.workers[0] if "--workers" in sys.argv else None
-        result = measure(checkpoint, world, workers, args.batch_size, args.max_new_tokens[0], args.threads)
+        result = measure(checkpoint, world, workers, args.batch_size, args.max_new_tokens[0], args.threads,
+                         args.fold)
         print(json.dumps(result))
         return
 
     sys.path.insert(0, str(args.after))
     setup(args.work)
-    variants: list[tuple[str, Path, int | None]] = []
+    variants: list[tuple[str, Path, int | None, str]] = []
     if args.before is not None:
-        variants.append(("before", args.before, None))
-    variants += [(f"after, {n} workers", args.after, n) for n in args.workers]
+        variants.append(("before", args.before, None, "auto"))
+    variants += [(f"after, {n} workers", args.after, n, "auto") for n in args.workers]
+    variants += [(f"after, {n} workers, always folded", args.after, n, "on") for n in args.forced_fold]
     load = os.getloadavg()
     rows = []
     for tokens in args.max_new_tokens:
-        seconds: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        seconds: dict[str, list[float]] = {name: [] for name, _, _, _ in variants}
         answers: dict[str, list[str]] = {}
         for repeat in range(args.repeats):
-            for name, src, workers in variants:
-                result = run_variant(src, args.work, workers, args.batch_size, tokens, args.threads)
+            for name, src, workers, fold in variants:
+                result = run_variant(src, args.work, workers, args.batch_size, tokens, args.threads, fold)
                 if result["failed"]:
                     raise SystemExit(f"{name}: {result['failed']} items failed")
                 seconds[name].append(result["seconds"])
@@ -167,19 +178,22 @@ def main() -> None:
         reference = next(iter(answers.values()))
         agree = {name: sum(a == b for a, b in zip(found, reference, strict=True)) for name, found in answers.items()}
         anchor = statistics.median(items / s for s in seconds[variants[0][0]])
-        for name, _, _ in variants:
+        for name, _, _, _ in variants:
             rates = [items / s for s in seconds[name]]
             median = statistics.median(rates)
             rows.append(f"| {tokens} | {name} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
                         f"{median / anchor:.2f}x | {agree[name]}/{items} |")
     end_load = os.getloadavg()
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
     import torch
 
     lines = [
         f"## eval_throughput ({date.today().isoformat()})",
         "",
         f"- command: `python benchmarks/eval_throughput.py{' --before ' + str(args.before) if args.before else ''} "
-        f"--repeats {args.repeats} --workers {' '.join(map(str, args.workers))} --threads {args.threads}`",
+        f"--repeats {args.repeats} --workers {' '.join(map(str, args.workers))} --threads {args.threads}` "
+        f"(after: {args.after}, commit {commit})",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} torch "
         "thread(s) in the evaluating process (DataLoader workers: 1 each); load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) at the start, {end_load[0]:.1f} at the end",

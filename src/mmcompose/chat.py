@@ -121,7 +121,7 @@ class ChatSession:
         try:
             logits = self._prefill(ids, routes, keys, sources, inputs)
             tokens = decode(self.model, self._state, logits, self.max_new_tokens, temperature=self.temperature,
-                            generator=self.generator, on_token=stream)[0] if self.max_new_tokens > 0 else []
+                            generator=self.generator, on_token=stream)[0]
         except BaseException:
             self._forget()
             raise

@@ -23,7 +23,7 @@ from mmcompose.errors import InputError
 from mmcompose.eval.benchmark import Sample, load_benchmark
 from mmcompose.eval.predict import ModelPredictor, model_predictor
 from mmcompose.eval.runner import StagedPredictor, default_num_workers, run_benchmark
-from mmcompose.model import Component, MultimodalLLM
+from mmcompose.model import Component, Example, MultimodalLLM
 from tests.data.media import write_json, write_png, write_wav
 from tests.eval.fakes import ask, read_lines
 from tests.io.media import encode_video
@@ -223,3 +223,30 @@ def test_bad_worker_settings_and_the_default() -> None:
     with pytest.raises(Exception, match="num_workers -1"):
         run_benchmark(questions(), Staged(), Path("unused"), "T", "choice", progress=False, num_workers=-1)
     assert 0 <= default_num_workers() <= 4
+
+
+def test_the_text_route_is_folded_only_where_that_pays(model: MultimodalLLM, llama_base: Path) -> None:
+    """Folding trades the text delta on text positions for `D_text` on top of `D_m` on modality positions."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 16, 16, generator=generator) for _ in range(12)]
+    heavy = Example(prompt="USER: " + "<image>" * 12 + " same? ASSISTANT:", inputs={"image": images})
+    chatty = Example(prompt="USER: <image> " + "tell me about it, " * 6 + "ASSISTANT:", inputs={"image": images[:1]})
+    positions = model.input_length("image", images[0])
+    text_only = len(model.tokenizer(heavy.prompt.replace("<image>", ""), add_special_tokens=False)["input_ids"])
+    assert 12 * positions > text_only + 1 + 2  # so the first case is media-heavy, even with 2 new tokens
+    predictor = ModelPredictor(model, max_new_tokens=2)
+    assert not predictor.folding_pays([heavy]) and predictor.folding_pays([chatty])
+    assert ModelPredictor(model, max_new_tokens=200).folding_pays([heavy])  # long answers pay for it
+
+    shared = MultimodalLLM.from_base(llama_base, [tiny_modality("image")], strategy="shared", rank=2)
+    assert ModelPredictor(shared, max_new_tokens=2).folding_pays([heavy])  # no correction is left
+    assert not ModelPredictor(MultimodalLLM.from_base(llama_base, [tiny_modality("image")]), 2).folding_pays([chatty])
+
+    folded: list[bool] = []
+    for fold in (None, True, False):
+        predictor = ModelPredictor(model, max_new_tokens=2, fold=fold)
+        with predictor.evaluating():
+            predictor.answer([heavy])
+            folded.append(model.routing.folded)
+        assert not model.routing.folded
+    assert folded == [False, True, False]
