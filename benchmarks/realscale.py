@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -407,6 +408,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         else:
             raise SystemExit(f"unknown measurement {args.what!r}")
     result["seconds"] = time.time() - started
+    result["children_max_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # DataLoader workers
     final = _status()
     result.update(baseline_rss=baseline["VmRSS"], baseline_anon=baseline["RssAnon"], peak_rss=final["VmHWM"],
                   peak_sample=sampler.peak,
