@@ -100,8 +100,9 @@ class MultimodalLLM(nn.Module):
     def __init__(self, llm: PreTrainedModel, tokenizer: Any, spec: ModelSpec, base_path: str | Path,
                  base_fingerprint: str, *, empty: bool = False) -> None:
         """`empty`: the branches' and deltas' parameters are created on the meta device, in the LLM's dtype,
-        for a loader to fill in place (nothing is allocated or randomly initialised); else they are new,
-        randomly initialised as for training, on the LLM's input device and in its dtype."""
+        for a loader to fill in place (nothing is allocated or randomly initialised); else they are new and
+        randomly initialised as for training: the deltas beside their base weights, the branches on the CPU in
+        float32."""
         super().__init__()
         self.llm, self.tokenizer, self.spec = llm, tokenizer, spec
         self.base_path, self.base_fingerprint = str(base_path), base_fingerprint
@@ -110,9 +111,8 @@ class MultimodalLLM(nn.Module):
         hidden = llm.config.hidden_size
         with init_empty_weights(include_buffers=False) if empty else nullcontext():
             self.branches = nn.ModuleDict({m.name: ModalityBranch(m, hidden) for m in spec.modalities})
-        self.branches.to(llm.dtype)
-        if not empty:
-            self.branches.to(llm.get_input_embeddings().weight.device)
+        if empty:
+            self.branches.to(llm.dtype)
         self.processors = {m.name: build_processor(m.processor.type, m.processor.options) for m in spec.modalities}
         route_ids = spec.route_ids()
         self.routing = RouteContext({route_ids[r]: d.name for d in spec.deltas for r in d.routes})
@@ -131,7 +131,8 @@ class MultimodalLLM(nn.Module):
                   chat_template: str | None = None, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None) -> MultimodalLLM:
         """A new (untrained) modality model on a base LLM saved in `base_path`, on `device` (None: the CPU; `auto`:
-        the first GPU if any) in `dtype` (None or `auto`: see `mmcompose.model.placement.resolve_dtype`).
+        the first GPU if any) in `dtype` (`auto`: see `mmcompose.model.placement.resolve_dtype`; None: the stored
+        dtype for the LLM and float32 for the branches).
 
         Template `chat` records `chat_template` (a start checkpoint's) or else the base tokenizer's own."""
         specs = [m if isinstance(m, ModalitySpec) else modality_spec(m) for m in modalities]
@@ -145,7 +146,10 @@ class MultimodalLLM(nn.Module):
         if target_modules is not None:
             options["target_modules"] = list(target_modules)
         spec = ModelSpec(modalities=specs, **options)
-        return cls(llm, tokenizer, spec, base_path, fingerprint_base(base_path))
+        model = cls(llm, tokenizer, spec, base_path, fingerprint_base(base_path))
+        # the branches follow an asked-for precision; without one they stay float32, as training wants them
+        model.branches.to(target, llm.dtype if dtype is not None else None)
+        return model
 
     @property
     def device(self) -> torch.device:

@@ -55,7 +55,7 @@ def resolve_device(value: str | torch.device | None, flag: str = "--device") -> 
         if index >= count:
             raise PlacementError(f"{flag} {value}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
         return torch.device("cuda", index)
-    if device.type not in ("cpu", "meta"):
+    if device.type != "cpu":
         raise PlacementError(f"{flag} {value!r}: expected auto, cpu, cuda or cuda:N")
     return device
 
