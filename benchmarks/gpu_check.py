@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteri
 
 from mmcompose.eval.predict import model_predictor
 from mmcompose.eval.presets import get_preset, load_preset_tasks
-from mmcompose.eval.runner import run_benchmark
+from mmcompose.eval.runner import default_num_workers, run_benchmark
 from mmcompose.model import Example, MultimodalLLM
 from mmcompose.model.generation import prefill, step
 
@@ -144,7 +144,8 @@ def ours_decode(model: MultimodalLLM, example: Example, new_tokens: int, sync: C
 
 def hf_decode(base: Path, device: str, prompt_ids: torch.Tensor, new_tokens: int,
               sync: Callable[[], None]) -> float:
-    llm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, local_files_only=True).to(device).eval()
+    llm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device,
+                                               local_files_only=True).eval()
     times: list[float] = []
     with torch.no_grad():
         llm.generate(prompt_ids.to(device), attention_mask=torch.ones_like(prompt_ids).to(device),
@@ -290,11 +291,13 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
         preset = get_preset("mcub")
         samples = load_preset_tasks(preset, Path(scratch) / "mcub", None)["MCUB-4"]
         started = time.perf_counter()
-        run_benchmark(samples, model_predictor(model, 1), Path(scratch) / "out", "MCUB-4", preset.kind,
-                      progress=False, scorer=preset.scorer)
+        run_benchmark(samples, model_predictor(model, preset.max_new_tokens), Path(scratch) / "out", "MCUB-4",
+                      preset.kind, progress=False, scorer=preset.scorer, batch_size=args.eval_batch,
+                      num_workers=default_num_workers())
         elapsed = time.perf_counter() - started
     rows.append(Row("(c) eval items/s", f"{len(samples) / elapsed:.2f}",
-                    f"{len(samples)} MCUB-4-shaped items, four media each, batch 1, 1 new token"))
+                    f"{len(samples)} MCUB-4-shaped items, four media each, batch {args.eval_batch}, up to "
+                    f"{preset.max_new_tokens} new tokens, as `mmcompose eval --benchmark mcub`"))
 
     # (d)
     served = serve_clients(model, [1, 16], args.serve_tokens)
@@ -331,14 +334,17 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
         quantized = load(system, device=args.device, quantize="4bit")
         quantized_runs = [greedy_with_logits(quantized, example, args.new_tokens)
                           for example in prompts(quantized, system)]
-        same = sum(sum(a == b for a, b in zip(q[0], r[0], strict=True))
-                   for q, r in zip(quantized_runs, reference_runs, strict=True))
+        same = sum(common_prefix(q[0], r[0]) for q, r in zip(quantized_runs, reference_runs, strict=True))
         rate = ours_decode(quantized, examples[0], args.decode_tokens, device.sync)
         rows.append(Row("(g) 4-bit", f"{rate:.1f} tok/s", f"{device.peak()}; {same}/{len(examples) * args.new_tokens} "
-                        f"greedy tokens as bf16 (not judged)"))
+                        f"greedy tokens as the bf16 CPU reference before the first difference (not judged)"))
     else:
         rows.append(Row("(g) 4-bit", "skipped", reason))
     return rows
+
+
+def common_prefix(first: list[int], second: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b), len(first))
 
 
 def quantization_unavailable(device: Device) -> str | None:
@@ -370,6 +376,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=12, help="Greedy tokens compared per prompt in (a).")
     parser.add_argument("--decode-tokens", type=int, default=64, help="Tokens timed in (b).")
     parser.add_argument("--eval-items", type=int, default=8, help="MCUB-4-shaped items in (c).")
+    parser.add_argument("--eval-batch", type=int, default=8, help="Batch size in (c).")
     parser.add_argument("--serve-tokens", type=int, default=32, help="max_tokens of each request in (d).")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="(a): largest logit difference, and largest reference gap at a tie, as a fraction "
