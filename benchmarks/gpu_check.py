@@ -19,8 +19,9 @@ The system is `benchmarks/realscale.py`'s (written first, random values drawn on
 (d) `serve`: the real app under uvicorn on loopback, 1 and 16 concurrent clients, `max_tokens` bounded.
 (e) peak device memory (`torch.cuda.max_memory_allocated`), or peak RSS on the CPU.
 (f) with 2 or more GPUs: agreement and decode again with `device_map="auto"`.
-(g) 4-bit base weights if bitsandbytes loads (`quantize="4bit"`): decode tokens/s, memory, and how many greedy
-    tokens match the bf16 model (reported, not judged: quantization changes the numbers).
+(g) 4-bit base weights (`quantize="4bit"`, NF4 through bitsandbytes) where mmcompose's own check says they can
+    run on the device: decode tokens/s, memory, and how many greedy tokens match the bf16 CPU reference before
+    the first difference (reported, not judged: quantization changes the numbers).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch
 from realscale import FULL, TINY, write_mcub, write_system
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
+from mmcompose.errors import MMComposeError
 from mmcompose.eval.predict import model_predictor
 from mmcompose.eval.presets import get_preset, load_preset_tasks
 from mmcompose.eval.runner import default_num_workers, run_benchmark
@@ -348,14 +350,16 @@ def common_prefix(first: list[int], second: list[int]) -> int:
 
 
 def quantization_unavailable(device: Device) -> str | None:
-    if not device.cuda:
-        return "bitsandbytes 4-bit needs a CUDA device"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed"
+    """Why 4-bit cannot run here, or None: mmcompose's own check (bitsandbytes installed, and a tiny NF4 layer
+    quantized and run on this device)."""
+    if importlib.util.find_spec("mmcompose.model.quantize") is None:
+        return "this mmcompose has no quantization (mmcompose.model.quantize)"
+    from mmcompose.model.quantize import check_quantize
+
     try:
-        import bitsandbytes  # noqa: F401
-    except Exception as error:  # any failure to load it is a reason to skip, printed
-        return f"bitsandbytes does not load: {str(error).splitlines()[0]}"
+        check_quantize("4bit", torch.bfloat16, device.name)
+    except MMComposeError as error:
+        return str(error)
     return None
 
 

@@ -21,8 +21,9 @@ fresh subprocess (so each sees only its own allocations) and prints a table:
 
 * `load`  - `MultimodalLLM.from_pretrained(composed, dtype=bf16)`, then one read of every page of every tensor
             (weights memory-mapped from the safetensors files are only resident once read);
-* `fold`  - load + `fold_text_route()` + one greedy `generate` on a text prompt (the issue's measure);
-* `serve` - `mmcompose serve` in this process, answering one HTTP request (a text prompt) on loopback;
+* `fold`  - `load` + `fold_text_route()` + one greedy `generate` on a text prompt (the issue's measure);
+* `serve` - `mmcompose serve` in this process (every weight read once before the app folds it), answering one
+            HTTP request (a text prompt) on loopback;
 * `eval`  - `mmcompose eval --benchmark mcub` on the two items.
 
 Peak RSS is the kernel's high-water mark (`VmHWM`) minus the RSS after every import (the interpreter's own
@@ -101,7 +102,7 @@ FULL = Shapes(
     media=dict(image=(336, 336), audio_seconds=10.0, video=(16, 224, 224), points=8192),
 )
 TINY = Shapes(
-    llm=dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4,
+    llm=dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4,
              vocab_size=1024, max_position_embeddings=2048, rms_norm_eps=1e-5),
     clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
               patch_size=14, projection_dim=16, hidden_act="quick_gelu"),
@@ -432,10 +433,23 @@ def _touch(model: torch.nn.Module) -> int:
 
 
 def _serve_one(system: Path, args: argparse.Namespace) -> str:
-    """`mmcompose serve` on loopback in this process (main thread), one chat request from a thread, then stop."""
+    """`mmcompose serve` on loopback in this process (main thread), one chat request from a thread, then stop.
+
+    The request is text, so it would leave the encoders' memory-mapped weights unread; the app is therefore
+    handed the model after `_touch` (every weight resident, as after a request with all four media), and the
+    figure is the server's steady state: the loaded model, folded by `create_app`, after one answer."""
     import signal
 
+    import mmcompose.serve.run
     from mmcompose.cli import app
+
+    create_app = mmcompose.serve.run.create_app
+
+    def touched_app(model: MultimodalLLM, *rest: Any, **options: Any) -> Any:
+        _touch(model)
+        return create_app(model, *rest, **options)
+
+    mmcompose.serve.run.create_app = touched_app
 
     port = args.port
     answer: dict[str, Any] = {}

@@ -37,7 +37,7 @@ def test_the_one_command_writes_a_system_runs_every_check_and_prints_one_table()
     assert "requests/s" in found["(d) serve, 16 clients"]
     assert found["(e) peak memory"].startswith("peak RSS ")
     assert found["(f) device_map auto"].startswith("skipped") and "2 or more GPUs" in found["(f) device_map auto"]
-    assert found["(g) 4-bit"].startswith("skipped") and "CUDA" in found["(g) 4-bit"]
+    assert found["(g) 4-bit"].startswith("skipped") or "tok/s" in found["(g) 4-bit"]
 
 
 @pytest.fixture(scope="module")

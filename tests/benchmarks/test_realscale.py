@@ -77,5 +77,6 @@ def test_a_measurement_reports_peak_rss_against_the_model_bytes(system: Path, tm
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["what"] == "fold" and isinstance(result["generated"], str)
     assert result["peak_rss"] > result["baseline_rss"] > 0
+    assert 0 <= result["loaded_tensor_bytes"] - result["model_bytes"] < 0.01 * result["model_bytes"]  # + buffers
     assert result["model_bytes"] == sum(p.stat().st_size for p in system.rglob("*.safetensors")) - sum(
         8 + int.from_bytes(p.read_bytes()[:8], "little") for p in system.rglob("*.safetensors"))
