@@ -45,6 +45,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_the_base_is_sharded_as_transformers_writes_it(system: Path) -> None:
     index = json.loads((system / "base" / "model.safetensors.index.json").read_text())
     shards = weight_files(system / "base")
@@ -56,6 +57,7 @@ def test_the_base_is_sharded_as_transformers_writes_it(system: Path) -> None:
                                                       reader.layout.values())
 
 
+@pytest.mark.e2e
 def test_the_written_system_loads_and_is_deterministic(system: Path, tmp_path: Path) -> None:
     model = MultimodalLLM.from_pretrained(system / "composed", dtype=torch.bfloat16)
     assert [m.name for m in model.spec.modalities] == ["image", "audio", "video", "point"]
@@ -71,6 +73,7 @@ def test_the_written_system_loads_and_is_deterministic(system: Path, tmp_path: P
             assert (again / part).read_bytes() == (system / part).read_bytes(), part
 
 
+@pytest.mark.e2e
 def test_a_measurement_reports_peak_rss_against_the_model_bytes(system: Path, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "realscale.py"), "measure", "fold", str(system),
                            "--scratch", str(tmp_path)], check=True, capture_output=True, text=True)
