@@ -255,10 +255,12 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
     model = load(system, device=args.device)
     device.sync()
     rows.append(Row("load", f"{time.perf_counter() - started:.1f} s", f"bf16 on {args.device}"))
+    peaks = {"load": device.peak()}
     examples = prompts(model, system)
 
     # (a)
     runs = [greedy_with_logits(model, example, args.new_tokens) for example in examples]
+    peaks["(a)"] = device.peak()
     reference = load(system, device="cpu")
     if args.perturb_reference:  # the self-test of this check: a reference that must disagree
         head = reference.llm.get_output_embeddings().weight
@@ -287,6 +289,7 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
                     f"folded composed model vs transformers generate on the bare base, {args.decode_tokens} tokens"))
 
     # (c)
+    device.reset_peak()  # (b)'s bare base is gone; from here on the device holds only the composed model
     tiny = json.loads((system / "system.json").read_text())["tiny"]
     with tempfile.TemporaryDirectory() as scratch:
         write_mcub(Path(scratch) / "mcub", TINY if tiny else FULL, seed=1, items=args.eval_items)
@@ -308,8 +311,9 @@ def check(args: argparse.Namespace, system: Path) -> list[Row]:
                         f"{requests:.2f} requests/s, max_tokens {args.serve_tokens}"))
 
     # (e)
-    rows.append(Row("(e) peak memory", device.peak(), "(a) to (d), device memory only" if device.cuda else
-                    "(a) to (d), the CPU reference included"))
+    peaks["(c)+(d)"] = device.peak()
+    rows.append(Row("(e) peak memory", peaks["(c)+(d)"], "; ".join(f"{step}: {peak}" for step, peak in peaks.items())
+                    + ("" if device.cuda else "; the process's peak, the CPU reference included")))
     del model
     gc.collect()
 
