@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from mmcompose.checkpoint import load_checkpoint
@@ -152,13 +153,12 @@ def test_hostile_manifest_is_refused_before_any_allocation(saved: tuple[Multimod
 
 def test_checkpoint_tensors_in_another_float_dtype_are_cast_on_load(saved: tuple[MultimodalLLM, Path],
                                                                     tmp_path: Path) -> None:
-    model, path = saved
+    _, path = saved
     copy = tmp_path / "half"
     copy.mkdir()
     (copy / "manifest.json").write_text(_absolute_manifest(path))
     with safe_open(path / "model.safetensors", "pt") as handle:
         tensors = {name: handle.get_tensor(name).to(torch.bfloat16) for name in handle.keys()}  # noqa: SIM118
-    from safetensors.torch import save_file
     save_file(tensors, copy / "model.safetensors")
     loaded = load_checkpoint(copy)
     assert {t.dtype for t in loaded.checkpoint_tensors().values()} == {torch.float32}
@@ -231,3 +231,31 @@ def test_cli_placement_errors_are_one_line(saved: tuple[MultimodalLLM, Path]) ->
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and expected in lines[0], result.output
+
+
+def test_loading_initialises_nothing_the_checkpoint_overwrites(saved: tuple[MultimodalLLM, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path = saved
+    initialised: list[tuple[int, ...]] = []
+    for name in ("kaiming_uniform_", "normal_", "uniform_", "zeros_", "ones_", "trunc_normal_", "xavier_uniform_"):
+        original = getattr(torch.nn.init, name)
+
+        def record(tensor: torch.Tensor, *args, _original=original, **kwargs) -> torch.Tensor:
+            if tensor.device.type != "meta":
+                initialised.append(tuple(tensor.shape))
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, record)
+    load_checkpoint(path)
+    assert initialised == []
+
+
+def test_from_base_takes_device_and_dtype(saved: tuple[MultimodalLLM, Path]) -> None:
+    model, _ = saved
+    half = MultimodalLLM.from_base(model.base_path, [tiny_modality("image", boundary=1)], strategy="decoupled",
+                                   rank=2, alpha=4.0, device="cpu", dtype="bfloat16")
+    assert {t.dtype for t in half.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    trainable = MultimodalLLM.from_base(model.base_path, [tiny_modality("image")], strategy="shared")
+    assert {p.dtype for p in trainable.branches.parameters()} == {torch.float32}
+    with pytest.raises(PlacementError, match=r"^--device cuda: no CUDA GPU"):
+        MultimodalLLM.from_base(model.base_path, ["image"], device="cuda")

@@ -51,8 +51,14 @@ class ModalityBranch(nn.Module):
         self.encoder = build_encoder(spec.encoder.type, spec.encoder.options)
         self.connector = build_connector(spec.connector.type, self.encoder.output_dim, hidden_size,
                                          **spec.connector.options)
-        self.prefix = _boundary_tokens(spec.num_prefix_tokens, hidden_size)
-        self.suffix = _boundary_tokens(spec.num_suffix_tokens, hidden_size)
+        self.prefix = nn.Parameter(torch.empty(spec.num_prefix_tokens, hidden_size)) if spec.num_prefix_tokens \
+            else None
+        self.suffix = nn.Parameter(torch.empty(spec.num_suffix_tokens, hidden_size)) if spec.num_suffix_tokens \
+            else None
+        # initialised once registered: under a meta-device construction (`from_pretrained`) that is a no-op
+        for tokens in (self.prefix, self.suffix):
+            if tokens is not None:
+                nn.init.normal_(tokens, std=0.02)
 
     def forward(self, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
         """`encoded`: `inputs` are already the encoder's outputs (a feature cache of a frozen encoder)."""
@@ -63,16 +69,6 @@ class ModalityBranch(nn.Module):
         if self.suffix is not None:
             parts.append(self.suffix.to(features.dtype).expand(features.shape[0], -1, -1))
         return torch.cat(parts, dim=1)
-
-
-def _boundary_tokens(count: int, hidden_size: int) -> nn.Parameter | None:
-    """Learnable boundary tokens, N(0, 0.02): created empty and initialised in place, so that under a meta-device
-    construction (`from_pretrained`) nothing is allocated."""
-    if not count:
-        return None
-    tokens = nn.Parameter(torch.empty(count, hidden_size))
-    nn.init.normal_(tokens, std=0.02)
-    return tokens
 
 
 def modality_spec(name: str, *, encoder: Component | None = None, connector: Component | None = None,
