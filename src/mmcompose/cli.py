@@ -13,7 +13,9 @@ from rich.table import Table
 
 from mmcompose.errors import MMComposeError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's own help layout. Rich's options table cuts long option names to fit the
+# terminal (`--mixed-precis…` at 80 columns); click's moves the description to the next line instead.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Compose single-modality multimodal LLMs that share a base LLM into one model, and measure it.")
 console, errors = Console(), Console(stderr=True)
 
