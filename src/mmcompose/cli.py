@@ -482,9 +482,17 @@ def serve(
     max_media_mb: Annotated[float, typer.Option(min=0.01, help="Largest media part, in MiB.")] = 20.0,
     base: Annotated[Path | None, typer.Option(help="The base LLM directory, if not where the checkpoint says.")]
     = None,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        metavar="ORIGIN", help="Web origins (scheme://host:port; repeatable or comma-separated; * for any) whose "
+                               "pages may call the API besides the server's own page; requests from other "
+                               "origins are refused.")] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
     page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
+
+    Requests a web page could make the browser send are refused: a cross-origin Origin not in
+    --allowed-origins (403), a body that is not application/json (415), and, bound to loopback, a Host header
+    other than localhost, 127.0.0.1 or [::1] (403, DNS rebinding).
 
     Example: mmcompose serve runs/composed --port 8000, then open http://127.0.0.1:8000/
     """
@@ -492,7 +500,7 @@ def serve(
 
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
-               max_media=max_media, max_media_mb=max_media_mb, base=base)
+               max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins)
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")

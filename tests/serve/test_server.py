@@ -143,6 +143,12 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts(server: Server) -> N
         assert cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_the_extreme_seeds_sample(server: Server) -> None:
+    for seed in (2**64 - 1, -(2**63)):
+        status, reply = server.chat("tell me about quonks", max_tokens=4, temperature=1.0, seed=seed)
+        assert status == 200, (seed, reply)
+
+
 def _image(url: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}]
 
@@ -160,6 +166,12 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
     "no messages": ({"messages": []}, 400, "messages"),
     "max_tokens of wrong type": ({**_messages("hi"), "max_tokens": "ten"}, 400, "max_tokens"),
     "max_tokens above the limit": ({**_messages("hi"), "max_tokens": 10_000}, 400, "limit"),
+    # json.loads raised RecursionError here (a 500); pydantic's parser stops at 200 levels
+    "JSON nested 100000 deep": ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "recursion limit"),
+    "JSON nested 150 deep": ('{"messages": ' + "[" * 150 + "]" * 150 + "}", 400, "messages"),
+    "integer of 5000 digits": ('{"messages": [], "seed": ' + "9" * 5000 + "}", 400, "not valid JSON"),
+    "seed beyond 64 bits": ({**_messages("hi"), "temperature": 1.0, "seed": 2**64}, 400, "seed"),
+    "seed below int64": ({**_messages("hi"), "temperature": 1.0, "seed": -(2**63) - 1}, 400, "seed"),
     "temperature out of range": ({**_messages("hi"), "temperature": 9}, 400, "temperature"),
     "n of 2": ({**_messages("hi"), "n": 2}, 400, "n=2"),
     "unknown part type": (_messages([{"type": "hologram", "hologram": {}}]), 400, "type"),
