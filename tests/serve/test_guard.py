@@ -140,7 +140,7 @@ def test_an_allowed_origin_calls_the_api_with_cors(open_server: Server) -> None:
     import json
 
     preflight = {"Origin": FRIEND, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
     connection = http.client.HTTPConnection(open_server.host, open_server.port, timeout=60)
     connection.request("OPTIONS", "/v1/chat/completions", headers=preflight)
     response = connection.getresponse()
@@ -148,7 +148,8 @@ def test_an_allowed_origin_calls_the_api_with_cors(open_server: Server) -> None:
     assert response.status == 200
     assert response.getheader("access-control-allow-origin") == FRIEND
     assert "POST" in response.getheader("access-control-allow-methods")
-    assert "content-type" in response.getheader("access-control-allow-headers").lower()
+    assert {"authorization", "content-type", "x-stainless-os"} <= {
+        name.strip() for name in response.getheader("access-control-allow-headers").lower().split(",")}
     connection.request("POST", "/v1/chat/completions", body=json.dumps(CHAT),
                        headers={"Origin": FRIEND, "Content-Type": "application/json"})
     response = connection.getresponse()

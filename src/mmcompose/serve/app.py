@@ -72,8 +72,9 @@ def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mmcompose", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
     if config.allowed_origins:
+        # any request header: an allowed page may use a client that adds its own (OpenAI's JS SDK: x-stainless-*)
         app.add_middleware(CORSMiddleware, allow_origins=sorted(config.allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
     app.add_middleware(BrowserGuard, origins=config.allowed_origins, check_host=is_loopback(config.host))  # outermost
 
     @app.exception_handler(ServeError)

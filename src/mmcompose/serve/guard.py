@@ -62,10 +62,10 @@ def parse_origins(values: Iterable[str]) -> frozenset[str]:
 def _is_origin(text: str) -> bool:
     try:
         parts = urlsplit(text)
-        port_is_valid = parts.port is None or parts.port >= 0  # reading `port` raises on a bad one
+        _ = parts.port  # raises ValueError unless the port is a number in 0-65535
     except ValueError:
         return False
-    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port_is_valid and "@" not in parts.netloc
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
             and not (parts.path or parts.query or parts.fragment))
 
 
