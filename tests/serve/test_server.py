@@ -143,6 +143,16 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts(server: Server) -> N
         assert cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_vanishing_temperature_samples_the_greedy_answer(server: Server) -> None:
+    """1e-45 is a valid temperature; dividing the logits by it gave inf, a NaN softmax and a 500."""
+    status, greedy = server.chat("tell me about quonks", max_tokens=MAX_TOKENS)
+    assert status == 200
+    for temperature in (1e-45, 5e-324):
+        status, reply = server.chat("tell me about quonks", max_tokens=MAX_TOKENS, temperature=temperature, seed=3)
+        assert status == 200, (temperature, reply)
+        assert content_of(reply) == content_of(greedy)
+
+
 def test_the_extreme_seeds_sample(server: Server) -> None:
     for seed in (2**64 - 1, -(2**63)):
         status, reply = server.chat("tell me about quonks", max_tokens=4, temperature=1.0, seed=seed)
