@@ -199,6 +199,9 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
     "file: URL elsewhere": (_messages(_image("file:///etc/hostname")), 403, "outside"),
     "symlink out of the media dir": (_messages(_image("escape.png")), 403, "outside"),
     "missing file": (_messages(_image("nothing-here.png")), 400, "no such file"),
+    "NUL byte in a path": (_messages(_image("photo\x00.png")), 400, "cannot resolve"),
+    "NUL byte in a file: URL": (_messages(_image("file:///tmp/%00x")), 400, "cannot resolve"),
+    "name too long for the file system": (_messages(_image("a" * 5000)), 400, "no such file"),
     "modality the model lacks": (
         _messages([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]), 400, "video"),
     "too many media": (_messages([{"type": "image_url", "image_url": {"url": PNG}}] * 4), 400, "limit"),
