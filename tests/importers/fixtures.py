@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     CLIPVisionConfig,
@@ -147,6 +148,35 @@ def make_video_llava(directory: Path, base: Path, scale: float = 0.02, seed: int
     (directory / "config.json").write_text(json.dumps(config))
     torch.save(state, directory / "pytorch_model.bin")
     return llm, projector.eval()
+
+
+def make_llava_lora(directory: Path, base: Path, rank: int = 8, alpha: int = 16, seed: int = 17,
+                    projector_file: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """LLaVA-1.5's LoRA release layout: config.json (LLaVA fields over the base's LLaMA config), a PEFT LoRA on all
+    seven linears (`adapter_config.json` + pickled `adapter_model.bin`, as released), and the projector in
+    `non_lora_trainables.bin` under `base_model.model.model.mm_projector.`. Returns the PEFT model (the LoRA on
+    every token) and the projector."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(DEFAULT_TARGET_MODULES))).eval()
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    peft_model.save_pretrained(directory)
+    torch.save(load_file(directory / "adapter_model.safetensors"), directory / "adapter_model.bin")
+    (directory / "adapter_model.safetensors").unlink()
+    config = json.loads((base / "config.json").read_text())
+    hidden, width = config["hidden_size"], VISION["hidden_size"]
+    config.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_vision_tower="openai/clip-tiny",
+                  mm_hidden_size=width, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+                  mm_vision_select_feature="patch", image_aspect_ratio="pad")
+    (directory / "config.json").write_text(json.dumps(config))
+    projector = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+    if projector_file:
+        torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in projector.state_dict().items()},
+                   directory / "non_lora_trainables.bin")
+    return peft_model, projector.eval()
 
 
 def make_clip(directory: Path, seed: int = 3) -> Path:

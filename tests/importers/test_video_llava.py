@@ -193,7 +193,7 @@ def test_original_layout_bad_input_is_one_line(original, llama_base: Path, tmp_p
     with pytest.raises(CheckpointError, match="image encoder given outputs width 24, but the checkpoint's "
                                               "mm_hidden_size is 32"):
         import_video_llava(wider, tmp_path / "out", base=llama_base, encoders=encoders)
-    with pytest.raises(CheckpointError, match="LanguageBind_Image: a LanguageBind image tower .* serves image, "
+    with pytest.raises(CheckpointError, match=r"LanguageBind_Image: a LanguageBind image tower .* serves image, "
                                               "not video"):
         import_video_llava(src, tmp_path / "out", base=llama_base,
                            encoders={"image": encoders["image"], "video": encoders["image"]})
