@@ -368,7 +368,7 @@ def import_llava_hf_command(
 @one_line_errors
 def import_video_llava_command(
     src: Annotated[Path, typer.Argument(help="A Video-LLaVA directory: the original LlavaLlamaForCausalLM release "
-                                             "or VideoLlavaForConditionalGeneration (-hf); told apart by config.json.")],
+                                             "or VideoLlavaForConditionalGeneration (-hf), told apart by its config.")],
     out: OutOption,
     base: BaseOption,
     svd_rank: SVDRankOption = None,
