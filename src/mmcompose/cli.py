@@ -446,14 +446,34 @@ def import_peft_command(
 @one_line_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoint directory.")],
-    hf: Annotated[Path, typer.Option("--hf", help="Output directory (written atomically).")],
+    hf: Annotated[Path | None, typer.Option("--hf", help="Output directory (written atomically): a Hugging Face "
+                                                         "LLM plus mmcompose/.")] = None,
+    llava_hf: Annotated[Path | None, typer.Option("--llava-hf", help="Output directory (written atomically): a "
+                                                                     "LlavaForConditionalGeneration.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Export a standalone model: a Hugging Face LLM with the text delta folded in (loads with
-    AutoModelForCausalLM) plus HF/mmcompose/, the modality branches and corrections on top of it."""
-    from mmcompose.importers import export_hf
+    """Export a standalone model, in one of two forms.
 
-    console.print(f"exported {export_hf(checkpoint, hf, overwrite=overwrite)}")
+    --hf: a Hugging Face LLM with the text delta folded in (loads with AutoModelForCausalLM) plus HF/mmcompose/,
+    the modality branches and corrections on top of it.
+
+    --llava-hf: a LlavaForConditionalGeneration directory (config, weights, processor, chat template, <image>
+    token) that transformers, vLLM, SGLang and TGI serve as it is. Only a model that is a plain LLaVA can go
+    there: one CLIP image modality with an mlp2x_gelu or linear connector, no boundary tokens, and one LLM
+    change on every token (a single modality model, or NaiveMC); anything else is refused in one line.
+    """
+    from mmcompose.importers import export_hf
+    from mmcompose.importers.export import export_llava_hf
+
+    if (hf is None) == (llava_hf is None):
+        raise MMComposeError("give exactly one of --hf OUT and --llava-hf OUT")
+    if hf is not None:
+        console.print(f"exported {export_hf(checkpoint, hf, overwrite=overwrite)}")
+        return
+    out, notes = export_llava_hf(checkpoint, llava_hf, overwrite=overwrite)
+    console.print(f"exported {out} (LlavaForConditionalGeneration)")
+    for note in notes:
+        console.print(f"note: {note}")
 
 
 @app.command("inspect")
