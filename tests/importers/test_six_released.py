@@ -129,6 +129,8 @@ def test_six_released_models_import_compose_route_by_route_answer_and_export(lla
     assert names == ["image", "audio", "video", "point", "image-llava", "image-vl", "video-vl", "image-vlhf",
                      "video-vlhf"]
     assert {m.name: m.placeholder for m in composed.spec.modalities}["image-llava"] == "<image-llava>"
+    routes = {d.name: d.routes for d in composed.spec.deltas}
+    assert routes["image-vl"] == ["image-vl", "video-vl"] and "video-vl" not in routes  # one LLM change, one delta
 
     media = {k: tmp_path / v for k, v in _media(tmp_path / "media").items()}
     files = {"image": media["vision"], "audio": media["audio"], "video": media["video"], "point": media["point"]}
@@ -175,6 +177,11 @@ def test_six_released_models_import_compose_route_by_route_answer_and_export(lla
     inputs = {m.name: [files[m.name.split("-")[0]]] for m in composed.spec.modalities}
     (answer,) = composed.generate([composed.example(prompt, inputs)], max_new_tokens=4)
     assert isinstance(answer, str)
+
+    run("compose", "--from", composed_dir, "--remove", "image-vl+video-vl", "-o", tmp_path / "without")
+    without = load_checkpoint(tmp_path / "without")
+    assert "video-vl" not in [m.name for m in without.spec.modalities]
+    assert "image-vl" not in {d.name for d in without.spec.deltas}
 
     run("export", composed_dir, "--hf", tmp_path / "hf")
     assert (tmp_path / "hf" / "mmcompose" / "manifest.json").is_file()
