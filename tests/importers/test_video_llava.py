@@ -197,6 +197,9 @@ def test_original_layout_bad_input_is_one_line(original, llama_base: Path, tmp_p
                                               "not video"):
         import_video_llava(src, tmp_path / "out", base=llama_base,
                            encoders={"image": encoders["image"], "video": encoders["image"]})
+    same_shape = make_base(tmp_path / "same-shape", seed=1)  # another base of vicuna's shape: its weights tell
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight differs from the base LLM's; only the target"):
+        import_video_llava(src, tmp_path / "out", base=same_shape, encoders=encoders)
     other_base = make_base(tmp_path / "other-base", hidden=48)
     with pytest.raises(CheckpointError, match="its LLM has hidden_size=32, the base LLM has hidden_size=48"):
         import_video_llava(src, tmp_path / "out", base=other_base, encoders=encoders)
