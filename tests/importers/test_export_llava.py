@@ -12,6 +12,8 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mmcompose.checkpoint import fingerprint_base, load_checkpoint, save_checkpoint
+from mmcompose.compose.config import parse_config
+from mmcompose.compose.engine import compose
 from mmcompose.errors import CheckpointError
 from mmcompose.importers import import_llava_hf
 from mmcompose.importers.export import export_llava_hf
@@ -55,6 +57,16 @@ def test_llava_import_exports_to_an_equal_llava(llama_base: Path, tmp_path: Path
     out, notes = export_llava_hf(checkpoint, tmp_path / "hf")
     assert notes == [] and (out / "model.safetensors.index.json").is_file()
     assert compare(checkpoint, out, image_file(tmp_path)) < 1e-5
+
+
+def test_a_naive_composition_exports(llama_base: Path, tmp_path: Path) -> None:
+    """NaiveMC of one image model: its merged delta (lambda times the model's) serves every token."""
+    make_llava(tmp_path / "llava", llama_base)
+    import_llava_hf(tmp_path / "llava", tmp_path / "image", base=llama_base, svd_rank=4)
+    config = parse_config({"method": "naive", "models": [{"path": str(tmp_path / "image"), "lambda": 0.7}]})
+    composed = compose(config, tmp_path / "naive", progress=False)
+    out, _ = export_llava_hf(composed, tmp_path / "hf")
+    assert compare(composed, out, image_file(tmp_path)) < 1e-5
 
 
 def test_a_linear_connector_with_cls_exports_exactly(llama_base: Path, tmp_path: Path) -> None:

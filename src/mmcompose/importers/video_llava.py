@@ -103,7 +103,7 @@ def import_video_llava(src: Path, out: Path, *, base: Path, svd_rank: int | None
     )
     model = skeleton(base, spec, fingerprint_base(base))
     filler = Filler(model, str(src))
-    layout.check_widths(model)
+    layout.bind(model)
     with TensorReader(weight_files(base)) as original:
         change = LLMChange(filler, original, layout.llm_config, layout.vocab_size, deltas[0], str(src))
         for name, value in source_tensors(src):
@@ -128,8 +128,9 @@ class _Layout:
     vocab_size: int
     descriptions: dict[str, str]
 
-    def check_widths(self, model: Any) -> None:
-        """Refuse encoders whose width is not the projector's input before any tensor is read."""
+    def bind(self, model: Any) -> None:
+        """Know the model being filled (its encoders' parameter names), refusing an encoder whose width is not the
+        projector's input before any tensor is read."""
 
     def take(self, name: str, value: torch.Tensor, filler: Filler, change: LLMChange) -> None:
         raise NotImplementedError
@@ -200,7 +201,7 @@ class _HFLayout(_Layout):
                 raise CheckpointError(f"{self.src}: config.json {field} {token!r} is not one of the rows the "
                                       f"checkpoint appended to the base vocabulary ({base_vocab}..{vocab - 1})")
 
-    def check_widths(self, model: Any) -> None:
+    def bind(self, model: Any) -> None:
         self.encoder_names = {m: {vision_key(name): name for name in model.branches[m].encoder.state_dict()}
                               for m in MODALITIES}
 
@@ -291,7 +292,7 @@ class _OriginalLayout(_Layout):
         self.descriptions = {m: self.resolved[m].description for m in MODALITIES}
         self.tower_names: dict[str, dict[str, str]] = {}
 
-    def check_widths(self, model: Any) -> None:
+    def bind(self, model: Any) -> None:
         for modality in MODALITIES:
             width = model.branches[modality].encoder.output_dim
             if width != self.width:
@@ -318,9 +319,11 @@ class _OriginalLayout(_Layout):
     def _check_tower(self, modality: str, name: str, key: str, value: torch.Tensor) -> None:
         """A tower tensor saved with the checkpoint must be the supplied tower's: else it is another tower."""
         ours = self.tower_names[modality].get(key)
-        supplied = self.resolved[modality].tensors
-        if ours is None or supplied[ours].shape != value.shape or not torch.equal(supplied[ours], value.to(
-                supplied[ours].dtype)):
+        supplied = self.resolved[modality].tensors[ours] if ours is not None else None
+        # compared in the lower of the two precisions: a release saved in float16 holds the tower rounded
+        common = None if supplied is None else min(supplied.dtype, value.dtype, key=lambda d: torch.finfo(d).bits)
+        if supplied is None or supplied.shape != value.shape or not torch.equal(supplied.to(common),
+                                                                                value.to(common)):
             raise CheckpointError(f"{self.src}: its {modality} tower ({name}) differs from the one given with "
                                   f"--encoder {modality}= ({self.resolved[modality].description})")
 
