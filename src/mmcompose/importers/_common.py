@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from mmcompose.checkpoint import fingerprint_base
@@ -185,7 +186,8 @@ class LLMChange:
     singular values. Everything else (embeddings, norms, lm_head, biases) must equal the base's: only a change
     of the target linears can be represented, so any other difference is refused rather than lost. Rows of
     tokens the fine-tune appended to the vocabulary (`<image>`, `<video>`, padding) are dropped and recorded
-    (our placeholders never reach the embedding table); the base vocabulary's rows must match.
+    (our placeholders never reach the embedding table); the base vocabulary's rows must match. Used as a context
+    manager, it shows its progress over the target linears.
     """
 
     def __init__(self, filler: Filler, base: TensorReader, base_config: dict[str, Any], vocab_size: int,
@@ -196,6 +198,16 @@ class LLMChange:
         self.svd = _SVDReport(delta.rank) if delta.kind == "lora" else None
         self.seen: set[str] = set()
         self.notes: set[str] = set()
+        self.progress = Progress(transient=True)  # a 7B LLM has 224 target linears; an SVD of each takes seconds
+        self.task = self.progress.add_task("LLM change" if self.svd is None else "LLM change (SVD)",
+                                           total=len(self.linears))
+
+    def __enter__(self) -> LLMChange:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
 
     def add(self, llm_name: str, value: torch.Tensor, source_name: str) -> None:
         base_name = self._base_name(llm_name)
@@ -213,6 +225,7 @@ class LLMChange:
             lora_a, lora_b = self.svd.factor(difference)
             self.filler.put(f"{prefix}.lora_A", lora_a, source_name)
             self.filler.put(f"{prefix}.lora_B", lora_b, source_name)
+        self.progress.advance(self.task)
 
     def finish(self) -> dict[str, Any]:
         """Refuse a base tensor the fine-tune has no counterpart of; the provenance entries: notes, SVD error."""

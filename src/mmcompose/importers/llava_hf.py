@@ -80,8 +80,8 @@ def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = 
     model = skeleton(base, spec, fingerprint_base(base))
     filler = Filler(model, str(src))
     encoder_names = {vision_key(name): name for name in model.branches["image"].encoder.state_dict()}
-    with TensorReader(weight_files(base)) as original:
-        change = LLMChange(filler, original, llm_config, text["vocab_size"], deltas[0], str(src))
+    with TensorReader(weight_files(base)) as original, \
+            LLMChange(filler, original, llm_config, text["vocab_size"], deltas[0], str(src)) as change:
         for name, value in source_tensors(src):
             if name.endswith(DERIVED_BUFFERS):
                 continue

@@ -104,8 +104,8 @@ def import_video_llava(src: Path, out: Path, *, base: Path, svd_rank: int | None
     model = skeleton(base, spec, fingerprint_base(base))
     filler = Filler(model, str(src))
     layout.bind(model)
-    with TensorReader(weight_files(base)) as original:
-        change = LLMChange(filler, original, layout.llm_config, layout.vocab_size, deltas[0], str(src))
+    with TensorReader(weight_files(base)) as original, \
+            LLMChange(filler, original, layout.llm_config, layout.vocab_size, deltas[0], str(src)) as change:
         for name, value in source_tensors(src):
             if not name.endswith(DERIVED_BUFFERS):
                 layout.take(name, value, filler, change)
