@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from mmcompose.checkpoint import load_checkpoint
@@ -18,7 +19,8 @@ from mmcompose.cli import app
 from mmcompose.errors import CheckpointError
 from mmcompose.model import Example, MultimodalLLM, RoutedLinear
 from mmcompose.model.placement import PlacementError, parse_device_map, parse_max_memory, resolve_dtype
-from tests.conftest import make_base
+from mmcompose.train.tokenizer import train_tokenizer
+from tests.conftest import CORPUS, make_base
 from tests.model.helpers import random_input, randomize_deltas, tiny_modality
 
 PROMPT = "USER: <image> and <audio>: what is it? ASSISTANT:"
@@ -259,3 +261,46 @@ def test_from_base_takes_device_and_dtype(saved: tuple[MultimodalLLM, Path]) -> 
     assert {p.dtype for p in trainable.branches.parameters()} == {torch.float32}
     with pytest.raises(PlacementError, match=r"^--device cuda: no CUDA GPU"):
         MultimodalLLM.from_base(model.base_path, ["image"], device="cuda")
+
+
+def test_tied_embeddings_offloaded_to_disk(tmp_path: Path) -> None:
+    """A base whose output layer shares the input embedding: the shared weight is read from the one name the base
+    stores it under."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=320)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = MultimodalLLM.from_base(tmp_path / "base", [tiny_modality("image")], strategy="decoupled", rank=4,
+                                    alpha=8.0)
+    randomize_deltas(model, seed=1, scale=0.2)
+    model.save_pretrained(tmp_path / "ckpt")
+    mapping = {"llm.model.embed_tokens": "disk", "llm.lm_head": "disk", "llm.model.layers.0": "disk",
+               "llm.model.layers.1": "cpu", "llm.model.norm": "cpu", "llm.model.rotary_emb": "cpu", "branches": "cpu"}
+    offloaded = load_checkpoint(tmp_path / "ckpt", device_map=mapping, offload_folder=tmp_path / "offload").eval()
+    example = Example(prompt="USER: <image> ok?", inputs={"image": [random_input("image", torch.Generator())]})
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(offloaded.assemble([example])).logits,
+                                   model.eval()(model.assemble([example])).logits, rtol=1e-5, atol=1e-5)
+    assert offloaded.generate([example], 5) == model.generate([example], 5)
+
+
+def test_chat_runs_with_a_disk_offload_map(saved: tuple[MultimodalLLM, Path], tmp_path: Path) -> None:
+    _, path = saved
+    arguments = ["chat", "--model", str(path), "--max-new-tokens", "5", "what is a blorvin?"]
+    in_memory = CliRunner().invoke(app, arguments)
+    offloaded = CliRunner().invoke(app, [*arguments, "--device-map", json.dumps(OFFLOAD_MAP),
+                                         "--offload-folder", str(tmp_path / "offload")])
+    assert in_memory.exit_code == 0 and offloaded.exit_code == 0, (in_memory.output, offloaded.output)
+    assert offloaded.output == in_memory.output and in_memory.output.strip()
+
+
+def test_a_parent_entry_covers_what_inner_keys_leave(saved: tuple[MultimodalLLM, Path], tmp_path: Path) -> None:
+    model, path = saved
+    offloaded = load_checkpoint(path, device_map={"": "cpu", "llm.model.layers.1": "disk", "branches.audio": "disk"},
+                                offload_folder=tmp_path / "offload")
+    assert offloaded.llm.model.layers[1].mlp.up_proj.base.weight.device.type == "meta"
+    assert offloaded.llm.model.layers[0].mlp.up_proj.base.weight.device.type == "cpu"
+    torch.testing.assert_close(_logits(offloaded), _logits(model), rtol=1e-5, atol=1e-5)

@@ -439,7 +439,10 @@ class MultimodalLLM(nn.Module):
         for file in weight_files(Path(self.base_path)):
             header, _ = safetensors_header(file)
             stored.update(dict.fromkeys(header, str(file)))
-        tied = {name: group[0] for group in find_tied_parameters(self.llm) for name in group[1:]}
+        tied: dict[str, str] = {}  # a tied weight is stored once, under one of its names
+        for group in find_tied_parameters(self.llm):
+            kept = next((name for name in group if _unwrapped_name(name, self.routed) in stored), group[0])
+            tied.update(dict.fromkeys(group, kept))
         index: dict[str, dict[str, str]] = {}
         for name, tensor in self.llm.named_parameters(remove_duplicate=False):
             if placement.device_of(f"llm.{name}") != "disk" or ".deltas." in name:

@@ -196,8 +196,10 @@ class Placement:
             return None
         inner = {key[len(prefix) + 1:]: device for key, device in self.device_map.items()
                  if key.startswith(prefix + ".")}
-        owner = self.device_of(prefix) if not inner else None
-        return {"": owner} if owner is not None else inner
+        try:
+            return {"": self.device_of(prefix), **inner}  # a parent's entry covers what no inner key names
+        except KeyError:
+            return inner
 
     @property
     def offloaded(self) -> bool:
@@ -284,7 +286,27 @@ def _check_map(model: nn.Module, mapping: dict[str, Any], no_split: list[str],
         except KeyError:
             raise PlacementError(f"{flag}: does not cover {name.rpartition('.')[0]} (add it, or a module "
                                  f"containing it)") from None
-    return resolved
+    return _disjoint(model, resolved, flag)
+
+
+def _disjoint(model: nn.Module, mapping: dict[str, int | str], flag: str) -> dict[str, int | str]:
+    """The same placement with no key inside another (`{"": "cpu", "llm.model.layers.3": "disk"}` becomes one
+    entry per child of each parent down to the inner key): accelerate's hooks on a parent would otherwise
+    place its children's weights, offloaded ones included."""
+    result = dict(mapping)
+    parent = next((key for key in result if any(other != key and (key == "" or other.startswith(key + "."))
+                                                for other in result)), None)
+    while parent is not None:
+        module = model.get_submodule(parent) if parent else model
+        if next(module.named_parameters(recurse=False), None) or next(module.named_buffers(recurse=False), None):
+            raise PlacementError(f"{flag}: {parent!r} holds weights of its own, so its submodules cannot be placed "
+                                 f"apart from it")
+        device = result.pop(parent)
+        for name, _ in module.named_children():
+            result.setdefault(f"{parent}.{name}" if parent else name, device)
+        parent = next((key for key in result if any(other != key and (key == "" or other.startswith(key + "."))
+                                                    for other in result)), None)
+    return result
 
 
 def tensor_bytes(model: nn.Module) -> int:
