@@ -4,6 +4,7 @@ or hostile manifest refused in one line before anything large is allocated."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from mmcompose.checkpoint import load_checkpoint
 from mmcompose.cli import app
 from mmcompose.errors import CheckpointError
 from mmcompose.model import Example, MultimodalLLM, RoutedLinear
-from mmcompose.model.placement import PlacementError, parse_device_map, parse_max_memory, resolve_dtype
+from mmcompose.model.placement import (
+    PlacementError,
+    parse_device_map,
+    parse_max_memory,
+    plan_placement,
+    resolve_dtype,
+)
 from mmcompose.train.tokenizer import train_tokenizer
 from tests.conftest import CORPUS, make_base
 from tests.model.helpers import random_input, randomize_deltas, tiny_modality
@@ -304,3 +311,25 @@ def test_a_parent_entry_covers_what_inner_keys_leave(saved: tuple[MultimodalLLM,
     assert offloaded.llm.model.layers[1].mlp.up_proj.base.weight.device.type == "meta"
     assert offloaded.llm.model.layers[0].mlp.up_proj.base.weight.device.type == "cpu"
     torch.testing.assert_close(_logits(offloaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "sequential"])
+def test_a_plan_over_two_gpus_keeps_layers_and_branches_whole(saved: tuple[MultimodalLLM, Path], strategy: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning only (two GPUs are pretended; nothing is allocated): layers spread over both GPUs, then the CPU,
+    never split, with inputs starting on GPU 0."""
+    model, _ = saved
+    skeleton = MultimodalLLM.skeleton(model.base_path, model.spec, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    placement = plan_placement(skeleton, device="auto", dtype=torch.bfloat16, device_map=strategy,
+                               max_memory="0=80KiB,1=80KiB,cpu=1GiB", offload_folder=None,
+                               no_split=skeleton.no_split_modules())
+    places = placement.device_map
+    assert placement.device == torch.device("cuda", 0) and {0, 1, "cpu"} <= set(places.values())
+    assert "disk" not in places.values()
+    for key in places:
+        assert not re.fullmatch(r"llm\.model\.layers\.\d+\..+|branches\.\w+\..+", key), key
+    for layer in range(3):
+        assert placement.device_of(f"llm.model.layers.{layer}.self_attn.q_proj.deltas.image.lora_A") == \
+            placement.device_of(f"llm.model.layers.{layer}.self_attn.q_proj.base.weight")
