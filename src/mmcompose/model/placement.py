@@ -201,14 +201,6 @@ class Placement:
         except KeyError:
             return inner
 
-    @property
-    def offloaded(self) -> bool:
-        """Some weights live off their execution device (on the disk, or on the CPU for a GPU model)."""
-        if self.device_map is None:
-            return False
-        places = set(self.device_map.values())
-        return "disk" in places or ("cpu" in places and self.device.type != "cpu")
-
 
 def plan_placement(model: nn.Module, *, device: str | torch.device | None, dtype: torch.dtype,
                    device_map: str | dict[str, Any] | None, max_memory: str | dict[Any, Any] | None,
@@ -245,7 +237,9 @@ def plan_placement(model: nn.Module, *, device: str | torch.device | None, dtype
 
 
 def _size(model: nn.Module, key: str) -> int:
-    return tensor_bytes(model.get_submodule(key) if key else model)
+    """Bytes of the parameters and buffers of `model`'s submodule `key` (meta tensors included)."""
+    module = model.get_submodule(key) if key else model
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _infer_map(model: nn.Module, strategy: str, budget: dict[int | str, int] | None, dtype: torch.dtype,
@@ -307,10 +301,3 @@ def _disjoint(model: nn.Module, mapping: dict[str, int | str], flag: str) -> dic
         parent = next((key for key in result if any(other != key and (key == "" or other.startswith(key + "."))
                                                     for other in result)), None)
     return result
-
-
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `model` (meta tensors included)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
