@@ -416,10 +416,9 @@ class MultimodalLLM(nn.Module):
                                "dtype": str(target.dtype).removeprefix("torch.")}
             else:
                 set_module_tensor_to_device(self, path, place, value=reader.get(name), dtype=target.dtype)
-        for path, buffer in self.branches.named_buffers():  # non-persistent buffers, built on the CPU
+        for path, _ in self.branches.named_buffers():  # non-persistent ones were built on the CPU
             place = placement.device_of(f"branches.{path}")
-            if place != "disk" and buffer.device != torch.device(place if not isinstance(place, int) else
-                                                                  f"cuda:{place}"):
+            if place != "disk":  # accelerate's hooks move a disk branch's buffers to its execution device
                 set_module_tensor_to_device(self.branches, path, place)
         if placement.device_map is None or (len(set(placement.device_map.values())) == 1
                                             and "disk" not in placement.device_map.values()):
