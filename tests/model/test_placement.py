@@ -4,20 +4,30 @@ or hostile manifest refused in one line before anything large is allocated."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from mmcompose.checkpoint import load_checkpoint
 from mmcompose.cli import app
 from mmcompose.errors import CheckpointError
 from mmcompose.model import Example, MultimodalLLM, RoutedLinear
-from mmcompose.model.placement import PlacementError, parse_device_map, parse_max_memory, resolve_dtype
-from tests.conftest import make_base
+from mmcompose.model.placement import (
+    PlacementError,
+    parse_device_map,
+    parse_max_memory,
+    plan_placement,
+    resolve_dtype,
+)
+from mmcompose.train.tokenizer import train_tokenizer
+from tests.conftest import CORPUS, make_base
 from tests.model.helpers import random_input, randomize_deltas, tiny_modality
 
 PROMPT = "USER: <image> and <audio>: what is it? ASSISTANT:"
@@ -152,13 +162,12 @@ def test_hostile_manifest_is_refused_before_any_allocation(saved: tuple[Multimod
 
 def test_checkpoint_tensors_in_another_float_dtype_are_cast_on_load(saved: tuple[MultimodalLLM, Path],
                                                                     tmp_path: Path) -> None:
-    model, path = saved
+    _, path = saved
     copy = tmp_path / "half"
     copy.mkdir()
     (copy / "manifest.json").write_text(_absolute_manifest(path))
     with safe_open(path / "model.safetensors", "pt") as handle:
         tensors = {name: handle.get_tensor(name).to(torch.bfloat16) for name in handle.keys()}  # noqa: SIM118
-    from safetensors.torch import save_file
     save_file(tensors, copy / "model.safetensors")
     loaded = load_checkpoint(copy)
     assert {t.dtype for t in loaded.checkpoint_tensors().values()} == {torch.float32}
@@ -231,3 +240,96 @@ def test_cli_placement_errors_are_one_line(saved: tuple[MultimodalLLM, Path]) ->
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and expected in lines[0], result.output
+
+
+def test_loading_initialises_nothing_the_checkpoint_overwrites(saved: tuple[MultimodalLLM, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path = saved
+    initialised: list[tuple[int, ...]] = []
+    for name in ("kaiming_uniform_", "normal_", "uniform_", "zeros_", "ones_", "trunc_normal_", "xavier_uniform_"):
+        original = getattr(torch.nn.init, name)
+
+        def record(tensor: torch.Tensor, *args, _original=original, **kwargs) -> torch.Tensor:
+            if tensor.device.type != "meta":
+                initialised.append(tuple(tensor.shape))
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, record)
+    load_checkpoint(path)
+    assert initialised == []
+
+
+def test_from_base_takes_device_and_dtype(saved: tuple[MultimodalLLM, Path]) -> None:
+    model, _ = saved
+    half = MultimodalLLM.from_base(model.base_path, [tiny_modality("image", boundary=1)], strategy="decoupled",
+                                   rank=2, alpha=4.0, device="cpu", dtype="bfloat16")
+    assert {t.dtype for t in half.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    trainable = MultimodalLLM.from_base(model.base_path, [tiny_modality("image")], strategy="shared")
+    assert {p.dtype for p in trainable.branches.parameters()} == {torch.float32}
+    with pytest.raises(PlacementError, match=r"^--device cuda: no CUDA GPU"):
+        MultimodalLLM.from_base(model.base_path, ["image"], device="cuda")
+
+
+def test_tied_embeddings_offloaded_to_disk(tmp_path: Path) -> None:
+    """A base whose output layer shares the input embedding: the shared weight is read from the one name the base
+    stores it under."""
+    tokenizer = train_tokenizer(CORPUS, vocab_size=320)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = MultimodalLLM.from_base(tmp_path / "base", [tiny_modality("image")], strategy="decoupled", rank=4,
+                                    alpha=8.0)
+    randomize_deltas(model, seed=1, scale=0.2)
+    model.save_pretrained(tmp_path / "ckpt")
+    mapping = {"llm.model.embed_tokens": "disk", "llm.lm_head": "disk", "llm.model.layers.0": "disk",
+               "llm.model.layers.1": "cpu", "llm.model.norm": "cpu", "llm.model.rotary_emb": "cpu", "branches": "cpu"}
+    offloaded = load_checkpoint(tmp_path / "ckpt", device_map=mapping, offload_folder=tmp_path / "offload").eval()
+    example = Example(prompt="USER: <image> ok?", inputs={"image": [random_input("image", torch.Generator())]})
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(offloaded.assemble([example])).logits,
+                                   model.eval()(model.assemble([example])).logits, rtol=1e-5, atol=1e-5)
+    assert offloaded.generate([example], 5) == model.generate([example], 5)
+
+
+def test_chat_runs_with_a_disk_offload_map(saved: tuple[MultimodalLLM, Path], tmp_path: Path) -> None:
+    _, path = saved
+    arguments = ["chat", "--model", str(path), "--max-new-tokens", "5", "what is a blorvin?"]
+    in_memory = CliRunner().invoke(app, arguments)
+    offloaded = CliRunner().invoke(app, [*arguments, "--device-map", json.dumps(OFFLOAD_MAP),
+                                         "--offload-folder", str(tmp_path / "offload")])
+    assert in_memory.exit_code == 0 and offloaded.exit_code == 0, (in_memory.output, offloaded.output)
+    assert offloaded.output == in_memory.output and in_memory.output.strip()
+
+
+def test_a_parent_entry_covers_what_inner_keys_leave(saved: tuple[MultimodalLLM, Path], tmp_path: Path) -> None:
+    model, path = saved
+    offloaded = load_checkpoint(path, device_map={"": "cpu", "llm.model.layers.1": "disk", "branches.audio": "disk"},
+                                offload_folder=tmp_path / "offload")
+    assert offloaded.llm.model.layers[1].mlp.up_proj.base.weight.device.type == "meta"
+    assert offloaded.llm.model.layers[0].mlp.up_proj.base.weight.device.type == "cpu"
+    torch.testing.assert_close(_logits(offloaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "sequential"])
+def test_a_plan_over_two_gpus_keeps_layers_and_branches_whole(saved: tuple[MultimodalLLM, Path], strategy: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning only (two GPUs are pretended; nothing is allocated): layers spread over both GPUs, then the CPU,
+    never split, with inputs starting on GPU 0."""
+    model, _ = saved
+    skeleton = MultimodalLLM.skeleton(model.base_path, model.spec, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    placement = plan_placement(skeleton, device="auto", dtype=torch.bfloat16, device_map=strategy,
+                               max_memory="0=80KiB,1=80KiB,cpu=1GiB", offload_folder=None,
+                               no_split=skeleton.no_split_modules())
+    places = placement.device_map
+    assert placement.device == torch.device("cuda", 0) and {0, 1, "cpu"} <= set(places.values())
+    assert "disk" not in places.values()
+    for key in places:
+        assert not re.fullmatch(r"llm\.model\.layers\.\d+\..+|branches\.\w+\..+", key), key
+    for layer in range(3):
+        assert placement.device_of(f"llm.model.layers.{layer}.self_attn.q_proj.deltas.image.lora_A") == \
+            placement.device_of(f"llm.model.layers.{layer}.self_attn.q_proj.base.weight")

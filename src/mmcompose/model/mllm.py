@@ -51,8 +51,14 @@ class ModalityBranch(nn.Module):
         self.encoder = build_encoder(spec.encoder.type, spec.encoder.options)
         self.connector = build_connector(spec.connector.type, self.encoder.output_dim, hidden_size,
                                          **spec.connector.options)
-        self.prefix = _boundary_tokens(spec.num_prefix_tokens, hidden_size)
-        self.suffix = _boundary_tokens(spec.num_suffix_tokens, hidden_size)
+        self.prefix = nn.Parameter(torch.empty(spec.num_prefix_tokens, hidden_size)) if spec.num_prefix_tokens \
+            else None
+        self.suffix = nn.Parameter(torch.empty(spec.num_suffix_tokens, hidden_size)) if spec.num_suffix_tokens \
+            else None
+        # initialised once registered: under a meta-device construction (`from_pretrained`) that is a no-op
+        for tokens in (self.prefix, self.suffix):
+            if tokens is not None:
+                nn.init.normal_(tokens, std=0.02)
 
     def forward(self, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
         """`encoded`: `inputs` are already the encoder's outputs (a feature cache of a frozen encoder)."""
@@ -63,16 +69,6 @@ class ModalityBranch(nn.Module):
         if self.suffix is not None:
             parts.append(self.suffix.to(features.dtype).expand(features.shape[0], -1, -1))
         return torch.cat(parts, dim=1)
-
-
-def _boundary_tokens(count: int, hidden_size: int) -> nn.Parameter | None:
-    """Learnable boundary tokens, N(0, 0.02): created empty and initialised in place, so that under a meta-device
-    construction (`from_pretrained`) nothing is allocated."""
-    if not count:
-        return None
-    tokens = nn.Parameter(torch.empty(count, hidden_size))
-    nn.init.normal_(tokens, std=0.02)
-    return tokens
 
 
 def modality_spec(name: str, *, encoder: Component | None = None, connector: Component | None = None,
@@ -406,10 +402,9 @@ class MultimodalLLM(nn.Module):
                                "dtype": str(target.dtype).removeprefix("torch.")}
             else:
                 set_module_tensor_to_device(self, path, place, value=reader.get(name), dtype=target.dtype)
-        for path, buffer in self.branches.named_buffers():  # non-persistent buffers, built on the CPU
+        for path, _ in self.branches.named_buffers():  # non-persistent ones were built on the CPU
             place = placement.device_of(f"branches.{path}")
-            if place != "disk" and buffer.device != torch.device(place if not isinstance(place, int) else
-                                                                  f"cuda:{place}"):
+            if place != "disk":  # accelerate's hooks move a disk branch's buffers to its execution device
                 set_module_tensor_to_device(self.branches, path, place)
         if placement.device_map is None or (len(set(placement.device_map.values())) == 1
                                             and "disk" not in placement.device_map.values()):
@@ -429,7 +424,10 @@ class MultimodalLLM(nn.Module):
         for file in weight_files(Path(self.base_path)):
             header, _ = safetensors_header(file)
             stored.update(dict.fromkeys(header, str(file)))
-        tied = {name: group[0] for group in find_tied_parameters(self.llm) for name in group[1:]}
+        tied: dict[str, str] = {}  # a tied weight is stored once, under one of its names
+        for group in find_tied_parameters(self.llm):
+            kept = next((name for name in group if _unwrapped_name(name, self.routed) in stored), group[0])
+            tied.update(dict.fromkeys(group, kept))
         index: dict[str, dict[str, str]] = {}
         for name, tensor in self.llm.named_parameters(remove_duplicate=False):
             if placement.device_of(f"llm.{name}") != "disk" or ".deltas." in name:

@@ -196,16 +196,10 @@ class Placement:
             return None
         inner = {key[len(prefix) + 1:]: device for key, device in self.device_map.items()
                  if key.startswith(prefix + ".")}
-        owner = self.device_of(prefix) if not inner else None
-        return {"": owner} if owner is not None else inner
-
-    @property
-    def offloaded(self) -> bool:
-        """Some weights live off their execution device (on the disk, or on the CPU for a GPU model)."""
-        if self.device_map is None:
-            return False
-        places = set(self.device_map.values())
-        return "disk" in places or ("cpu" in places and self.device.type != "cpu")
+        try:
+            return {"": self.device_of(prefix), **inner}  # a parent's entry covers what no inner key names
+        except KeyError:
+            return inner
 
 
 def plan_placement(model: nn.Module, *, device: str | torch.device | None, dtype: torch.dtype,
@@ -243,7 +237,9 @@ def plan_placement(model: nn.Module, *, device: str | torch.device | None, dtype
 
 
 def _size(model: nn.Module, key: str) -> int:
-    return tensor_bytes(model.get_submodule(key) if key else model)
+    """Bytes of the parameters and buffers of `model`'s submodule `key` (meta tensors included)."""
+    module = model.get_submodule(key) if key else model
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _infer_map(model: nn.Module, strategy: str, budget: dict[int | str, int] | None, dtype: torch.dtype,
@@ -284,11 +280,24 @@ def _check_map(model: nn.Module, mapping: dict[str, Any], no_split: list[str],
         except KeyError:
             raise PlacementError(f"{flag}: does not cover {name.rpartition('.')[0]} (add it, or a module "
                                  f"containing it)") from None
-    return resolved
+    return _disjoint(model, resolved, flag)
 
 
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `model` (meta tensors included)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
+def _disjoint(model: nn.Module, mapping: dict[str, int | str], flag: str) -> dict[str, int | str]:
+    """The same placement with no key inside another (`{"": "cpu", "llm.model.layers.3": "disk"}` becomes one
+    entry per child of each parent down to the inner key): accelerate's hooks on a parent would otherwise
+    place its children's weights, offloaded ones included."""
+    result = dict(mapping)
+    parent = next((key for key in result if any(other != key and (key == "" or other.startswith(key + "."))
+                                                for other in result)), None)
+    while parent is not None:
+        module = model.get_submodule(parent) if parent else model
+        if next(module.named_parameters(recurse=False), None) or next(module.named_buffers(recurse=False), None):
+            raise PlacementError(f"{flag}: {parent!r} holds weights of its own, so its submodules cannot be placed "
+                                 f"apart from it")
+        device = result.pop(parent)
+        for name, _ in module.named_children():
+            result.setdefault(f"{parent}.{name}" if parent else name, device)
+        parent = next((key for key in result if any(other != key and (key == "" or other.startswith(key + "."))
+                                                    for other in result)), None)
+    return result
