@@ -410,6 +410,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"unknown measurement {args.what!r}")
     result["seconds"] = time.time() - started
     result["children_max_rss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # DataLoader workers
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = own.ru_utime + own.ru_stime  # next to wall seconds: how busy the machine was
     final = _status()
     result.update(baseline_rss=baseline["VmRSS"], baseline_anon=baseline["RssAnon"], peak_rss=final["VmHWM"],
                   peak_sample=sampler.peak,
