@@ -477,7 +477,8 @@ def _serve_one(system: Path, args: argparse.Namespace) -> str:
 
     threading.Thread(target=client, daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt):
-        app(["serve", str(system / "composed"), "--port", str(port), *_cli_options(args)], standalone_mode=False)
+        app(["serve", str(system / "composed"), "--port", str(port), "--request-timeout", "7200", *_cli_options(args)],
+            standalone_mode=False)
     if "error" in answer:
         raise SystemExit(f"serve request failed: {answer['error']}")
     return answer["response"]["choices"][0]["message"]["content"]
