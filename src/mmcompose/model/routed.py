@@ -2,10 +2,15 @@
 
 Each token carries a route: `0` for text (every token that did not come from a connector, generated
 tokens included) and one id per modality. A delta serves one or more routes. Per forward, the model sets
-the routes once on a shared `RouteContext`, which turns them into a plan of (delta, token indices); every
-`RoutedLinear` then runs its base matmul once over all tokens and adds each delta only on the tokens of its
-routes (gather -> low-rank product -> scatter-add). The text route's delta can be folded into `W`, so that
-generated tokens cost exactly what the base LLM costs; modality routes then apply `D_m - D_text`.
+the routes once on a shared `RouteContext`, which turns them into a `RoutePlan`: the rows of the flattened
+input that need a delta, sorted by route so that each route is one contiguous slice, and the terms (delta,
+sign, slice) to apply over them. Every `RoutedLinear` then runs its base matmul once over all tokens, gathers
+the planned rows once, applies each term to its slice, and scatter-adds the result once.
+
+The text route's delta can be folded into `W` (`W += D_text`), so that generated tokens cost exactly what the
+base LLM costs. A modality route `m` then needs `D_m - D_text`: the plan applies `D_m` to `m`'s slice and
+`-D_text` once over all modality rows, from the factors the model already holds (nothing is materialised, so
+folding costs no memory beyond `W` itself). Unfolding restores `W` from the base LLM's own weight files.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +34,20 @@ def lora_product(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> 
     return (lora_b @ lora_a) * scaling
 
 
+def _is_power_of_two(value: float) -> bool:
+    return value > 0 and math.frexp(value)[0] == 0.5
+
+
 class LoRADelta(nn.Module):
-    """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT."""
+    """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT.
+
+    PEFT scales the output (`B(A x) * scaling`); when `scaling` is a power of two we scale the rank-r
+    intermediate instead (`B(scaling * A x)`): multiplying by a power of two is exact, so the result is the
+    same bit for bit (checked in float32 and bfloat16 by tests/model/test_routed.py; float16's narrow range
+    can make the two differ in the last bit), and the multiply touches `rank` columns instead of
+    `out_features` (it cost ~20% of a LoRA's forward and backward on the output). Any other scaling is
+    applied to the output, as PEFT does.
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
@@ -39,8 +57,12 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+    def forward(self, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """`sign * D x`; the sign rides on the scaling (negation is exact)."""
+        scaling = sign * self.scaling
+        if _is_power_of_two(self.scaling):
+            return F.linear(F.linear(x, self.lora_A) * scaling, self.lora_B)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * scaling
 
     def matrix(self) -> torch.Tensor:
         return lora_product(self.lora_A, self.lora_B, self.scaling)
@@ -54,8 +76,10 @@ class DenseDelta(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """`sign * D x`."""
+        out = F.linear(x, self.weight)
+        return out if sign == 1 else -out
 
     def matrix(self) -> torch.Tensor:
         return self.weight
@@ -65,7 +89,9 @@ Delta = LoRADelta | DenseDelta
 
 
 def difference(minuend: Delta | None, subtrahend: Delta) -> Delta:
-    """`minuend - subtrahend` as one delta: low-rank (concatenated factors) when both are LoRA, else dense."""
+    """`minuend - subtrahend` as one delta: low-rank (concatenated factors) when both are LoRA, else dense.
+
+    For writing a correction out (`mmcompose export`); the running model never materialises it."""
     with torch.no_grad():
         if isinstance(subtrahend, LoRADelta) and not isinstance(minuend, DenseDelta):
             parts = [] if minuend is None else [(minuend.lora_A, minuend.lora_B * minuend.scaling)]
@@ -82,19 +108,57 @@ def difference(minuend: Delta | None, subtrahend: Delta) -> Delta:
     return result.requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class Term:
+    """`sign * delta` applied to the planned rows `[start, stop)`."""
+
+    delta: str
+    sign: int
+    start: int
+    stop: int
+
+
+@dataclass
+class RoutePlan:
+    """What one forward applies, shared by every `RoutedLinear` of the model.
+
+    `rows` are the flat token indices that need a delta, sorted by route (stably, so each route's rows keep
+    their order and form one contiguous slice); None means every row, in order. `count` is how many rows that
+    is (None with `rows` None). Either the first term covers all `count` rows and the others are slices of it
+    (a folded model: `-D_text` over all modality rows, `D_m` on each route's slice), or the terms tile the
+    rows in order (one delta per route).
+
+    The indices live on the device of the routes tensor (the embedding's); a layer placed on another device
+    (a model split over GPUs by accelerate) asks `rows_on(device)`, which moves them once per device per
+    forward and hands every later layer on that device the same copy.
+    """
+
+    rows: torch.Tensor | None
+    count: int | None
+    terms: list[Term]
+    _by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def rows_on(self, device: torch.device) -> torch.Tensor | None:
+        if self.rows is None or self.rows.device == device:
+            return self.rows
+        moved = self._by_device.get(device)
+        if moved is None:
+            moved = self._by_device[device] = self.rows.to(device)
+        return moved
+
+
 class RouteContext:
     """Model-wide routing state shared by every `RoutedLinear` of one model.
 
-    `route_to_delta` maps a route id to the name of the delta serving it. `plan` is what the current
-    forward applies: a list of (delta name, flat token indices or None for "every token"), computed once
-    per forward instead of once per layer.
+    `route_to_delta` maps a route id to the name of the delta serving it; `folded` says the text route's
+    delta lives in `W`. `plan` is what the current forward applies, computed once per forward instead of
+    once per layer (None: only the base weights).
     """
 
     def __init__(self, route_to_delta: dict[int, str]) -> None:
         self.route_to_delta = dict(route_to_delta)
-        self.folded_route_to_delta: dict[int, str] = {}
         self.folded = False
-        self.plan: list[tuple[str, torch.Tensor | None]] = []
+        self.plan: RoutePlan | None = None
 
     @contextmanager
     def route(self, routes: torch.Tensor | None) -> Iterator[None]:
@@ -103,27 +167,47 @@ class RouteContext:
         try:
             yield
         finally:
-            self.plan = []
+            self.plan = None
 
-    def _make_plan(self, routes: torch.Tensor | None) -> list[tuple[str, torch.Tensor | None]]:
-        mapping = self.folded_route_to_delta if self.folded else self.route_to_delta
+    def _contributions(self, route: int) -> tuple[tuple[str, int], ...]:
+        """The (delta, sign) pairs a token of `route` needs on top of the base weights as they are now."""
+        text, own = self.route_to_delta.get(TEXT_ROUTE), self.route_to_delta.get(route)
+        if not self.folded:
+            return () if own is None else ((own, 1),)
+        if route == TEXT_ROUTE or own == text:
+            return ()
+        return tuple(([] if own is None else [(own, 1)]) + ([] if text is None else [(text, -1)]))
+
+    def _make_plan(self, routes: torch.Tensor | None) -> RoutePlan | None:
         if routes is None:
-            name = mapping.get(TEXT_ROUTE)
-            return [] if name is None else [(name, None)]
+            needed = self._contributions(TEXT_ROUTE)
+            return RoutePlan(None, None, [Term(name, sign, 0, 0) for name, sign in needed]) if needed else None
         flat = routes.reshape(-1)
-        present = torch.unique(flat).tolist()
-        groups: dict[str, list[int]] = {}
-        for route in present:
-            if route in mapping:
-                groups.setdefault(mapping[route], []).append(route)
-        plan: list[tuple[str, torch.Tensor | None]] = []
-        for name, members in groups.items():
-            if len(members) == len(present):
-                plan.append((name, None))
-            else:
-                selected = torch.isin(flat, torch.tensor(members, device=flat.device))
-                plan.append((name, selected.nonzero().squeeze(1)))
-        return plan
+        present, counts = torch.unique(flat, return_counts=True)
+        needs = {route: self._contributions(route) for route in present.tolist()}
+        if len(set(needs.values())) == 1:  # every token alike: no gather
+            needed = next(iter(needs.values()))
+            return RoutePlan(None, None, [Term(name, sign, 0, 0) for name, sign in needed]) if needed else None
+        order = torch.argsort(flat, stable=True)
+        slices: list[torch.Tensor] = []
+        terms: list[Term] = []
+        start = cursor = 0
+        for route, count in zip(needs, counts.tolist(), strict=True):
+            if needs[route]:
+                slices.append(order[start:start + count])
+                for name, sign in needs[route]:
+                    joined = next((t for t in terms if (t.delta, t.sign, t.stop) == (name, sign, cursor)), None)
+                    if joined is None:
+                        terms.append(Term(name, sign, cursor, cursor + count))
+                    else:
+                        terms[terms.index(joined)] = Term(name, sign, joined.start, cursor + count)
+                cursor += count
+            start += count
+        if not slices:
+            return None
+        terms.sort(key=lambda term: (term.start, -term.stop))
+        rows = slices[0] if len(slices) == 1 else torch.cat(slices)
+        return RoutePlan(rows, cursor, terms)
 
 
 class RoutedLinear(nn.Module):
@@ -133,9 +217,7 @@ class RoutedLinear(nn.Module):
         super().__init__()
         self.base = base
         self.deltas = nn.ModuleDict()
-        self.corrections = nn.ModuleDict()
         self._context = context
-        self._unfolded_weight: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -156,49 +238,55 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._context.plan
-        if not plan:
+        if plan is None:
             # F.linear on the base's weight rather than calling the base module: a folded model's decode step
             # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py)
             return F.linear(x, self.base.weight, self.base.bias)
         y = self.base(x)
-        table = self.corrections if self._context.folded else self.deltas
+        if plan.rows is None:
+            for term in plan.terms:
+                y.add_(self.deltas[term.delta](x, term.sign))
+            return y
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        for name, index in plan:
-            if name not in table:
-                continue
-            if index is None:
-                y.add_(table[name](x))
-            else:
-                # index_put_ rather than index_add_: same result for unique indices, without index_add_'s
-                # parallel-region overhead, which dominates on the small updates of decoding
-                flat_y.index_put_((index,), table[name](flat_x.index_select(0, index)), accumulate=True)
+        rows = plan.rows_on(x.device)
+        gathered = flat_x.index_select(0, rows)
+        first = plan.terms[0]
+        if first.stop - first.start == plan.count:  # the others are slices of the first: add in place
+            update = self.deltas[first.delta](gathered, first.sign)
+            for term in plan.terms[1:]:
+                span = term.stop - term.start
+                update.narrow(0, term.start, span).add_(self.deltas[term.delta](gathered.narrow(0, term.start, span),
+                                                                                 term.sign))
+        else:  # the terms tile the rows in order
+            parts = [self.deltas[t.delta](gathered.narrow(0, t.start, t.stop - t.start), t.sign)
+                     for t in plan.terms]
+            update = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # index_put_ rather than index_add_: same result for unique indices, without index_add_'s
+        # parallel-region overhead, which dominates on the small updates of decoding
+        flat_y.index_put_((rows,), update, accumulate=True)
         return y
 
-    def _delta(self, name: str | None) -> Delta | None:
-        return self.deltas[name] if name in self.deltas else None  # noqa: SIM401 - ModuleDict has no .get
+    def fold_refusal(self) -> str | None:
+        """Why `W += D_text` cannot be done in place on this layer, or None."""
+        weight = self.base.weight
+        if type(self.base) is not nn.Linear:
+            return f"its base is a {type(self.base).__name__}, not a plain nn.Linear"
+        if weight.is_meta:
+            return "its weight is not in memory (offloaded)"
+        if not weight.is_floating_point():
+            return f"its weight is {weight.dtype}"
+        return None
 
     @torch.no_grad()
-    def fold(self, text_delta: str | None, modality_deltas: set[str]) -> None:
-        """Add the text delta to `W` (keeping the exact original on CPU) and derive `D_m - D_text`."""
-        text = self._delta(text_delta)
-        self._unfolded_weight = self.base.weight.detach().to("cpu", copy=True)
-        for name in modality_deltas:
-            own = self._delta(name)
-            if text is None:
-                if own is not None:
-                    self.corrections[name] = own
-            else:
-                self.corrections[name] = difference(own, text)
-        if text is not None:
-            self.base.weight.add_(text.matrix().to(self.base.weight.dtype))
+    def fold(self, text_delta: str) -> None:
+        """`W += D_text`, in place, in `W`'s dtype; the one temporary is this layer's `D_text` matrix."""
+        self.base.weight.add_(self.deltas[text_delta].matrix().to(self.base.weight.dtype))
 
     @torch.no_grad()
-    def unfold(self) -> None:
-        """Restore the original `W` bit for bit and drop the derived corrections."""
-        self.base.weight.copy_(self._unfolded_weight)
-        self._unfolded_weight = None
-        self.corrections = nn.ModuleDict()
-
+    def unfold(self, stored: torch.Tensor) -> None:
+        """Put back the original `W` from `stored`, its tensor in the base LLM's weight files: cast by `copy_`
+        exactly as loading cast it, so `W` is again what a fresh load in this dtype gives, bit for bit."""
+        self.base.weight.copy_(stored)
 
 def wrap_linears(llm: nn.Module, target_modules: tuple[str, ...], context: RouteContext) -> dict[str, RoutedLinear]:
     """Replace every `nn.Linear` whose attribute name is in `target_modules` by a `RoutedLinear`.
