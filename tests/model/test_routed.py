@@ -148,7 +148,7 @@ class _IndexDevices(torch.overrides.TorchFunctionMode):
         self.indices: list[torch.device] = []
         self.moves = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.index_select:
             self.indices.append(args[2].device)
