@@ -50,14 +50,42 @@ MAPPINGS = {
 }
 
 
+def _routes(kind: str, seed: int = 1) -> torch.Tensor:
+    """`scattered`: random routes (many short runs: the gathered form); `prompts`: each modality's tokens in one
+    stretch, as assembled prompts have them (the in-place runs form at inference)."""
+    if kind == "scattered":
+        return torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(seed))
+    return torch.tensor([[0, 1, 1, 1, 0, 2, 2], [0, 0, 3, 3, 0, 0, 0], [2, 2, 2, 0, 1, 1, 0]])
+
+
+def _forward(layer: RoutedLinear, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """Inference (no grad: runs added in place) or training (grad: gather, then one scatter)."""
+    with torch.set_grad_enabled(training):
+        return layer(x).detach()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kind", ["scattered", "prompts"])
 @pytest.mark.parametrize("mapping", MAPPINGS.values(), ids=MAPPINGS.keys())
-def test_routed_output_equals_per_token_reference(mapping: dict[int, str]) -> None:
+def test_routed_output_equals_per_token_reference(mapping: dict[int, str], kind: str, training: bool) -> None:
     layer, context = _layer(mapping)
     x = torch.randn(3, 7, 12)
-    routes = torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), context.route(routes):
-        got = layer(x)
+    routes = _routes(kind)
+    with context.route(routes):
+        got = _forward(layer, x, training)
     torch.testing.assert_close(got, _reference(layer, x, routes, mapping), rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_use_in_place_runs_and_scattered_routes_one_gather() -> None:
+    context = RouteContext(MAPPINGS["decoupled"])
+    context.folded = True
+    image, audio, minus_text = ("image", 1), ("audio", 1), ("language", -1)
+    with context.route(_routes("prompts")):
+        assert [(run.start, run.stop, run.needs) for run in context.plan.runs] == [
+            (1, 4, (image, minus_text)), (5, 7, (audio, minus_text)), (9, 11, (minus_text,)),
+            (14, 17, (audio, minus_text)), (18, 20, (image, minus_text))]
+    with context.route(torch.arange(40).remainder(3).reshape(4, 10)):
+        assert context.plan.runs is None and context.plan.rows.numel() == 26  # the 14 text tokens need nothing
 
 
 def test_no_routes_means_every_token_is_text() -> None:
@@ -91,13 +119,14 @@ def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+@pytest.mark.parametrize("kind", ["scattered", "prompts"])
 @pytest.mark.parametrize("mapping", MAPPINGS.values(), ids=MAPPINGS.keys())
-def test_fold_matches_unfolded_and_unfold_is_exact(mapping: dict[int, str]) -> None:
+def test_fold_matches_unfolded_and_unfold_is_exact(mapping: dict[int, str], kind: str) -> None:
     layer, context = _layer(mapping)
     original = layer.base.weight.detach().clone()
     held = _tensor_bytes(layer)
     x = torch.randn(3, 7, 12)
-    routes = torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(2))
+    routes = _routes(kind, seed=2)
     expected = _reference(layer, x, routes, mapping)
     text_only = _reference(layer, x, torch.zeros(3, 7, dtype=torch.long), mapping)
     if 0 in mapping:
@@ -161,8 +190,9 @@ class _IndexDevices(torch.overrides.TorchFunctionMode):
 
 def test_each_layer_uses_route_indices_on_its_own_device_moved_once_per_device() -> None:
     """A model split over devices: the routes (and so the plan's indices) are on the CPU; two layers sit on a
-    second device (`meta` stands in for a GPU) and one on the CPU. Every gather and scatter must use indices on
-    its layer's device, and the indices move to the second device once, not once per layer."""
+    second device (`meta` stands in for a GPU) and one on the CPU. Every gather and scatter (training's form of the
+    plan) must use indices on its layer's device, and the indices move to the second device once, not once per
+    layer. (Inference's in-place runs use no index tensor.)"""
     mapping = MAPPINGS["decoupled"]
     layers = [_layer(mapping, seed)[0] for seed in range(3)]
     context = RouteContext(mapping)
@@ -171,7 +201,7 @@ def test_each_layer_uses_route_indices_on_its_own_device_moved_once_per_device()
         layer.to(device)
     routes = torch.tensor([[0, 1, 1, 2, 0, 0]])
     seen = _IndexDevices()
-    with torch.no_grad(), context.route(routes), seen:
+    with context.route(routes), seen:
         for layer in layers:
             out = layer(torch.randn(1, 6, 12, device=layer.base.weight.device))
             assert out.device == layer.base.weight.device and out.shape == (1, 6, 10)
