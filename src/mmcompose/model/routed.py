@@ -2,15 +2,16 @@
 
 Each token carries a route: `0` for text (every token that did not come from a connector, generated
 tokens included) and one id per modality. A delta serves one or more routes. Per forward, the model sets
-the routes once on a shared `RouteContext`, which turns them into a `RoutePlan`: the rows of the flattened
-input that need a delta, sorted by route so that each route is one contiguous slice, and the terms (delta,
-sign, slice) to apply over them. Every `RoutedLinear` then runs its base matmul once over all tokens, gathers
-the planned rows once, applies each term to its slice, and scatter-adds the result once.
+the routes once on a shared `RouteContext`, which turns them into a `RoutePlan`; every `RoutedLinear` then
+runs its base matmul once over all tokens and adds each delta only on the tokens of its routes, in one of two
+forms: at inference, on each run of consecutive tokens of one route (a prompt's image is one run), in place
+into the base output, with no gather or scatter; in training (and for a batch of many runs), on the tokens
+gathered once, sorted by route so that each route is one contiguous slice, with one scatter-add back.
 
 The text route's delta can be folded into `W` (`W += D_text`), so that generated tokens cost exactly what the
-base LLM costs. A modality route `m` then needs `D_m - D_text`: the plan applies `D_m` to `m`'s slice and
-`-D_text` once over all modality rows, from the factors the model already holds (nothing is materialised, so
-folding costs no memory beyond `W` itself). Unfolding restores `W` from the base LLM's own weight files.
+base LLM costs. A modality route `m` then needs `D_m - D_text`: the plan applies `D_m` and `-D_text` to `m`'s
+tokens from the factors the model already holds (nothing is materialised, so folding costs no memory beyond
+`W` itself). Unfolding restores `W` from the base LLM's own weight files.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class LoRADelta(nn.Module):
 
     def add_into(self, out: torch.Tensor, x: torch.Tensor, sign: int = 1) -> None:
         """`out += sign * D x` for 2-D `x` and `out`, in place: the scaling and the add ride on one `addmm_`, so
-        no `out`-sized temporary is made (inference only: see `RoutePlan`)."""
+        no `out`-sized temporary is made (inference only: see `RoutePlan`). One rounding where `forward` plus an
+        add has two, so the two forms agree to the last bit or so, not bit for bit."""
         out.addmm_(F.linear(x, self.lora_A), self.lora_B.t(), alpha=sign * self.scaling)
 
     def matrix(self) -> torch.Tensor:
