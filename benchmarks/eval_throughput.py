@@ -187,6 +187,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    commit = subprocess.run(["git", "-C", str(args.after), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or "unknown"
     sys.path.insert(0, str(args.after))
     setup(args.work)
     variants: list[tuple[str, Path, int | None, str]] = []
@@ -229,8 +231,6 @@ def main() -> None:
                  f"{min(row['folded']) / min(row['unfolded']):.2f}x | {'yes' if row['pays'] else 'no'} |"
                  for row in json.loads(done.stdout.strip().splitlines()[-1])]
     end_load = os.getloadavg()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
     import torch
 
     lines = [
