@@ -183,6 +183,25 @@ def test_the_cache_is_kept_across_turns_and_answers_as_a_fresh_prefill(
     assert session.prefilled[0] == full_length(model, turns[:1], images[:1] if attach_at == 0 else [])
 
 
+def test_an_interrupted_answer_drops_the_cache_and_the_next_turn_starts_afresh(model: MultimodalLLM,
+                                                                               images: list[Path]) -> None:
+    session = ChatSession(model, max_new_tokens=MAX_NEW_TOKENS)
+    session.attach("image", images[0])
+    first = session.ask("what is this?")
+
+    def interrupt(piece: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("tell me more", on_text=interrupt)
+    assert len(session.turns) == 1 and len(session.prefilled) == 1
+    answer = session.ask("and its colour?")
+    turns = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": first},
+             {"from": "human", "value": "and its colour?"}]
+    assert answer == expected_answer(model, turns, images[:1])
+    assert session.prefilled[-1] == full_length(model, turns, images[:1])  # the whole conversation again
+
+
 def test_bad_attachments_print_one_line_and_the_session_goes_on(model: MultimodalLLM, images: list[Path],
                                                                tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"

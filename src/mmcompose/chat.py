@@ -119,13 +119,14 @@ class ChatSession:
         keys, sources = _position_keys(ids, routes, spans)
         stream = TextStream(self.model.tokenizer, on_text) if on_text is not None else None
         try:
-            logits = self._prefill(ids, routes, keys, sources, inputs)
+            logits, fed = self._prefill(ids, routes, keys, sources, inputs)
             tokens = decode(self.model, self._state, logits, self.max_new_tokens, temperature=self.temperature,
                             generator=self.generator, on_token=stream)[0]
         except BaseException:
             self._forget()
             raise
         self._keys = keys + [(TEXT_ROUTE, token) for token in tokens[:-1]]  # the last token is never fed
+        self.prefilled.append(fed)
         answer = self.model.answer_text(tokens).strip()
         if stream is not None:
             stream.finish()
@@ -134,8 +135,10 @@ class ChatSession:
         return answer
 
     def _prefill(self, ids: list[int], routes: list[int], keys: list[tuple[int, int]],
-                 sources: list[tuple[str, int, int, int]], inputs: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        """Cut the cache back to the prefix it shares with `keys`, feed the rest; the last position's logits."""
+                 sources: list[tuple[str, int, int, int]], inputs: dict[str, list[torch.Tensor]]
+                 ) -> tuple[torch.Tensor, int]:
+        """Cut the cache back to the prefix it shares with `keys` and feed the rest; the last position's logits
+        and how many positions were fed."""
         shared = 0
         for cached, wanted in zip(self._keys, keys, strict=False):
             if cached != wanted:
@@ -155,9 +158,8 @@ class ChatSession:
             if first < last:
                 values = inputs[modality][number][first - start:]
                 embeds[0, first - shared:last - shared] = values.to(embeds.dtype)
-        self.prefilled.append(len(ids) - shared)
         route_ids = torch.tensor([routes[shared:]], device=device)
-        return feed(self.model, self._state, embeds, route_ids)
+        return feed(self.model, self._state, embeds, route_ids), len(ids) - shared
 
     def _human_text(self, question: str) -> str:
         """The question with one placeholder line per pending input, unless the user placed them already
