@@ -18,6 +18,9 @@ over repeats. Run: `python benchmarks/routing.py --threads 1`.
 Each is measured twice: in wall time, and in the CPU time of the process (`time.process_time()`, taken with
 each timestamp above), which a machine loaded by other jobs disturbs much
 less (with one torch thread the process runs on one core at a time; waiting for a core is not counted).
+Prefill is also timed in `--pairs` pairs, each variant back to back with hf-generate's prefill (order
+alternating), and reported as the median of the per-pair ratios: a ratio of two runs a fraction of a second
+apart is what a load that changes over seconds disturbs least.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=30, help="prefill pairs timed back to back (see the docstring)")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -222,6 +226,12 @@ def main() -> None:
                 for name, (first, second) in variants.items():
                     samples[name]["prefill"].append(time_once(first))
                     samples[name]["decode"].append(second())
+            paired: dict[str, list[float]] = {"base": [], "routed": []}
+            for index in range(args.pairs):  # back to back with the anchor, in alternating order
+                for name in paired:
+                    runs = [hf_prefill, variants[name][0]]
+                    cpu = [time_once(run)[1] for run in (runs if index % 2 else runs[::-1])]
+                    paired[name].append(cpu[1] / cpu[0] if index % 2 else cpu[0] / cpu[1])
         batcher.close()
 
     tokens = int(batch.attention_mask.sum())
@@ -254,7 +264,12 @@ def main() -> None:
                    for phase in ("prefill", "decode") for i in (0, 1)]
         lines.append(f"| {name} | " + " | ".join(columns) + " |")
     lines += ["", "Ratios are of medians, all variants measured interleaved in this run; the machine is shared "
-              "with other jobs, so absolute numbers move between runs and only the ratios compare."]
+              "with other jobs, so absolute numbers move between runs and only the ratios compare.", ""]
+    for name, ratios in paired.items() if args.pairs > 1 else ():
+        quartiles = statistics.quantiles(ratios, n=4)
+        lines.append(f"- prefill CPU time of {name} / hf-generate, {len(ratios)} pairs timed back to back: median "
+                     f"{statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+                     f"min-max {min(ratios):.3f}-{max(ratios):.3f})")
     publish(lines, args.results)
 
 

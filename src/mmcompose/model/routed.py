@@ -274,8 +274,11 @@ class RoutedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def add_delta(self, name: str, kind: str, rank: int | None = None, alpha: float | None = None) -> Delta:
-        factory = dict(dtype=self.base.weight.dtype, device=self.base.weight.device)
+    def add_delta(self, name: str, kind: str, rank: int | None = None, alpha: float | None = None, *,
+                  device: torch.device | str | None = None) -> Delta:
+        """A new delta in the base weight's dtype, on the base weight's device unless `device` says otherwise
+        (`meta` when a loader fills it in place from a checkpoint: nothing is allocated or initialised)."""
+        factory = dict(dtype=self.base.weight.dtype, device=self.base.weight.device if device is None else device)
         if kind == "lora":
             delta: Delta = LoRADelta(self.in_features, self.out_features, rank, alpha, **factory)
         else:
@@ -326,8 +329,6 @@ class RoutedLinear(nn.Module):
         weight = self.base.weight
         if type(self.base) is not nn.Linear:
             return f"its base is a {type(self.base).__name__}, not a plain nn.Linear"
-        if weight.is_meta:
-            return "its weight is not in memory (offloaded)"
         if not weight.is_floating_point():
             return f"its weight is {weight.dtype}"
         return None
