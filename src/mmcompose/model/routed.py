@@ -46,8 +46,9 @@ class LoRADelta(nn.Module):
     intermediate instead (`B(scaling * A x)`): multiplying by a power of two is exact, so the result is the
     same bit for bit (checked in float32 and bfloat16 by tests/model/test_routed.py; float16's narrow range
     can make the two differ in the last bit), and the multiply touches `rank` columns instead of
-    `out_features` (it cost ~20% of a LoRA's forward and backward on the output). Any other scaling is
-    applied to the output, as PEFT does.
+    `out_features` (measured on one thread, 400 tokens x 768, rank 16: on the output it made a LoRA's forward
+    and backward 16-24% slower than unscaled, on the intermediate ~3%). Any other scaling is applied to the
+    output, as PEFT does.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
