@@ -51,10 +51,12 @@ MAPPINGS = {
 
 
 def _routes(kind: str, seed: int = 1) -> torch.Tensor:
-    """`scattered`: random routes (many short runs: the gathered form); `prompts`: each modality's tokens in one
-    stretch, as assembled prompts have them (the in-place runs form at inference)."""
+    """`scattered`: random routes (many short runs); `prompts`: each modality's tokens in stretches, as assembled
+    prompts have them; `one-each`: one stretch per route (the in-place runs form at inference)."""
     if kind == "scattered":
         return torch.randint(0, 4, (3, 7), generator=torch.Generator().manual_seed(seed))
+    if kind == "one-each":
+        return torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 0, 2, 2, 2, 2, 0], [0, 0, 0, 3, 3, 0, 0]])
     return torch.tensor([[0, 1, 1, 1, 0, 2, 2], [0, 0, 3, 3, 0, 0, 0], [2, 2, 2, 0, 1, 1, 0]])
 
 
@@ -65,7 +67,7 @@ def _forward(layer: RoutedLinear, x: torch.Tensor, training: bool) -> torch.Tens
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-@pytest.mark.parametrize("kind", ["scattered", "prompts"])
+@pytest.mark.parametrize("kind", ["scattered", "prompts", "one-each"])
 @pytest.mark.parametrize("mapping", MAPPINGS.values(), ids=MAPPINGS.keys())
 def test_routed_output_equals_per_token_reference(mapping: dict[int, str], kind: str, training: bool) -> None:
     layer, context = _layer(mapping)
@@ -76,14 +78,15 @@ def test_routed_output_equals_per_token_reference(mapping: dict[int, str], kind:
     torch.testing.assert_close(got, _reference(layer, x, routes, mapping), rtol=1e-5, atol=1e-5)
 
 
-def test_prompts_use_in_place_runs_and_scattered_routes_one_gather() -> None:
+def test_one_run_per_route_is_added_in_place_else_one_gather() -> None:
     context = RouteContext(MAPPINGS["decoupled"])
     context.folded = True
     image, audio, minus_text = ("image", 1), ("audio", 1), ("language", -1)
-    with context.route(_routes("prompts")):
+    with context.route(torch.tensor([[0, 1, 1, 1, 0, 2, 2, 0, 3, 0]])):
         assert [(run.start, run.stop, run.needs) for run in context.plan.runs] == [
-            (1, 4, (image, minus_text)), (5, 7, (audio, minus_text)), (9, 11, (minus_text,)),
-            (14, 17, (audio, minus_text)), (18, 20, (image, minus_text))]
+            (1, 4, (image, minus_text)), (5, 7, (audio, minus_text)), (8, 9, (minus_text,))]
+    with context.route(_routes("prompts")):  # two runs of image and of audio
+        assert context.plan.runs is None and context.plan.rows.numel() == 12
     with context.route(torch.arange(40).remainder(3).reshape(4, 10)):
         assert context.plan.runs is None and context.plan.rows.numel() == 26  # the 14 text tokens need nothing
 
@@ -119,7 +122,7 @@ def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-@pytest.mark.parametrize("kind", ["scattered", "prompts"])
+@pytest.mark.parametrize("kind", ["scattered", "prompts", "one-each"])
 @pytest.mark.parametrize("mapping", MAPPINGS.values(), ids=MAPPINGS.keys())
 def test_fold_matches_unfolded_and_unfold_is_exact(mapping: dict[int, str], kind: str) -> None:
     layer, context = _layer(mapping)

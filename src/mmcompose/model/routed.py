@@ -4,9 +4,9 @@ Each token carries a route: `0` for text (every token that did not come from a c
 tokens included) and one id per modality. A delta serves one or more routes. Per forward, the model sets
 the routes once on a shared `RouteContext`, which turns them into a `RoutePlan`; every `RoutedLinear` then
 runs its base matmul once over all tokens and adds each delta only on the tokens of its routes, in one of two
-forms: at inference, on each run of consecutive tokens of one route (a prompt's image is one run), in place
-into the base output, with no gather or scatter; in training (and for a batch of many runs), on the tokens
-gathered once, sorted by route so that each route is one contiguous slice, with one scatter-add back.
+forms: at inference, when each route's tokens are one run of consecutive tokens (one prompt, one input per
+modality), in place into the base output, with no gather or scatter; otherwise (training, batches), on the
+tokens gathered once, sorted by route so that each route is one contiguous slice, with one scatter-add back.
 
 The text route's delta can be folded into `W` (`W += D_text`), so that generated tokens cost exactly what the
 base LLM costs. A modality route `m` then needs `D_m - D_text`: the plan applies `D_m` and `-D_text` to `m`'s
@@ -143,19 +143,16 @@ class Run:
     needs: Need
 
 
-RUNS_PER_ROUTE = 4
-"""In-place runs are used while there are at most this many runs per route that needs a delta; beyond, one gather.
-Measured at hidden 512 / MLP 1408 on 146 modality rows: a gather and scatter cost what ~9 extra runs cost (each
-run adds two small matmuls per delta), and the gather grows with the rows' width while a run's overhead does not."""
-
-
 @dataclass
 class RoutePlan:
     """What one forward applies, shared by every `RoutedLinear` of the model, in two equivalent forms.
 
     `runs`: the stretches of consecutive tokens that need a delta, in token order (a prompt's modality input is
     one run: its features and boundary tokens). Inference adds each run's deltas into the base output in place,
-    with no gather or scatter; None when there are too many runs (a large batch of prompts).
+    with no gather or scatter. Only when each route that needs a delta is one run (one prompt, one input per
+    modality, text folded away), else None: more runs mean more small matmuls than one gather costs, down to
+    one-token runs (a newline between two inputs), whose one-row products BLAS computes in an order that
+    depends on the factors' memory alignment (a checkpoint memory-mapped from its file then gives other bits).
 
     `rows`, `count`, `terms`: the flat token indices that need a delta, sorted by route (stably, so each route's
     rows keep their order and form one contiguous slice), how many there are, and the terms over them; `rows`
@@ -255,7 +252,7 @@ class RouteContext:
             if needs[route]:
                 runs.append(Run(start, start + length, needs[route]))
             start += length
-        return RoutePlan(runs if len(runs) <= RUNS_PER_ROUTE * len(slices) else None, rows, cursor, terms)
+        return RoutePlan(runs if len(runs) == len(slices) else None, rows, cursor, terms)
 
 
 class RoutedLinear(nn.Module):
