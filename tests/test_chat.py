@@ -296,3 +296,26 @@ def wait_for(tmux: list[str], ready: Callable[[str], bool], timeout: float = 30.
         if time.monotonic() > deadline:
             pytest.fail(f"terminal never got there; it shows:\n{text}")
         time.sleep(0.1)
+
+
+def test_the_sampler_is_made_where_the_logits_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits on `meta` stand for a GPU's (or, under a device map, the LM head's, which need not be the
+    embeddings'): the session's generator must be made there, once, and only when it samples."""
+    made: list[tuple[torch.device, int]] = []
+
+    class Recording:
+        def __init__(self, device: torch.device | str = "cpu") -> None:
+            self.device = torch.device(device)
+
+        def manual_seed(self, seed: int) -> Recording:
+            made.append((self.device, seed))
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Recording)
+    logits = torch.zeros(1, 10, device="meta")
+    greedy = ChatSession(model=None, temperature=0.0, seed=3)  # type: ignore[arg-type]
+    assert greedy._sampler(logits) is None
+    sampled = ChatSession(model=None, temperature=0.8, seed=3)  # type: ignore[arg-type]
+    first = sampled._sampler(logits)
+    assert sampled._sampler(logits) is first  # one generator for the session, not re-seeded each turn
+    assert made == [(torch.device("meta"), 3)]

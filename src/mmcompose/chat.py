@@ -79,8 +79,16 @@ class ChatSession:
     prefilled: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        self.generator: torch.Generator | None = None
         self._forget()
+
+    def _sampler(self, logits: torch.Tensor) -> torch.Generator | None:
+        """The session's seeded generator, made at the first sampled turn on the logits' device: that is the LM
+        head's (a GPU's, or the last layer's under a device map), not the embeddings', and `torch.multinomial`
+        refuses a generator on another device."""
+        if self.temperature > 0 and self.generator is None:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        return self.generator
 
     def attach(self, modality: str, path: str | Path) -> None:
         """Decode, process and encode a file now (so a bad file is reported at once) for the next human turn."""
@@ -121,7 +129,7 @@ class ChatSession:
         try:
             logits, fed = self._prefill(ids, routes, keys, sources, inputs)
             tokens = decode(self.model, self._state, logits, self.max_new_tokens, temperature=self.temperature,
-                            generator=self.generator, on_token=stream)[0]
+                            generator=self._sampler(logits), on_token=stream)[0]
         except BaseException:
             self._forget()
             raise
