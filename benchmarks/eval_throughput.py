@@ -114,6 +114,36 @@ def measure(checkpoint: Path, world: Path, workers: int | None, batch_size: int,
     return {"seconds": seconds, "items": metrics["n"], "failed": metrics["n_failed"], "predictions": predictions}
 
 
+def fold_ab(checkpoint: Path, world: Path, batch_size: int, token_budgets: list[int], repeats: int,
+            threads: int) -> list[dict]:
+    """The model alone on one batch of MCUB-4 items (prepared beforehand): `generate` with the text route folded
+    and unfolded, alternating, `repeats` times; seconds per call."""
+    import torch
+
+    from mmcompose.checkpoint import load_checkpoint
+    from mmcompose.eval.benchmark import load_benchmark
+    from mmcompose.eval.predict import model_predictor
+
+    torch.set_num_threads(threads)
+    samples = load_benchmark(world / "data" / "mcub4_test.json", world)[:batch_size]
+    model = load_checkpoint(checkpoint).eval()
+    examples = [model_predictor(model).prepare(sample) for sample in samples]
+    rows = []
+    for tokens in token_budgets:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats):
+            for folded in (False, True):
+                if folded:
+                    model.fold_text_route()
+                started = time.perf_counter()
+                model.generate(examples, tokens)
+                times[folded].append(time.perf_counter() - started)
+                model.unfold_text_route()
+        rows.append({"tokens": tokens, "pays": model_predictor(model, tokens).folding_pays(examples),
+                     "unfolded": times[False], "folded": times[True]})
+    return rows
+
+
 def run_variant(src: Path, work: Path, workers: int | None, batch_size: int, max_new_tokens: int,
                 threads: int, fold: str) -> dict:
     command = [sys.executable, __file__, "--measure", "--work", str(work), "--batch-size", str(batch_size),
@@ -143,7 +173,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmcompose-eval-throughput")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fold-ab", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fold_ab:
+        print(json.dumps(fold_ab(args.work / "composed", args.work / "world", args.batch_size, args.max_new_tokens,
+                                 7, args.threads)))
+        return
     if args.measure:
         world, checkpoint = args.work / "world", args.work / "composed"
         workers = args.workers[0] if "--workers" in sys.argv else None
@@ -152,6 +187,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    commit = subprocess.run(["git", "-C", str(args.after), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or "unknown"
     sys.path.insert(0, str(args.after))
     setup(args.work)
     variants: list[tuple[str, Path, int | None, str]] = []
@@ -183,9 +220,17 @@ def main() -> None:
             median = statistics.median(rates)
             rows.append(f"| {tokens} | {name} | {median:.1f} | {min(rates):.1f}-{max(rates):.1f} | "
                         f"{median / anchor:.2f}x | {agree[name]}/{items} |")
+    command = [sys.executable, __file__, "--fold-ab", "--work", str(args.work), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--max-new-tokens", *map(str, args.max_new_tokens)]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(args.after)}, capture_output=True, text=True,
+                          check=True)
+    def ms(times: list[float]) -> str:
+        return f"{min(times) * 1000:.0f} ({statistics.median(times) * 1000:.0f})"
+
+    fold_rows = [f"| {row['tokens']} | {ms(row['unfolded'])} | {ms(row['folded'])} | "
+                 f"{min(row['folded']) / min(row['unfolded']):.2f}x | {'yes' if row['pays'] else 'no'} |"
+                 for row in json.loads(done.stdout.strip().splitlines()[-1])]
     end_load = os.getloadavg()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
     import torch
 
     lines = [
@@ -207,6 +252,13 @@ def main() -> None:
         "| max new tokens | code | items/s | spread | x first | same answers |",
         "|---:|---|---:|---|---:|---:|",
         *rows,
+        "",
+        f"The model alone, one batch of {args.batch_size} prepared items, `generate` folded vs unfolded, alternating, "
+        "7 times: ms as min (median); `folding_pays` is what `eval` decides for this batch.",
+        "",
+        "| max new tokens | unfolded ms | folded ms | folded / unfolded (min) | folding_pays |",
+        "|---:|---:|---:|---:|---|",
+        *fold_rows,
     ]
     from report import publish
 

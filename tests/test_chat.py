@@ -183,6 +183,25 @@ def test_the_cache_is_kept_across_turns_and_answers_as_a_fresh_prefill(
     assert session.prefilled[0] == full_length(model, turns[:1], images[:1] if attach_at == 0 else [])
 
 
+def test_an_interrupted_answer_drops_the_cache_and_the_next_turn_starts_afresh(model: MultimodalLLM,
+                                                                               images: list[Path]) -> None:
+    session = ChatSession(model, max_new_tokens=MAX_NEW_TOKENS)
+    session.attach("image", images[0])
+    first = session.ask("what is this?")
+
+    def interrupt(piece: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("tell me more", on_text=interrupt)
+    assert len(session.turns) == 1 and len(session.prefilled) == 1
+    answer = session.ask("and its colour?")
+    turns = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": first},
+             {"from": "human", "value": "and its colour?"}]
+    assert answer == expected_answer(model, turns, images[:1])
+    assert session.prefilled[-1] == full_length(model, turns, images[:1])  # the whole conversation again
+
+
 def test_bad_attachments_print_one_line_and_the_session_goes_on(model: MultimodalLLM, images: list[Path],
                                                                tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"
@@ -277,3 +296,26 @@ def wait_for(tmux: list[str], ready: Callable[[str], bool], timeout: float = 30.
         if time.monotonic() > deadline:
             pytest.fail(f"terminal never got there; it shows:\n{text}")
         time.sleep(0.1)
+
+
+def test_the_sampler_is_made_where_the_logits_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits on `meta` stand for a GPU's (or, under a device map, the LM head's, which need not be the
+    embeddings'): the session's generator must be made there, once, and only when it samples."""
+    made: list[tuple[torch.device, int]] = []
+
+    class Recording:
+        def __init__(self, device: torch.device | str = "cpu") -> None:
+            self.device = torch.device(device)
+
+        def manual_seed(self, seed: int) -> Recording:
+            made.append((self.device, seed))
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Recording)
+    logits = torch.zeros(1, 10, device="meta")
+    greedy = ChatSession(model=None, temperature=0.0, seed=3)  # type: ignore[arg-type]
+    assert greedy._sampler(logits) is None
+    sampled = ChatSession(model=None, temperature=0.8, seed=3)  # type: ignore[arg-type]
+    first = sampled._sampler(logits)
+    assert sampled._sampler(logits) is first  # one generator for the session, not re-seeded each turn
+    assert made == [(torch.device("meta"), 3)]

@@ -79,8 +79,16 @@ class ChatSession:
     prefilled: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        self.generator: torch.Generator | None = None
         self._forget()
+
+    def _sampler(self, logits: torch.Tensor) -> torch.Generator | None:
+        """The session's seeded generator, made at the first sampled turn on the logits' device: that is the LM
+        head's (a GPU's, or the last layer's under a device map), not the embeddings', and `torch.multinomial`
+        refuses a generator on another device."""
+        if self.temperature > 0 and self.generator is None:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        return self.generator
 
     def attach(self, modality: str, path: str | Path) -> None:
         """Decode, process and encode a file now (so a bad file is reported at once) for the next human turn."""
@@ -119,13 +127,14 @@ class ChatSession:
         keys, sources = _position_keys(ids, routes, spans)
         stream = TextStream(self.model.tokenizer, on_text) if on_text is not None else None
         try:
-            logits = self._prefill(ids, routes, keys, sources, inputs)
+            logits, fed = self._prefill(ids, routes, keys, sources, inputs)
             tokens = decode(self.model, self._state, logits, self.max_new_tokens, temperature=self.temperature,
-                            generator=self.generator, on_token=stream)[0]
+                            generator=self._sampler(logits), on_token=stream)[0]
         except BaseException:
             self._forget()
             raise
         self._keys = keys + [(TEXT_ROUTE, token) for token in tokens[:-1]]  # the last token is never fed
+        self.prefilled.append(fed)
         answer = self.model.answer_text(tokens).strip()
         if stream is not None:
             stream.finish()
@@ -134,8 +143,10 @@ class ChatSession:
         return answer
 
     def _prefill(self, ids: list[int], routes: list[int], keys: list[tuple[int, int]],
-                 sources: list[tuple[str, int, int, int]], inputs: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        """Cut the cache back to the prefix it shares with `keys`, feed the rest; the last position's logits."""
+                 sources: list[tuple[str, int, int, int]], inputs: dict[str, list[torch.Tensor]]
+                 ) -> tuple[torch.Tensor, int]:
+        """Cut the cache back to the prefix it shares with `keys` and feed the rest; the last position's logits
+        and how many positions were fed."""
         shared = 0
         for cached, wanted in zip(self._keys, keys, strict=False):
             if cached != wanted:
@@ -155,9 +166,8 @@ class ChatSession:
             if first < last:
                 values = inputs[modality][number][first - start:]
                 embeds[0, first - shared:last - shared] = values.to(embeds.dtype)
-        self.prefilled.append(len(ids) - shared)
         route_ids = torch.tensor([routes[shared:]], device=device)
-        return feed(self.model, self._state, embeds, route_ids)
+        return feed(self.model, self._state, embeds, route_ids), len(ids) - shared
 
     def _human_text(self, question: str) -> str:
         """The question with one placeholder line per pending input, unless the user placed them already

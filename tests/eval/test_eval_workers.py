@@ -250,3 +250,27 @@ def test_the_text_route_is_folded_only_where_that_pays(model: MultimodalLLM, lla
             folded.append(model.routing.folded)
         assert not model.routing.folded
     assert folded == [False, True, False]
+
+
+def test_the_eval_command_takes_num_workers(model: MultimodalLLM, benchmark: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmcompose.checkpoint import save_checkpoint
+    from mmcompose.cli import app
+
+    checkpoint = save_checkpoint(model, tmp_path / "model")
+    file, root = benchmark
+    written = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        result = CliRunner().invoke(app, ["eval", "--task", str(file), "--data-root", str(root), "--model",
+                                          str(checkpoint), "-o", str(out), "--batch-size", "4", "--max-new-tokens",
+                                          str(MAX_NEW_TOKENS), "--num-workers", workers])
+        assert result.exit_code == 0, result.output
+        assert "1 failed" in result.output
+        written.append((out / "predictions.jsonl").read_text())
+    assert written[0] == written[1]
+    bad = CliRunner().invoke(app, ["eval", "--task", str(file), "--model", str(checkpoint), "-o", str(tmp_path / "x"),
+                                   "--num-workers", "-1"])
+    assert bad.exit_code == 2 and "--num-workers" in bad.output

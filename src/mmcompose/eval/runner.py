@@ -152,10 +152,11 @@ def run_benchmark(
         todo = [todo[i] for i in sorted(range(len(todo)), key=keys.__getitem__)]
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     evaluating = predict.evaluating() if staged and todo else contextlib.nullcontext()
+    # workers start (fork) here, before the progress bar's refresh thread exists
+    prepared_batches = _prepared(samples, batches, predict.prepare, num_workers, prefetch_factor) if staged \
+        else ((batch, None) for batch in batches)
     with (evaluating, predictions_path.open("a", encoding="utf-8") as out, _progress_bar(progress) as bar):
         bar_task = bar.add_task(task, total=len(mine), completed=len(done))
-        prepared_batches = _prepared(samples, batches, predict.prepare, num_workers, prefetch_factor) if staged \
-            else ((batch, None) for batch in batches)
         for batch, prepared in prepared_batches:
             for record in _predict_batch(samples, batch, golds, predict, kind, labels, similarity, scorer, prepared):
                 out.write(_dumps(record) + "\n")
