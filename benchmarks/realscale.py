@@ -516,21 +516,31 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-HEADER = ("| measurement | layers | code | model GiB | held GiB | held / model | anon / file GiB at peak | s "
-          "| load avg (start, end) |\n|---|---|---|---:|---:|---:|---:|---:|---|")
+HEADER = ("| measurement | layers | placement | code | model GiB | held GiB | held / model | anon / file GiB at peak "
+          "| wall s (CPU s) | load avg (start / end) |\n|---|---|---|---|---:|---:|---:|---:|---:|---|")
+
+
+def _placement(command: list[str]) -> str:
+    flags = dict(zip(command[::2], command[1::2], strict=False))
+    if "--device-map" not in flags:
+        return "in memory"
+    disk = ", rest on disk" if "--offload-folder" in flags else ""
+    return f"device map {flags['--device-map']}, max memory {flags.get('--max-memory', '-')}{disk}"
 
 
 def _row(result: dict[str, Any], layers: Any = "", code: str = "") -> str:
     """One markdown row; `held` is the peak RSS above the baseline, its split sampled at the peak."""
     gib = 2**30
+    placement = _placement(result.get("command", [])[3:])
     if "failed" in result:
-        return f"| {result['what']} | {layers} | {code} | failed: {' '.join(result['failed'])} |"
+        return f"| {result['what']} | {layers} | {placement} | {code} | failed: {' '.join(result['failed'])} |"
     peak = result["peak_sample"]
     held = (result["peak_rss"] - result["baseline_rss"]) / gib
     anon = (peak["RssAnon"] - result.get("baseline_anon", 0)) / gib
     loads = " / ".join(f"{average[0]:.1f}" for average in result.get("load_average", []))
-    return (f"| {result['what']} | {layers} | {code} | {result['model_bytes'] / gib:.2f} | {held:.2f} "
-            f"| **{result['ratio']:.3f}x** | {anon:.2f} / {peak['RssFile'] / gib:.2f} | {result['seconds']:.0f} "
+    cpu = f" ({result['cpu_seconds']:.0f})" if "cpu_seconds" in result else ""
+    return (f"| {result['what']} | {layers} | {placement} | {code} | {result['model_bytes'] / gib:.2f} | {held:.2f} "
+            f"| **{result['ratio']:.3f}x** | {anon:.2f} / {peak['RssFile'] / gib:.2f} | {result['seconds']:.0f}{cpu} "
             f"| {loads} |")
 
 
