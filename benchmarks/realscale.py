@@ -26,6 +26,10 @@ fresh subprocess (so each sees only its own allocations) and prints a table:
             HTTP request (a text prompt) on loopback;
 * `eval`  - `mmcompose eval --benchmark mcub` on the two items.
 
+Weights stored in the dtype they are loaded in are memory-mapped, so part of what a process holds is file-backed
+(the `file` column; folding turns the pages it writes into anonymous ones) and the kernel may evict it under
+memory pressure: a run beside another large process can show less than the model. Compare runs made alone.
+
 Peak RSS is the kernel's high-water mark (`VmHWM`) minus the RSS after every import (the interpreter's own
 baseline); a sampler thread also records the anonymous and file-backed parts at the peak. The ratio is to the
 bytes of the model's tensors (base + checkpoint, in bf16), read from the safetensors headers.
@@ -325,12 +329,14 @@ class PeakSampler:
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval, self.peak = interval, _status()
+        self.max_anon = self.peak["RssAnon"]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             now = _status()
+            self.max_anon = max(self.max_anon, now["RssAnon"])
             if now["VmRSS"] > self.peak["VmRSS"]:
                 self.peak = now
 
@@ -414,7 +420,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result["cpu_seconds"] = own.ru_utime + own.ru_stime  # next to wall seconds: how busy the machine was
     final = _status()
     result.update(baseline_rss=baseline["VmRSS"], baseline_anon=baseline["RssAnon"], peak_rss=final["VmHWM"],
-                  peak_sample=sampler.peak,
+                  peak_sample=sampler.peak, max_anon=sampler.max_anon,
                   model_bytes=model_bytes(system))
     result["ratio"] = (final["VmHWM"] - baseline["VmRSS"]) / result["model_bytes"]
     return result
