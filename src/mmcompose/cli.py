@@ -528,9 +528,12 @@ def train_base(
 def train_modality(
     base: Annotated[Path, typer.Option(help="The base LLM directory: a local LLaMA, Mistral or Qwen2 with its "
                                             "tokenizer.")],
-    data: Annotated[list[Path], typer.Option(help="A training JSON file in the benchmark layout (repeatable).")],
-    data_root: Annotated[Path, typer.Option(help="Media paths in the data files are relative to this.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: model/, checkpoints/, log.jsonl.")],
+    data: Annotated[list[Path] | None, typer.Option(
+        help="A training JSON file in the benchmark layout (repeatable; required unless --dry-run).")] = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="Media paths in the data files are relative to this (required unless --dry-run).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Run directory: model/, checkpoints/, log.jsonl (required unless --dry-run).")] = None,
     recipe: Annotated[Path | None, typer.Option(
         help="A recipe YAML (recipes/*.yaml): model and training settings; the flags below override it.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig fields; flags override it.")] = None,
@@ -552,10 +555,12 @@ def train_modality(
     boundary_tokens: Annotated[int | None, typer.Option(
         help="Learnable prefix and suffix tokens (each) around every input of a new branch (DAMC: 5).")] = None,
     template: Annotated[str | None, typer.Option(
-        help="Conversation template: vicuna_v1, plain, or chat (the base tokenizer's own chat template, rendered "
-             "by transformers and recorded in the checkpoint so chat, eval and serve format prompts the same way). "
-             "Default: the --from checkpoint's; vicuna_v1 for a base whose name says vicuna; chat for a base whose "
-             "tokenizer has a chat template (e.g. Qwen2, Mistral); plain otherwise.")] = None,
+        help="Conversation template: vicuna_v1 (LLaVA-1.5's), plain (LLaVA's stage-1 captions: the inputs, the caption "
+             "and a newline, no role tags), tagged (USER:/ASSISTANT: tags, no system prompt), or chat (the base "
+             "tokenizer's own chat template, rendered by transformers and recorded in the checkpoint so chat, eval "
+             "and serve format prompts the same way). Every assistant turn trains. Default: the --from "
+             "checkpoint's; vicuna_v1 for a base whose name says vicuna; chat for a base whose tokenizer has a chat "
+             "template (e.g. Qwen2, Mistral); tagged otherwise.")] = None,
     train_encoder: Annotated[bool | None, typer.Option(
         help="Train the encoders too (default: only those not loaded from pretrained weights).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
@@ -573,6 +578,9 @@ def train_modality(
         min=0.0, help="Peak learning rate of the language delta (strategy decoupled; ModelCompose's DAMC runs use "
                       "a tenth of the modality delta's rate).", show_default="the rate of the other deltas")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay of weight matrices.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(
+        help="Dropout on the LoRA deltas' inputs while training (ModelCompose's recipes: 0.05; default: 0).")]
+    = None,
     warmup_ratio: Annotated[float | None, typer.Option(help="Linear warmup share of the cosine schedule.")] = None,
     encoder_steps: Annotated[int | None, typer.Option(
         help="pretrain: first train each encoder alone to tell its captions apart, for this many steps (an encoder "
@@ -592,6 +600,9 @@ def train_modality(
     cache_features: Annotated[Path | None, typer.Option(
         help="Directory caching frozen encoders' outputs (safetensors, keyed by file digest and encoder "
              "fingerprint), reused across epochs and runs; needs train_encoder false.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Build the model and print what would train (each parameter group's peak learning rate "
+                          "and size), then stop; a finished run records the same in metrics.json.")] = False,
 ) -> None:
     """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
@@ -608,13 +619,14 @@ def train_modality(
     """
     from accelerate import PartialState
 
-    from mmcompose.train.run import model_overrides, resolve_run, run_modality_training
+    from mmcompose.train.run import model_overrides, resolve_run, run_modality_training, trained_groups
 
     rates = None if lr is None else {"encoder": lr, "connector": lr, "boundary": lr, "deltas": lr}
     train_values = dict(stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
                         encoder_steps=encoder_steps, save_every=save_every, seed=seed, grad_accum=grad_accum,
                         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                        weight_decay=weight_decay, warmup_ratio=warmup_ratio, train_encoder=train_encoder)
+                        weight_decay=weight_decay, warmup_ratio=warmup_ratio, train_encoder=train_encoder,
+                        lora_dropout=lora_dropout)
     data_values = dict(on_bad_sample=on_bad_sample, num_workers=num_workers, cache_features=cache_features,
                        max_length=max_length)
     model_values = model_overrides(modality, strategy, rank, alpha, encoder or [], connector, boundary_tokens,
@@ -623,6 +635,16 @@ def train_modality(
     if language_lr is not None:
         lr_set = run.train.lr.model_copy(update={"language": language_lr})
         run = run.model_copy(update={"train": run.train.model_copy(update={"lr": lr_set})})
+    if dry_run:
+        groups = trained_groups(base, run, start_from or [])
+        console.print(f"{run.train.stage}, strategy {run.model.strategy or 'connector-only'}, LoRA dropout "
+                      f"{run.train.lora_dropout:g}; trained groups:")
+        for name, group in groups.items():
+            console.print(f"  {name}: lr {group['lr']:g}, {group['parameters']:,} parameters")
+        return
+    missing = [flag for flag, value in (("--data", data), ("--data-root", data_root), ("--out", out)) if not value]
+    if missing:
+        raise MMComposeError(f"{', '.join(missing)} required (unless --dry-run)")
     metrics = run_modality_training(base=base, data=data, data_root=data_root, out=out, recipe=run,
                                     start_from=start_from or [], resume=resume)
     if PartialState().is_main_process:

@@ -14,7 +14,7 @@ import pytest
 from mmcompose.model.routed import RoutedLinear
 from mmcompose.train.recipe import load_recipe
 from mmcompose.train.run import parse_connector
-from mmcompose.train.trainer import _parameter_groups, build_model
+from mmcompose.train.trainer import build_model, parameter_groups
 from tests.model.helpers import TINY_ENCODERS
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
@@ -58,7 +58,7 @@ def test_recipe_builds_its_model_on_a_tiny_base_of_the_same_structure(path: Path
         assert branch.prefix.shape == branch.suffix.shape == (5, hidden)
     else:
         assert branch.prefix is None and branch.suffix is None
-    rates = {group["name"]: group["lr"] for group in _parameter_groups(model, settings)}
+    rates = {group["name"]: group["lr"] for group in parameter_groups(model, settings)}
     assert rates["connector"] == 2e-5
     if modality == "image":  # the vicuna-7b-v1.5 image recipe: 8 GPUs x 4 x 4 = 128, 2e-4 / 2e-5
         assert settings.batch_size * settings.grad_accum * 8 == 128 and rates["deltas"] == 2e-4

@@ -68,7 +68,7 @@ def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = 
         if svd_rank is None else
         [DeltaSpec(name="shared", kind="lora", routes=["text", "image"], rank=svd_rank, alpha=float(svd_rank),
                    source={"format": "llava-hf", "svd_rank": svd_rank})],
-        target_modules=list(DEFAULT_TARGET_MODULES), template="plain",
+        target_modules=list(DEFAULT_TARGET_MODULES), template="tagged",
         strategy="full" if svd_rank is None else "shared",
     )
     model = skeleton(base, spec, fingerprint_base(base))

@@ -15,7 +15,7 @@ from mmcompose.errors import CheckpointError, InputError, MMComposeError
 from mmcompose.files import atomic_directory
 from mmcompose.modalities import build_connector, build_encoder, build_processor, get_modality
 from mmcompose.model.assembly import Assembler, Batch, Example
-from mmcompose.model.conversation import CHAT, format_conversation, tokenizer_chat_template
+from mmcompose.model.conversation import CHAT, Formatted, render_conversation, tokenizer_chat_template
 from mmcompose.model.generation import choose, prefill, step
 from mmcompose.model.manifest import (
     TENSOR_FILE,
@@ -32,16 +32,19 @@ from mmcompose.tensorfiles import check_tensor_set, checkpoint_files, fingerprin
 
 
 class ModalityBranch(nn.Module):
-    """Encoder -> connector, wrapped in learnable boundary tokens: `(n, ...) -> (n, tokens, hidden)`."""
+    """Encoder -> connector, wrapped in learnable boundary tokens: `(n, ...) -> (n, tokens, hidden)`.
+
+    Fresh boundary tokens are zeros, as ModelCompose creates them (`torch.zeros`): they learn from zero in the
+    run that adds them."""
 
     def __init__(self, spec: ModalitySpec, hidden_size: int) -> None:
         super().__init__()
         self.encoder = build_encoder(spec.encoder.type, spec.encoder.options)
         self.connector = build_connector(spec.connector.type, self.encoder.output_dim, hidden_size,
                                          **spec.connector.options)
-        self.prefix = nn.Parameter(torch.randn(spec.num_prefix_tokens, hidden_size) * 0.02) \
+        self.prefix = nn.Parameter(torch.zeros(spec.num_prefix_tokens, hidden_size)) \
             if spec.num_prefix_tokens else None
-        self.suffix = nn.Parameter(torch.randn(spec.num_suffix_tokens, hidden_size) * 0.02) \
+        self.suffix = nn.Parameter(torch.zeros(spec.num_suffix_tokens, hidden_size)) \
             if spec.num_suffix_tokens else None
 
     def forward(self, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
@@ -99,7 +102,7 @@ class MultimodalLLM(nn.Module):
     @classmethod
     def from_base(cls, base_path: str | Path, modalities: Sequence[str | ModalitySpec], *,
                   strategy: Strategy = "connector-only", rank: int = 16, alpha: float = 32.0,
-                  target_modules: Sequence[str] | None = None, template: str = "plain",
+                  target_modules: Sequence[str] | None = None, template: str = "tagged",
                   chat_template: str | None = None, dtype: torch.dtype | None = None) -> MultimodalLLM:
         """A new (untrained) modality model on a base LLM saved in `base_path`.
 
@@ -141,14 +144,22 @@ class MultimodalLLM(nn.Module):
             processed[modality] = [self.processors[modality](source) for source in sources]
         return Example(prompt=prompt, inputs=processed, target=target, id=id)
 
+    def render_conversation(self, turns: list[dict[str, str]]) -> Formatted:
+        """`turns` in this model's template, every answer marked: the one place training and inference format."""
+        return render_conversation(turns, self.spec.template, self.tokenizer, self.spec.chat_template,
+                                   [spec.placeholder for spec in self.spec.modalities])
+
     def format_conversation(self, turns: list[dict[str, str]]) -> tuple[str, str | None]:
-        """`turns` as (prompt, target) in this model's template: the one place training and inference format."""
-        return format_conversation(turns, self.spec.template, self.tokenizer, self.spec.chat_template)
+        """`turns` as (prompt, last answer) in this model's template."""
+        rendered = self.render_conversation(turns)
+        return rendered.prompt, rendered.target
 
     def conversation_example(self, turns: list[dict[str, str]], inputs: dict[str, Sequence[Any]] | None = None,
                              id: str = "") -> Example:
-        prompt, target = self.format_conversation(turns)
-        return self.example(prompt, inputs, target, id)
+        rendered = self.render_conversation(turns)
+        example = self.example(rendered.prompt, inputs, rendered.target, id)
+        example.answers, example.eos = rendered.answers, rendered.eos
+        return example
 
     def assemble(self, examples: list[Example], padding_side: Literal["left", "right"] = "right",
                  encoded: Collection[str] = ()) -> Batch:

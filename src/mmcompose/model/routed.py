@@ -29,7 +29,12 @@ def lora_product(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> 
 
 
 class LoRADelta(nn.Module):
-    """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT."""
+    """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT.
+
+    `dropout` drops inputs of `A` in training mode (LoRA's `lora_dropout`, as PEFT applies it); a training
+    setting, set by the trainer and never saved."""
+
+    dropout: float = 0.0
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
@@ -40,6 +45,8 @@ class LoRADelta(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
     def matrix(self) -> torch.Tensor:
