@@ -4,6 +4,7 @@ modules, ranks, boundary tokens, connector), and `train modality --recipe` runs 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,10 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from mmcompose.cli import app
+from mmcompose.data.dataset import SampleDataset, training_samples
+from mmcompose.model import Component
 from mmcompose.model.routed import RoutedLinear
 from mmcompose.train.recipe import load_recipe
 from mmcompose.train.run import parse_connector
-from mmcompose.train.trainer import build_model, describe_groups, parameter_groups
+from mmcompose.train.trainer import build_model, describe_groups, parameter_groups, train
+from tests.conftest import make_base
 from tests.model.helpers import TINY_ENCODERS
 from tests.train.official_scripts import RECIPE_SCRIPTS, flags, trained_groups
 
@@ -172,3 +176,31 @@ def test_train_modality_runs_a_recipe_with_overrides(llama_base: Path, world: Pa
                          text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode != 0 and "unknown connector" in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_the_video_recipe_trains_samples_of_8_x_257_video_positions(world: Path, tmp_path: Path) -> None:
+    """ModelCompose counts `model_max_length` in tokens before the features go in, so its video runs train
+    8 frames x 257 LanguageBind tokens (+ 5 + 5 boundary tokens) under 2048; the recipe must not skip them."""
+    base = make_base(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))  # as vicuna-7b's
+    recipe = load_recipe(RECIPES[0].parent / "video-stage2-decoupled.yaml")
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "image_size": 32, "patch_size": 2, "num_frames": 8}  # 16 x 16 patches + CLS = 257 tokens per frame
+    encoder = Component(type="languagebind-video", options={"config": tower, "feature_layer": -2})
+    described = recipe.model
+    model = build_model(base, described.modalities, strategy=described.strategy, rank=4, alpha=8,
+                        template=described.template, encoders={"video": encoder},
+                        connector=parse_connector(described.connector), boundary_tokens=described.boundary_tokens,
+                        target_modules=described.target_modules,
+                        processor_options={"video": {"num_frames": 8, "size": 32}})
+    records = json.loads((world / "data" / "video_instruct.json").read_text())[:2]
+    settings = recipe.train.model_copy(update={"batch_size": 1, "grad_accum": 1, "steps": 1, "mixed_precision": "no",
+                                               "gradient_checkpointing": False,
+                                               "data": recipe.train.data.model_copy(update={"num_workers": 0})})
+    data = SampleDataset(model, training_samples(records, world, model).samples, max_length=2048)
+    assert data.positions["video"] == 8 * 257 + 5 + 5
+    assert min(model.assembler.sequence_length(data[i], data.positions) for i in range(len(data))) > 2048
+    metrics = train(model, records, world, settings, tmp_path / "run", progress=False)
+    assert metrics["skipped_samples"] == {"invalid": 0, "too_long": 0} and metrics["samples"] == 2
+    assert math.isfinite(metrics["final_loss"]) and metrics["parameter_groups"]["boundary"]["lr"] == 2e-4
