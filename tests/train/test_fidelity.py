@@ -43,8 +43,8 @@ def test_the_trainer_applies_lora_dropout(llama_base: Path, world: Path, tmp_pat
         train(model, data, world, config(steps=2, lora_dropout=rate), tmp_path / str(rate), progress=False)
         assert {d.dropout for d in model.modules() if isinstance(d, LoRADelta)} == {rate}
         runs[rate] = saved_tensors(tmp_path / str(rate))
-    changed = [key for key in runs[0.0] if key.startswith("deltas.") and not torch.equal(runs[0.0][key], runs[0.3][key])]
-    assert changed
+    deltas = [key for key in runs[0.0] if key.startswith("deltas.")]
+    assert any(not torch.equal(runs[0.0][key], runs[0.3][key]) for key in deltas)
 
 
 def test_fresh_boundary_tokens_start_at_zero(llama_base: Path, world: Path, tmp_path: Path) -> None:
