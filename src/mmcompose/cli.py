@@ -165,11 +165,12 @@ def demo(
                                   "run a whole pipeline each and check the claims on all seeds' items pooled.")]
     = "0",
     recipe: Annotated[str, typer.Option(
-        help="How the decoupled (DAMC) models train: official (language delta at 1/10 of the modality delta's "
-             "rate, 5+5 boundary tokens per modality) or one-rate (one rate, no boundary tokens; the earlier "
-             "setting); ablations of the official one: lr-only (no boundary tokens), boundary-stage2 (boundary "
-             "tokens added fresh in stage 2, not trained in stage 1). The shared (NaiveMC) models are the same "
-             "under all.")] = "official",
+        help="How the decoupled (DAMC) models train: official (ModelCompose's released scripts: one stage-1 "
+             "run for NaiveMC and DAMC, 5+5 boundary tokens per modality created as zeros in stage 2 at the "
+             "modality delta's rate, the language delta at the connector's rate, a tenth of the modality "
+             "delta's) or one-rate (both deltas at one rate, no boundary tokens); the boundary-token ablation "
+             "of the official one: boundary-none (no tokens), boundary-stage1 (tokens trained from stage 1 on). "
+             "The shared (NaiveMC) models are the same under all.")] = "official",
     world: Annotated[str | None, typer.Option(
         help="Replace the profile's world: small (24 entities) or large (48). With --base, the ablation of world "
              "size and base LLM size.", show_default="the profile's")] = None,
