@@ -238,6 +238,10 @@ def evaluate(
     shard: Annotated[str, typer.Option(help="i/n: run shard i of n (merge later with the same command and "
                                        "--shard merge/n).")] = "0/1",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    num_workers: Annotated[int | None, typer.Option(
+        min=0, help="Worker processes decoding the media of the next batches while the model answers (0: "
+                    "decode in this process, in turn with the model). Results are the same for any value.",
+        show_default="one per CPU core but one, at most 4")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer in tokens.",
                                                        show_default="64 for captions, 16 otherwise")] = None,
     judge: Annotated[str, typer.Option(help="For --kind label: 'names' (label-name matching) or 'embedding' "
@@ -248,13 +252,18 @@ def evaluate(
              "its directory) and parse, judge and score as the official scripts do; sets --kind.")] = None,
     answers: Annotated[Path | None, typer.Option(
         help="With --benchmark: the answer file, if not the official one beside the questions.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
     from mmcompose.eval.benchmark import load_benchmark, load_mcub
     from mmcompose.eval.predict import embedding_similarity, model_predictor
     from mmcompose.eval.presets import get_preset, load_preset_tasks
-    from mmcompose.eval.runner import merge_shards, run_benchmark
+    from mmcompose.eval.runner import default_num_workers, merge_shards, run_benchmark
 
     if judge not in ("names", "embedding"):
         raise MMComposeError(f"--judge {judge!r}: expected names or embedding")
@@ -280,13 +289,14 @@ def evaluate(
             console.print(_caption_summary(name, metrics) if metrics.get("kind") == "caption"
                           else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
-    loaded = load_checkpoint(model).eval()
+    loaded = load_checkpoint(model, **_placement(device, dtype, device_map, max_memory, offload_folder)).eval()
     predictor = model_predictor(loaded, max_new_tokens or (64 if kind == "caption" else 16))
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
                                 shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity,
-                                scorer=preset.scorer if preset else None)
+                                scorer=preset.scorer if preset else None,
+                                num_workers=default_num_workers() if num_workers is None else num_workers)
         if kind == "caption":
             console.print(_caption_summary(name, metrics))
             continue
@@ -297,6 +307,28 @@ def evaluate(
 def _caption_summary(name: str, metrics: dict[str, Any]) -> str:
     return (f"{name}: BLEU-4 {metrics['bleu4'] or 0:.3f}, ROUGE-L {metrics['rouge_l'] or 0:.3f} over "
             f"{metrics['n']} samples ({metrics['n_failed']} failed)")
+
+
+DeviceOption = Annotated[str, typer.Option(
+    help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str, typer.Option(
+    help="auto (the base's stored dtype; a float16 base runs in bfloat16 on the CPU), bfloat16, float16 or float32. "
+         "Branches and deltas follow it.")]
+DeviceMapOption = Annotated[str | None, typer.Option(
+    help="Spread the model with accelerate: auto, balanced, sequential, or a JSON object (or .json file) of module "
+         "paths of the composed model to a GPU index, cpu or disk, e.g. '{\"llm.model.layers.0\": 0, ...}'.")]
+MaxMemoryOption = Annotated[str | None, typer.Option(
+    help="With --device-map auto|balanced|sequential: the budget per device, e.g. 0=20GiB,1=20GiB,cpu=30GiB.")]
+OffloadFolderOption = Annotated[Path | None, typer.Option(
+    help="Allow a device map to put weights on the disk; they are read from their own safetensors files at each "
+         "forward, and anything accelerate has to re-save goes here.")]
+
+
+def _placement(device: str, dtype: str, device_map: str | None, max_memory: str | None,
+               offload_folder: Path | None) -> dict[str, Any]:
+    """The placement flags as `load_checkpoint` keywords (checked there, before anything is loaded)."""
+    return dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                offload_folder=offload_folder)
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "
@@ -526,6 +558,11 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily; above 0 samples.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler (with --temperature > 0).")] = 0,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
 ) -> None:
     """Talk to a model about its modalities' files (images, audio, ...); answers stream as they are generated.
 
@@ -540,7 +577,8 @@ def chat(
     from mmcompose.checkpoint import load_checkpoint
 
     attachments = parse_inputs(inputs or [])
-    run_chat(load_checkpoint(model, base=base).eval(), attachments, question, max_new_tokens=max_new_tokens,
+    loaded = load_checkpoint(model, base=base, **_placement(device, dtype, device_map, max_memory, offload_folder))
+    run_chat(loaded.eval(), attachments, question, max_new_tokens=max_new_tokens,
              temperature=temperature, seed=seed)
 
 
@@ -566,6 +604,11 @@ def serve(
         metavar="ORIGIN", help="Web origins (scheme://host:port; repeatable or comma-separated; * for any) whose "
                                "pages may call the API besides the server's own page; requests from other "
                                "origins are refused.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
     page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
@@ -580,7 +623,8 @@ def serve(
 
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
-               max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins)
+               max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins,
+               placement=_placement(device, dtype, device_map, max_memory, offload_folder))
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")
