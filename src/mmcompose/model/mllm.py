@@ -26,6 +26,7 @@ from mmcompose.model.manifest import (
     resolve_base,
     write_checkpoint,
 )
+from mmcompose.model.quantize import check_quantize, quantization_config
 from mmcompose.model.routed import TEXT_ROUTE, RouteContext, RoutedLinear, wrap_linears
 from mmcompose.model.spec import Component, ModalitySpec, ModelSpec, Strategy, strategy_deltas
 from mmcompose.tensorfiles import check_tensor_set, checkpoint_files, fingerprint_base, read_tensors
@@ -88,8 +89,8 @@ class MultimodalLLM(nn.Module):
         self.processors = {m.name: build_processor(m.processor.type, m.processor.options) for m in spec.modalities}
         route_ids = spec.route_ids()
         self.routing = RouteContext({route_ids[r]: d.name for d in spec.deltas for r in d.routes})
-        self.routed: dict[str, RoutedLinear] = wrap_linears(llm, tuple(spec.target_modules), self.routing) \
-            if spec.deltas else {}
+        self.routed: dict[str, RoutedLinear] = wrap_linears(llm, tuple(spec.target_modules), self.routing,
+                                                            compute_dtype=llm.dtype) if spec.deltas else {}
         for delta in spec.deltas:
             for layer in self.routed.values():
                 layer.add_delta(delta.name, delta.kind, delta.rank, delta.alpha)
@@ -100,12 +101,14 @@ class MultimodalLLM(nn.Module):
     def from_base(cls, base_path: str | Path, modalities: Sequence[str | ModalitySpec], *,
                   strategy: Strategy = "connector-only", rank: int = 16, alpha: float = 32.0,
                   target_modules: Sequence[str] | None = None, template: str = "plain",
-                  chat_template: str | None = None, dtype: torch.dtype | None = None) -> MultimodalLLM:
+                  chat_template: str | None = None, dtype: torch.dtype | None = None,
+                  quantize: str | None = None) -> MultimodalLLM:
         """A new (untrained) modality model on a base LLM saved in `base_path`.
 
-        Template `chat` records `chat_template` (a start checkpoint's) or else the base tokenizer's own."""
+        Template `chat` records `chat_template` (a start checkpoint's) or else the base tokenizer's own.
+        `quantize` ("8bit" | "4bit"): the base's linears quantized with bitsandbytes, as in `load_base`."""
         specs = [m if isinstance(m, ModalitySpec) else modality_spec(m) for m in modalities]
-        llm, tokenizer = load_base(base_path, dtype)
+        llm, tokenizer = load_base(base_path, dtype, quantize=quantize)
         if template == CHAT and chat_template is None:
             chat_template = tokenizer_chat_template(tokenizer, f"the tokenizer of {base_path}")
         options: dict[str, Any] = {"template": template, "strategy": strategy,
@@ -233,10 +236,18 @@ class MultimodalLLM(nn.Module):
         return [self.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
 
     # --- text-route folding --------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """Whether routed layers sit over quantized (packed) base weights, which nothing can be folded into."""
+        return any(layer.packed for layer in self.routed.values())
+
     def fold_text_route(self) -> None:
         """Fold the text route's delta into the base weights: generated tokens then cost what the base
-        LLM costs; modality routes apply `D_m - D_text` to their own tokens only."""
-        if self.routing.folded:
+        LLM costs; modality routes apply `D_m - D_text` to their own tokens only.
+
+        Over a quantized base this does nothing: the text route's delta stays a route, applied unfused on
+        every token (a rank-R product beside each base matmul), and the model answers the same."""
+        if self.routing.folded or self.quantized:
             return
         text = self.routing.route_to_delta.get(TEXT_ROUTE)
         modality_routes = {r: self.routing.route_to_delta.get(r, "__base__")
@@ -296,9 +307,14 @@ class MultimodalLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, base: str | Path | None = None,
-                        dtype: torch.dtype | None = None) -> MultimodalLLM:
+                        dtype: torch.dtype | None = None, quantize: str | None = None) -> MultimodalLLM:
         """Rebuild a saved model: load its base LLM (from `base`, else where the manifest points; its
-        fingerprint must match), then its own tensors, strictly. Local files only."""
+        fingerprint must match), then its own tensors, strictly. Local files only.
+
+        `quantize` ("8bit" | "4bit"): the base's linears quantized with bitsandbytes (`load_base`); the
+        checkpoint's own tensors then take the 16-bit compute dtype (`dtype`, else bfloat16)."""
+        if quantize is not None:
+            dtype = check_quantize(quantize, dtype)
         directory = Path(directory)
         manifest = read_manifest(directory)
         base_path = Path(base) if base is not None else resolve_base(directory, manifest)
@@ -309,7 +325,7 @@ class MultimodalLLM(nn.Module):
             raise CheckpointError(f"{directory}: the base LLM at {base_path} is not the one this checkpoint was "
                                   f"built on (fingerprint {fingerprint[:19]}..., expected "
                                   f"{manifest.base.fingerprint[:19]}...)")
-        llm, tokenizer = load_base(base_path, dtype)
+        llm, tokenizer = load_base(base_path, dtype, quantize=quantize)
         model = cls(llm, tokenizer, manifest.model, base_path, fingerprint)
         model.provenance = dict(manifest.provenance)
         tensors = read_tensors(checkpoint_files(directory, manifest.files))
@@ -325,12 +341,20 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
 
 
-def load_base(base_path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, Any]:
-    """Load a local base LLM and its tokenizer (never from a hub), frozen."""
+def load_base(base_path: str | Path, dtype: torch.dtype | None = None,
+              quantize: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """Load a local base LLM and its tokenizer (never from a hub), frozen.
+
+    `quantize` ("8bit" | "4bit"): its linears quantized by bitsandbytes as transformers loads them (the
+    LM head and embeddings stay in `dtype`, bfloat16 when None); checked before anything is loaded."""
     path = Path(base_path)
     if not (path / "config.json").is_file():
         raise MMComposeError(f"{path}: not a base LLM directory (no config.json)")
-    llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    options: dict[str, Any] = {}
+    if quantize is not None:
+        dtype = check_quantize(quantize, dtype)
+        options["quantization_config"] = quantization_config(quantize, dtype)
+    llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **options)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     llm.requires_grad_(False)
     llm.eval()

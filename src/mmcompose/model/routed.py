@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcompose.errors import MMComposeError
+from mmcompose.model.quantize import DEFAULT_COMPUTE_DTYPE, routable_linear
+
 TEXT_ROUTE = 0
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -127,10 +130,18 @@ class RouteContext:
 
 
 class RoutedLinear(nn.Module):
-    """A stock `nn.Linear` plus named deltas, applied per token according to the shared `RouteContext`."""
+    """A stock `nn.Linear` plus named deltas, applied per token according to the shared `RouteContext`.
 
-    def __init__(self, base: nn.Linear, context: RouteContext) -> None:
+    Over a quantized base (bitsandbytes, `packed`), deltas are made in `compute_dtype`, the base is always
+    called as a module and nothing is folded into it (`mmcompose.model.quantize`). Any other `nn.Linear`
+    subclass is refused here, naming the layer (`name`).
+    """
+
+    def __init__(self, base: nn.Linear, context: RouteContext, *, name: str = "",
+                 compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> None:
         super().__init__()
+        self.packed = routable_linear(base, name)
+        self._delta_dtype = compute_dtype if self.packed else None
         self.base = base
         self.deltas = nn.ModuleDict()
         self.corrections = nn.ModuleDict()
@@ -146,7 +157,7 @@ class RoutedLinear(nn.Module):
         return self.base.out_features
 
     def add_delta(self, name: str, kind: str, rank: int | None = None, alpha: float | None = None) -> Delta:
-        factory = dict(dtype=self.base.weight.dtype, device=self.base.weight.device)
+        factory = dict(dtype=self._delta_dtype or self.base.weight.dtype, device=self.base.weight.device)
         if kind == "lora":
             delta: Delta = LoRADelta(self.in_features, self.out_features, rank, alpha, **factory)
         else:
@@ -156,7 +167,7 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._context.plan
-        if not plan:
+        if not plan and not self.packed:
             # F.linear on the base's weight rather than calling the base module: a folded model's decode step
             # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py)
             return F.linear(x, self.base.weight, self.base.bias)
@@ -180,6 +191,9 @@ class RoutedLinear(nn.Module):
     @torch.no_grad()
     def fold(self, text_delta: str | None, modality_deltas: set[str]) -> None:
         """Add the text delta to `W` (keeping the exact original on CPU) and derive `D_m - D_text`."""
+        if self.packed:
+            raise MMComposeError("cannot fold a delta into a quantized (packed) weight: over a quantized base the "
+                                 "text route's delta is applied unfused")
         text = self._delta(text_delta)
         self._unfolded_weight = self.base.weight.detach().to("cpu", copy=True)
         for name in modality_deltas:
@@ -200,17 +214,22 @@ class RoutedLinear(nn.Module):
         self.corrections = nn.ModuleDict()
 
 
-def wrap_linears(llm: nn.Module, target_modules: tuple[str, ...], context: RouteContext) -> dict[str, RoutedLinear]:
+def wrap_linears(llm: nn.Module, target_modules: tuple[str, ...], context: RouteContext,
+                 compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> dict[str, RoutedLinear]:
     """Replace every `nn.Linear` whose attribute name is in `target_modules` by a `RoutedLinear`.
 
     Module surgery by `setattr` on the parent, as PEFT's tuners do; the model's own code is untouched.
-    Returns the wrapped layers keyed by their path in `llm`.
+    Returns the wrapped layers keyed by their path in `llm`. `compute_dtype`: the deltas' dtype over a
+    quantized layer. An `nn.Linear` subclass a routed layer cannot handle is refused before any is wrapped.
     """
+    targets = [(path, module) for path, module in llm.named_modules()
+               if path.rpartition(".")[2] in target_modules and isinstance(module, nn.Linear)]
+    for path, module in targets:
+        routable_linear(module, path)
     wrapped: dict[str, RoutedLinear] = {}
-    for path, module in list(llm.named_modules()):
+    for path, module in targets:
         parent_path, _, attribute = path.rpartition(".")
-        if attribute in target_modules and isinstance(module, nn.Linear):
-            routed = RoutedLinear(module, context)
-            setattr(llm.get_submodule(parent_path), attribute, routed)
-            wrapped[path] = routed
+        routed = RoutedLinear(module, context, name=path, compute_dtype=compute_dtype)
+        setattr(llm.get_submodule(parent_path), attribute, routed)
+        wrapped[path] = routed
     return wrapped
