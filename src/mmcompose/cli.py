@@ -219,6 +219,13 @@ def world_build(
     console.print(f"built world {out} (seed {seed}, profile {profile})")
 
 
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", metavar="8bit|4bit",
+    help="Load the base LLM's linears quantized by bitsandbytes (8bit: LLM.int8(); 4bit: NF4), the deltas and "
+         "branches in 16-bit beside them (QLoRA's layout; bfloat16 unless --dtype says float16). The text "
+         "route's delta is then applied unfused on every token instead of folded.")]
+
+
 @app.command("eval")
 @one_line_errors
 def evaluate(
@@ -245,6 +252,7 @@ def evaluate(
              "its directory) and parse, judge and score as the official scripts do; sets --kind.")] = None,
     answers: Annotated[Path | None, typer.Option(
         help="With --benchmark: the answer file, if not the official one beside the questions.")] = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
@@ -277,7 +285,7 @@ def evaluate(
             console.print(_caption_summary(name, metrics) if metrics.get("kind") == "caption"
                           else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
-    loaded = load_checkpoint(model).eval()
+    loaded = load_checkpoint(model, quantize=quantize).eval()
     predictor = model_predictor(loaded, max_new_tokens or (64 if kind == "caption" else 16))
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
@@ -444,6 +452,7 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily; above 0 samples.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler (with --temperature > 0).")] = 0,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Talk to a model about its modalities' files (images, audio, ...); answers stream as they are generated.
 
@@ -458,8 +467,8 @@ def chat(
     from mmcompose.checkpoint import load_checkpoint
 
     attachments = parse_inputs(inputs or [])
-    run_chat(load_checkpoint(model, base=base).eval(), attachments, question, max_new_tokens=max_new_tokens,
-             temperature=temperature, seed=seed)
+    run_chat(load_checkpoint(model, base=base, quantize=quantize).eval(), attachments, question,
+             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
 
 @app.command()
@@ -480,6 +489,7 @@ def serve(
     max_media_mb: Annotated[float, typer.Option(min=0.01, help="Largest media part, in MiB.")] = 20.0,
     base: Annotated[Path | None, typer.Option(help="The base LLM directory, if not where the checkpoint says.")]
     = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
     page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
@@ -490,7 +500,7 @@ def serve(
 
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
-               max_media=max_media, max_media_mb=max_media_mb, base=base)
+               max_media=max_media, max_media_mb=max_media_mb, base=base, quantize=quantize)
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")

@@ -11,14 +11,14 @@ from mmcompose.serve.media import MediaLimits
 
 def serve(checkpoint: Path, *, host: str, port: int, api_key: str | None, max_batch: int,
           allowed_media_dir: Path | None, max_tokens: int, request_seconds: float, max_media: int,
-          max_media_mb: float, base: Path | None = None) -> None:
+          max_media_mb: float, base: Path | None = None, quantize: str | None = None) -> None:
     import uvicorn
 
     from mmcompose.checkpoint import load_checkpoint
 
     if allowed_media_dir is not None and not allowed_media_dir.is_dir():
         raise MMComposeError(f"--allowed-media-dir {allowed_media_dir}: not a directory")
-    model = load_checkpoint(checkpoint, base=base)
+    model = load_checkpoint(checkpoint, base=base, quantize=quantize)
     limits = Limits(max_tokens=max_tokens, request_seconds=request_seconds,
                     media=MediaLimits(max_media=max_media, max_media_bytes=int(max_media_mb * 1024 * 1024)))
     config = ServerConfig(model_id=checkpoint.resolve().name, api_key=api_key, max_batch=max_batch,
