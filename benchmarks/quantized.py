@@ -44,11 +44,16 @@ MODALITIES = ["image", "audio"]
 PROMPT = "USER: " + " ".join(f"word{i} and thing{i * 7} ." for i in range(12)) + " What is it? ASSISTANT:"
 
 
+def mlp_width(hidden: int) -> int:
+    """LLaMA-7B's proportion (11008 / 4096 ~ 2.69), rounded to a multiple of 64."""
+    return hidden * 11 // 4 // 64 * 64
+
+
 def make_base(directory: Path, hidden: int, layers: int) -> Path:
     """A random LLaMA saved in bfloat16 (widths multiples of 64: bitsandbytes' CPU 4-bit kernel packs blocks of
     64 inputs). No end-of-sequence token, so every run decodes the same number of tokens."""
     tokenizer = train_tokenizer([f"word{i} and thing{i * 7} ." for i in range(4000)], vocab_size=4096)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp_width(hidden),
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                          max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=None,
                          tie_word_embeddings=False)
@@ -149,11 +154,12 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
                 for name, model in variants.items():
                     samples[name].append(decode_rate(model, examples, args.new_tokens))
-        parameters = sum(p.numel() for p in variants["bf16-unfused"].llm.parameters())
+        parameters = sum(p.numel() for name, p in variants["bf16-unfused"].llm.named_parameters()
+                         if ".deltas." not in name)
 
     import bitsandbytes
 
-    ratio = delta_flops_ratio(args.hidden, args.hidden * 11 // 4, rank)
+    ratio = delta_flops_ratio(args.hidden, mlp_width(args.hidden), rank)
     lines = [
         f"## quantized ({date.today().isoformat()})",
         "",
@@ -162,8 +168,9 @@ def main() -> None:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, bitsandbytes "
         f"{bitsandbytes.__version__} (CPU backend), {args.threads} thread(s), load average "
         f"{os.getloadavg()[0]:.1f} at the end; variants interleaved, medians",
-        f"- model: LLaMA {parameters / 1e6:.1f}M parameters (hidden {args.hidden}, MLP {args.hidden * 11 // 4}, "
-        f"{args.layers} layers), decoupled over {', '.join(MODALITIES)}: text delta rank {rank} "
+        f"- model: LLaMA {parameters / 1e6:.1f}M parameters without deltas (hidden {args.hidden}, "
+        f"MLP {mlp_width(args.hidden)}, {args.layers} layers), decoupled over {', '.join(MODALITIES)}: "
+        f"text delta rank {rank} "
         f"({ratio:.1%} of the target linears' multiply-adds per token); prompt {prompt_tokens} tokens, batch 1",
         "",
         "| variant | decode tok/s (min-max) | vs bf16-folded |",

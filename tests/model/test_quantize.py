@@ -184,6 +184,18 @@ def test_folding_a_packed_layer_is_refused(kind: str) -> None:
         layer.fold("language", set())
 
 
+@needs_bitsandbytes
+def test_a_4bit_width_the_cpu_kernel_cannot_pack_is_one_line(llama_base: Path) -> None:
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes uses its fused CPU 4-bit kernel (the one with the width limit) only with AVX512-BF16")
+    # width 32: half a block of 64
+    with pytest.raises(MMComposeError, match=r"^model\.layers\.0\.self_attn\.q_proj: bitsandbytes' CPU 4-bit "
+                                             r"kernel needs input widths that are multiples of 64, this layer's is 32"):
+        MultimodalLLM.from_base(llama_base, [tiny_modality("image")], strategy="decoupled", quantize="4bit")
+
+
 @pytest.fixture(scope="module")
 def base64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Width 64: bitsandbytes' CPU 4-bit kernel (AVX512-BF16) packs blocks of 64 inputs, so narrower layers fail."""
@@ -285,3 +297,19 @@ def test_chat_and_serve_run_a_4bit_model(composed_checkpoint: Path) -> None:
     assert response.status == 200, reply
     assert reply["choices"][0]["message"]["content"] == expected.strip()
     assert not model.routing.folded
+
+
+@needs_bitsandbytes
+def test_the_gpu_checks_quantized_comparison_runs_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`benchmarks/quantized.py`'s `quantized_check` (called by the GPU check), reduced, so that it cannot rot."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from quantized import make_base as make_benchmark_base
+    from quantized import quantized_check
+
+    base = make_benchmark_base(tmp_path / "base", hidden=128, layers=2)
+    figures = quantized_check(base, "4bit", rank=16, device="cpu", prompts=2, new_tokens=4)
+    assert figures["kind"] == "4bit"
+    assert 0 < figures["logits_relative_error"] < 0.3  # 0.15 measured: another random model than the ones above
+    assert 0 <= figures["greedy_agreement"] <= 1
+    assert set(figures["decode_tok_s"]) == {"bf16-folded", "4bit-unfused"}
+    assert all(rate > 0 for rate in figures["decode_tok_s"].values())

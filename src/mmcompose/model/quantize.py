@@ -140,6 +140,7 @@ def routable_linear(module: nn.Linear, name: str = "") -> bool:
     too). Everything else is refused, in one line naming the layer and its type.
     """
     if is_packed(module):
+        _check_cpu_4bit_width(module, name)
         return True
     weight = module.weight
     if type(module) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point():
@@ -149,3 +150,18 @@ def routable_linear(module: nn.Linear, name: str = "") -> bool:
     raise MMComposeError(f"{name or 'a linear layer'}: cannot add deltas to a {what} of type "
                          f"{kind.__module__}.{kind.__qualname__} (dtype {weight.dtype}); routed layers handle "
                          f"torch.nn.Linear and bitsandbytes' Linear8bitLt / Linear4bit (--quantize 8bit|4bit)")
+
+
+def _check_cpu_4bit_width(module: nn.Module, name: str) -> None:
+    """bitsandbytes' fused CPU 4-bit kernel (on CPUs with AVX512-BF16) repacks the weight by blocks of 64
+    inputs and fails inside the first forward when a layer's input width is not a multiple of the block (every
+    LLaMA width is); say so here, in one line, instead of a traceback mid-generation."""
+    layers = sys.modules["bitsandbytes.nn"]
+    if not isinstance(module, layers.Linear4bit) or module.weight.device.type != "cpu" or \
+            not getattr(module, "support_avx512bf16_for_cpu", False):
+        return
+    blocksize = getattr(module.weight, "blocksize", 64)
+    if module.in_features % blocksize:
+        raise MMComposeError(f"{name or 'a linear layer'}: bitsandbytes' CPU 4-bit kernel needs input widths that "
+                             f"are multiples of {blocksize}, this layer's is {module.in_features} (use --quantize "
+                             f"8bit, or 4bit on a GPU)")
