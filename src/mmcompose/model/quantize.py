@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -62,7 +63,7 @@ def check_quantize(kind: str, dtype: torch.dtype | None = None,
                              f"base keeps its deltas and branches in 16-bit (bfloat16 or float16); float32 would "
                              f"double their memory")
     try:
-        import bitsandbytes
+        bitsandbytes = _import_bitsandbytes()
     except ImportError:
         raise MMComposeError(f"--quantize {kind}: needs bitsandbytes, which is not installed "
                              f"(pip install 'mmcompose[quantize]')") from None
@@ -75,6 +76,20 @@ def check_quantize(kind: str, dtype: torch.dtype | None = None,
         raise MMComposeError(f"--quantize {kind}: bitsandbytes {bitsandbytes.__version__} cannot run {kind} "
                              f"layers on {target} ({reason})") from None
     return compute
+
+
+def _import_bitsandbytes() -> ModuleType:
+    """`import bitsandbytes`, without the warning its CPU backend logs at import on AVX512-BF16 CPUs when it
+    cannot fetch an optional faster 4-bit kernel from a model hub (it then uses its built-in one, which the
+    probe below runs; the warning's advice to install `kernels` does not apply)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        logger.setLevel(level)
+    return bitsandbytes
 
 
 @functools.cache
