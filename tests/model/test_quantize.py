@@ -177,6 +177,42 @@ def test_routed_layer_over_a_packed_weight_adds_16_bit_deltas_per_token(kind: st
 
 @needs_bitsandbytes
 @pytest.mark.parametrize("kind", KINDS)
+def test_deltas_over_a_packed_weight_train_as_over_its_dequantized_one(kind: str) -> None:
+    """QLoRA: gradients reach the 16-bit deltas through the quantized matmul, as they would through a plain
+    layer holding the dequantized weight (read off the quantized layer itself: `base(I) - bias = W^T`)."""
+    torch.manual_seed(0)
+    base = _quantized_linear(kind, nn.Linear(64, 32))
+    with torch.no_grad():
+        dense_weight = (base(torch.eye(64, dtype=torch.bfloat16)) - base.bias).T.float()
+    dense = nn.Linear(64, 32)
+    with torch.no_grad():
+        dense.weight.copy_(dense_weight)
+        dense.bias.copy_(base.bias.float())
+    x = torch.randn(2, 5, 64)
+    routes = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 1, 0]])
+    gradients = []
+    for layer_base, dtype in ((base.train(), torch.bfloat16), (dense, torch.float32)):
+        generator = torch.Generator().manual_seed(1)
+        context = RouteContext({0: "language", 1: "image", 2: "audio"})
+        layer = RoutedLinear(layer_base, context, compute_dtype=dtype)
+        for name in ("language", "image", "audio"):
+            delta = layer.add_delta(name, "lora", rank=4, alpha=4.0)
+            with torch.no_grad():
+                for parameter in (delta.lora_A, delta.lora_B):
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        with context.route(routes):
+            layer(x.to(dtype)).float().pow(2).sum().backward()
+        gradients.append({name: delta.lora_A.grad for name, delta in layer.deltas.items()})
+    packed, reference = gradients
+    assert packed["audio"] is None  # no audio token: no gradient
+    for name in ("language", "image"):
+        assert packed[name].dtype == torch.bfloat16
+        torch.testing.assert_close(packed[name].float(), reference[name], rtol=0.05, atol=0.05 * float(
+            reference[name].abs().max()))
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("kind", KINDS)
 def test_folding_a_packed_layer_is_refused(kind: str) -> None:
     layer = RoutedLinear(_quantized_linear(kind, nn.Linear(64, 32)), RouteContext({0: "language"}))
     layer.add_delta("language", "lora", rank=2, alpha=2.0)

@@ -172,6 +172,8 @@ class RoutedLinear(nn.Module):
             # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py)
             return F.linear(x, self.base.weight, self.base.bias)
         y = self.base(x)
+        if self.packed and torch.is_grad_enabled():
+            y = y.clone()  # bitsandbytes' matmuls are autograd Functions whose outputs may not be added into in place
         table = self.corrections if self._context.folded else self.deltas
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         for name, index in plan:
