@@ -306,6 +306,22 @@ def test_fold_keeps_the_text_delta_unfused_and_leaves_packed_weights_alone(kind:
 
 
 @needs_bitsandbytes
+def test_eval_runs_an_8bit_model(composed_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    samples = [{"id": f"q{index}", "modal_inputs": {}, "conversations": [
+        {"from": "human", "value": f"Which one, {index}? A. desert B. forest C. sea D. cave"},
+        {"from": "gpt", "value": "B"}]} for index in range(3)]
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(samples))
+    result = CliRunner().invoke(app, ["eval", "--task", str(task), "--model", str(composed_checkpoint), "-o",
+                                      str(tmp_path / "out"), "--max-new-tokens", "3", "--quantize", "8bit"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["n_failed"] == 0
+
+
+@needs_bitsandbytes
 def test_chat_and_serve_run_a_4bit_model(composed_checkpoint: Path) -> None:
     import http.client
     import json
