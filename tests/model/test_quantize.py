@@ -96,6 +96,14 @@ def test_an_unknown_kind_and_float32_are_refused_naming_the_flags() -> None:
         check_quantize("3bit")
     with pytest.raises(MMComposeError, match=r"^--quantize 4bit with --dtype float32: .*16-bit"):
         check_quantize("4bit", torch.float32)
+    with pytest.raises(MMComposeError, match=r"^--quantize 8bit with --dtype float32: "):
+        check_quantize("8bit", "float32")
+
+
+@needs_bitsandbytes
+def test_the_compute_dtype_is_bfloat16_unless_float16_is_asked() -> None:
+    assert check_quantize("4bit") == check_quantize("4bit", "auto") == torch.bfloat16
+    assert check_quantize("8bit", "float16", "cpu") == check_quantize("8bit", torch.float16) == torch.float16
 
 
 def test_missing_bitsandbytes_is_one_line_naming_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:

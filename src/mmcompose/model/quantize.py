@@ -43,10 +43,11 @@ DEFAULT_COMPUTE_DTYPE = torch.bfloat16
 _INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast from"
 
 
-def check_quantize(kind: str, dtype: torch.dtype | None = None,
+def check_quantize(kind: str, dtype: torch.dtype | str | None = None,
                    device: str | torch.device | None = None) -> torch.dtype:
     """Check that `--quantize kind` can run here, before anything large is allocated; return the compute dtype
-    (the dtype of the deltas, branches and unquantized layers: `dtype`, or bfloat16 when it is None).
+    (the dtype of the deltas, branches and unquantized layers: `dtype`, or bfloat16 when it is None or `auto`,
+    whatever dtype the base is stored in).
 
     float32 is refused: the point of a quantized base is memory, and float32 deltas and branches take twice
     the bytes of 16-bit ones (2.56B delta parameters are 9.5 GiB in float32, more than the 4-bit base itself);
@@ -57,7 +58,8 @@ def check_quantize(kind: str, dtype: torch.dtype | None = None,
     """
     if kind not in QUANTIZE_KINDS:
         raise MMComposeError(f"--quantize {kind!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
-    compute = DEFAULT_COMPUTE_DTYPE if dtype is None else dtype
+    compute = DEFAULT_COMPUTE_DTYPE if dtype in (None, "auto") else \
+        getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype
     if compute not in (torch.bfloat16, torch.float16):
         raise MMComposeError(f"--quantize {kind} with --dtype {str(compute).removeprefix('torch.')}: a quantized "
                              f"base keeps its deltas and branches in 16-bit (bfloat16 or float16); float32 would "
