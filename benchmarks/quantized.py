@@ -15,9 +15,9 @@ sharing the same weights, the same prompt and interleaved in one run:
 Decode tok/s is 1 / the median interval between successive generated tokens (prefill excluded); ratios are to
 bf16-folded, medians with the min-max spread over repeats. Run: `python benchmarks/quantized.py`.
 
-`quantized_check` is the same comparison for the GPU check (`benchmarks/gpu_check.py` on a CUDA machine):
-greedy tokens and logits of the quantized model against the bfloat16 one, decode tok/s of both, and peak
-device memory.
+`quantized_check` is the comparison for a CUDA machine, callable from a GPU check: greedy answers and logits of
+the quantized model against the bfloat16 one, decode tok/s of both, and peak device memory (tested on the CPU
+in reduced form).
 """
 
 from __future__ import annotations
