@@ -13,7 +13,9 @@ from rich.table import Table
 
 from mmcompose.errors import MMComposeError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's own help layout. Rich's options table cuts long option names to fit the
+# terminal (`--mixed-precis…` at 80 columns); click's moves the description to the next line instead.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Compose single-modality multimodal LLMs that share a base LLM into one model, and measure it.")
 console, errors = Console(), Console(stderr=True)
 
@@ -305,12 +307,17 @@ def _caption_summary(name: str, metrics: dict[str, Any]) -> str:
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "
-                                                    "llava-hf, PEFT) into an mmcompose checkpoint.")
+                                                    "llava-hf, Video-LLaVA, LLaVA's LoRA release, PEFT) into an "
+                                                    "mmcompose checkpoint.")
 app.add_typer(import_app, name="import")
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory (written atomically).")]
 BaseOption = Annotated[Path, typer.Option("--base", help="The base LLM directory the checkpoint was fine-tuned from.")]
 OverwriteOption = Annotated[bool, typer.Option(help="Replace the output directory if it exists (only once the new "
                                                      "one is complete).")]
+SVDRankOption = Annotated[int | None, typer.Option(
+    help="Store the LLM's change as a LoRA of this rank (truncated SVD; the error is reported) instead of dense.")]
+TEMPLATE_HELP = ("Conversation template recorded (plain or vicuna_v1); models composed together need the same one, "
+                 "and the ModelCompose releases use vicuna_v1.")
 
 
 def _report_import(out: Path) -> None:
@@ -357,15 +364,69 @@ def import_llava_hf_command(
     src: Annotated[Path, typer.Argument(help="A LlavaForConditionalGeneration directory (save_pretrained).")],
     out: OutOption,
     base: BaseOption,
-    svd_rank: Annotated[int | None, typer.Option(
-        help="Store the LLM's change as a LoRA of this rank (truncated SVD; the error is reported) instead of "
-             "dense.")] = None,
+    svd_rank: SVDRankOption = None,
+    template: Annotated[str, typer.Option(help=TEMPLATE_HELP + " Default: llava-hf's own, plain.")] = "plain",
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import a llava-hf LLaVA as an image model: CLIP encoder, mlp2x_gelu connector, LLM delta against BASE."""
     from mmcompose.importers import import_llava_hf
 
-    _report_import(import_llava_hf(src, out, base=base, svd_rank=svd_rank, overwrite=overwrite))
+    _report_import(import_llava_hf(src, out, base=base, svd_rank=svd_rank, template=template, overwrite=overwrite))
+
+
+@import_app.command("video-llava")
+@one_line_errors
+def import_video_llava_command(
+    src: Annotated[Path, typer.Argument(help="A Video-LLaVA directory: the original LlavaLlamaForCausalLM release "
+                                             "or VideoLlavaForConditionalGeneration (-hf), told apart by its config.")],
+    out: OutOption,
+    base: BaseOption,
+    svd_rank: SVDRankOption = None,
+    encoder: Annotated[list[str] | None, typer.Option(
+        help="Original layout only: image=LanguageBind_Image directory and video=LanguageBind_Video_merge "
+             "directory (the towers are not in that release).")] = None,
+    template: Annotated[str, typer.Option(help=TEMPLATE_HELP)] = "vicuna_v1",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import Video-LLaVA as an image + video model: its shared projector as two equal connectors, its LLM
+    change as one delta on text, image and video tokens.
+
+    Example: mmcompose import video-llava Video-LLaVA-7B-hf -o runs/video-llava --base vicuna-7b-v1.5 --svd-rank 256
+    """
+    from mmcompose.importers import import_video_llava
+    from mmcompose.importers.encoders import parse_encoder_option
+
+    encoders = dict(parse_encoder_option(item) for item in encoder or [])
+    _report_import(import_video_llava(src, out, base=base, svd_rank=svd_rank, encoders=encoders, template=template,
+                                      overwrite=overwrite))
+
+
+@import_app.command("llava-lora")
+@one_line_errors
+def import_llava_lora_command(
+    src: Annotated[Path, typer.Argument(help="A LLaVA LoRA release (llava-v1.5-7b-lora layout): config.json, "
+                                             "adapter_config.json, adapter_model.bin, non_lora_trainables.bin.")],
+    out: OutOption,
+    base: BaseOption,
+    encoder: Annotated[str, typer.Option(help="image=CLIP directory: the tower the release names in "
+                                              "mm_vision_tower (e.g. clip-vit-large-patch14-336).")],
+    template: Annotated[str, typer.Option(help=TEMPLATE_HELP)] = "vicuna_v1",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Import LLaVA-1.5's LoRA release as an image model: the LoRA as an exact shared delta, its projector as the
+    connector.
+
+    Example: mmcompose import llava-lora llava-v1.5-7b-lora -o runs/image-lora --base vicuna-7b-v1.5
+    --encoder image=clip-vit-large-patch14-336
+    """
+    from mmcompose.errors import MMComposeError
+    from mmcompose.importers import import_llava_lora
+    from mmcompose.importers.encoders import parse_encoder_option
+
+    modality, source = parse_encoder_option(encoder)
+    if modality != "image":
+        raise MMComposeError(f"--encoder {encoder!r}: a LLaVA LoRA release has one modality, image")
+    _report_import(import_llava_lora(src, out, base=base, encoder=source, template=template, overwrite=overwrite))
 
 
 @import_app.command("peft")
@@ -395,14 +456,34 @@ def import_peft_command(
 @one_line_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An mmcompose checkpoint directory.")],
-    hf: Annotated[Path, typer.Option("--hf", help="Output directory (written atomically).")],
+    hf: Annotated[Path | None, typer.Option("--hf", help="Output directory (written atomically): a Hugging Face "
+                                                         "LLM plus mmcompose/.")] = None,
+    llava_hf: Annotated[Path | None, typer.Option("--llava-hf", help="Output directory (written atomically): a "
+                                                                     "LlavaForConditionalGeneration.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Export a standalone model: a Hugging Face LLM with the text delta folded in (loads with
-    AutoModelForCausalLM) plus HF/mmcompose/, the modality branches and corrections on top of it."""
-    from mmcompose.importers import export_hf
+    """Export a standalone model, in one of two forms.
 
-    console.print(f"exported {export_hf(checkpoint, hf, overwrite=overwrite)}")
+    --hf: a Hugging Face LLM with the text delta folded in (loads with AutoModelForCausalLM) plus HF/mmcompose/,
+    the modality branches and corrections on top of it.
+
+    --llava-hf: a LlavaForConditionalGeneration directory (config, weights, processor, chat template, <image>
+    token) that transformers, vLLM, SGLang and TGI serve as it is. Only a model that is a plain LLaVA can go
+    there: one CLIP image modality with an mlp2x_gelu or linear connector, no boundary tokens, and one LLM
+    change on every token (a single modality model, or NaiveMC); anything else is refused in one line.
+    """
+    from mmcompose.importers import export_hf
+    from mmcompose.importers.export import export_llava_hf
+
+    if (hf is None) == (llava_hf is None):
+        raise MMComposeError("give exactly one of --hf OUT and --llava-hf OUT")
+    if hf is not None:
+        console.print(f"exported {export_hf(checkpoint, hf, overwrite=overwrite)}")
+        return
+    out, notes = export_llava_hf(checkpoint, llava_hf, overwrite=overwrite)
+    console.print(f"exported {out} (LlavaForConditionalGeneration)")
+    for note in notes:
+        console.print(f"note: {note}")
 
 
 @app.command("inspect")
@@ -489,10 +570,18 @@ def serve(
     max_media_mb: Annotated[float, typer.Option(min=0.01, help="Largest media part, in MiB.")] = 20.0,
     base: Annotated[Path | None, typer.Option(help="The base LLM directory, if not where the checkpoint says.")]
     = None,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        metavar="ORIGIN", help="Web origins (scheme://host:port; repeatable or comma-separated; * for any) whose "
+                               "pages may call the API besides the server's own page; requests from other "
+                               "origins are refused.")] = None,
     quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
     page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
+
+    Requests a web page could make the browser send are refused: a cross-origin Origin not in
+    --allowed-origins (403), a body that is not application/json (415), and, bound to loopback, a Host header
+    other than localhost, 127.0.0.1 or [::1] (403, DNS rebinding).
 
     Example: mmcompose serve runs/composed --port 8000, then open http://127.0.0.1:8000/
     """
@@ -500,7 +589,8 @@ def serve(
 
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
-               max_media=max_media, max_media_mb=max_media_mb, base=base, quantize=quantize)
+               max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins,
+               quantize=quantize)
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")

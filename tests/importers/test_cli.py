@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mmcompose.checkpoint import read_manifest
 from mmcompose.cli import app
-from tests.importers.fixtures import make_clip, make_llava, make_modelcompose
+from tests.importers.fixtures import make_clip, make_llava, make_llava_lora, make_modelcompose, make_video_llava_hf
 from tests.importers.test_peft import make_adapter
 from tests.model.helpers import TINY_ENCODERS
 
@@ -33,7 +33,7 @@ def run_bad(*args: str) -> str:
 
 
 @pytest.mark.parametrize("command", [["import", "modelcompose"], ["import", "llava-hf"], ["import", "peft"],
-                                     ["export"]])
+                                     ["import", "video-llava"], ["import", "llava-lora"], ["export"]])
 def test_help(command: list[str]) -> None:
     assert "Usage" in run_ok(*command, "--help")
 
@@ -73,3 +73,26 @@ def test_import_peft(llama_base: Path, tmp_path: Path) -> None:
     assert "unknown route 'everything'" in run_bad("import", "peft", tmp_path / "adapter", "--base", llama_base,
                                                    "--modality", "image", "-o", tmp_path / "o2", "--route",
                                                    "everything")
+
+
+def test_import_video_llava_and_llava_lora_then_export_llava_hf(llama_base: Path, tmp_path: Path) -> None:
+    make_video_llava_hf(tmp_path / "vl", llama_base)
+    output = run_ok("import", "video-llava", tmp_path / "vl", "--base", llama_base, "-o", tmp_path / "video-llava",
+                    "--svd-rank", "4")
+    assert "modalities image, video; deltas shared->text+image+video" in " ".join(output.split())
+    assert "temporal attention is absent" in output and "relative Frobenius error" in output
+    line = run_bad("export", tmp_path / "video-llava", "--llava-hf", tmp_path / "hf")
+    assert "cannot be exported as a llava-hf LLaVA: it has 2 modalities (image, video)" in line
+    assert "--encoder is only for the original layout" in run_bad(
+        "import", "video-llava", tmp_path / "vl", "--base", llama_base, "-o", tmp_path / "o2",
+        "--encoder", f"image={tmp_path}")
+    make_llava_lora(tmp_path / "lora", llama_base)
+    clip = make_clip(tmp_path / "clip")
+    output = run_ok("import", "llava-lora", tmp_path / "lora", "--base", llama_base, "-o", tmp_path / "image",
+                    "--encoder", f"image={clip}")
+    assert "deltas shared->text+image" in output
+    assert "a LLaVA LoRA release has one modality, image" in run_bad(
+        "import", "llava-lora", tmp_path / "lora", "--base", llama_base, "-o", tmp_path / "o3",
+        "--encoder", f"video={clip}")
+    assert f"exported {tmp_path / 'llava'}" in run_ok("export", tmp_path / "image", "--llava-hf", tmp_path / "llava")
+    assert "give exactly one of --hf OUT and --llava-hf OUT" in run_bad("export", tmp_path / "image")

@@ -143,6 +143,22 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_cuts(server: Server) -> N
         assert cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_vanishing_temperature_samples_the_greedy_answer(server: Server) -> None:
+    """1e-45 is a valid temperature; dividing the logits by it gave inf, a NaN softmax and a 500."""
+    status, greedy = server.chat("tell me about quonks", max_tokens=MAX_TOKENS)
+    assert status == 200
+    for temperature in (1e-45, 5e-324):
+        status, reply = server.chat("tell me about quonks", max_tokens=MAX_TOKENS, temperature=temperature, seed=3)
+        assert status == 200, (temperature, reply)
+        assert content_of(reply) == content_of(greedy)
+
+
+def test_the_extreme_seeds_sample(server: Server) -> None:
+    for seed in (2**64 - 1, -(2**63)):
+        status, reply = server.chat("tell me about quonks", max_tokens=4, temperature=1.0, seed=seed)
+        assert status == 200, (seed, reply)
+
+
 def _image(url: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}]
 
@@ -160,6 +176,12 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
     "no messages": ({"messages": []}, 400, "messages"),
     "max_tokens of wrong type": ({**_messages("hi"), "max_tokens": "ten"}, 400, "max_tokens"),
     "max_tokens above the limit": ({**_messages("hi"), "max_tokens": 10_000}, 400, "limit"),
+    # json.loads raised RecursionError here (a 500); pydantic's parser stops at 200 levels
+    "JSON nested 100000 deep": ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "recursion limit"),
+    "JSON nested 150 deep": ('{"messages": ' + "[" * 150 + "]" * 150 + "}", 400, "messages"),
+    "integer of 5000 digits": ('{"messages": [], "seed": ' + "9" * 5000 + "}", 400, "not valid JSON"),
+    "seed beyond 64 bits": ({**_messages("hi"), "temperature": 1.0, "seed": 2**64}, 400, "seed"),
+    "seed below int64": ({**_messages("hi"), "temperature": 1.0, "seed": -(2**63) - 1}, 400, "seed"),
     "temperature out of range": ({**_messages("hi"), "temperature": 9}, 400, "temperature"),
     "n of 2": ({**_messages("hi"), "n": 2}, 400, "n=2"),
     "unknown part type": (_messages([{"type": "hologram", "hologram": {}}]), 400, "type"),
@@ -177,6 +199,9 @@ BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
     "file: URL elsewhere": (_messages(_image("file:///etc/hostname")), 403, "outside"),
     "symlink out of the media dir": (_messages(_image("escape.png")), 403, "outside"),
     "missing file": (_messages(_image("nothing-here.png")), 400, "no such file"),
+    "NUL byte in a path": (_messages(_image("photo\x00.png")), 400, "cannot resolve"),
+    "NUL byte in a file: URL": (_messages(_image("file:///tmp/%00x")), 400, "cannot resolve"),
+    "name too long for the file system": (_messages(_image("a" * 5000)), 400, "no such file"),
     "modality the model lacks": (
         _messages([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]), 400, "video"),
     "too many media": (_messages([{"type": "image_url", "image_url": {"url": PNG}}] * 4), 400, "limit"),

@@ -5,7 +5,9 @@ Pure in the mergekit sense: manifests and tensors in, a manifest and tensors out
 * `naive` (NaiveMC): every route uses the merge of the inputs' deltas (inputs must have one delta
   serving all their routes: `shared` or `full` models).
 * `damc` (DAMC): each modality route keeps its own modality delta at full strength; the text route uses
-  the merge of the inputs' language deltas. A `shared` model's single delta serves as both parts.
+  the merge of the inputs' language deltas. A `shared` model's single delta serves as both parts. A delta
+  that serves several modalities of one model (Video-LLaVA's LLM change serves image and video) stays ONE
+  delta on all their routes, named after the first of them, rather than a copy per modality.
 
 Merges act on product deltas `(alpha/rank) B @ A` or dense deltas. `linear` on LoRA inputs stays exactly
 low-rank (factors concatenated, rank = sum of ranks); other operators give a dense delta; the legacy
@@ -228,12 +230,15 @@ def _plan(config: CompositionConfig, sources: list[Source]) -> Plan:
             _plan_merged_tensors(config, parts, merged, path, layout, producers)
     if config.method == "damc":
         for source in sources:
+            grouped: dict[str, tuple[DeltaSpec, list[str]]] = {}  # one delta may serve several of its modalities
             for modality in source.manifest.model.modalities:
                 delta = source.delta_for(modality.name)
-                if delta is None:
-                    continue
-                new = source.renames.get(modality.name, modality.name)
-                deltas.append(delta.model_copy(update={"name": new, "routes": [new],
+                if delta is not None:
+                    grouped.setdefault(delta.name, (delta, []))[1].append(source.renames.get(modality.name,
+                                                                                             modality.name))
+            for delta, routes in grouped.values():
+                new = routes[0]
+                deltas.append(delta.model_copy(update={"name": new, "routes": routes,
                                                        "source": {"model": source.name, "delta": delta.name}}))
                 prefix = f"deltas.{delta.name}."
                 for tensor in source.reader.names():

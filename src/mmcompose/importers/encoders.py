@@ -8,6 +8,9 @@ A source is one of
 * a local transformers directory: CLIP (image or video), Whisper or CLAP (audio),
 * a BEATs checkpoint for audio: the released `.pt` (config embedded) or a `config.json` + safetensors directory,
 * a `LanguageBind_Video_merge` directory (CLIP with temporal attention) for video,
+* a `LanguageBind_Image` directory for images: its vision tower is a plain CLIP ViT (LanguageBind's temporal
+  attention is off for images, `add_time_attn: false`, and patch dropout acts only in training), so it becomes a
+  `clip-vision` encoder holding LanguageBind_Image's `vision_model.*` weights (the text tower is not used),
 * a Point-BERT state-dict file (`.pt`, `.pth`, `.bin`, `.safetensors`) for point clouds; a component JSON of
   type `point-bert` may name its `weights` file and so fix the architecture instead of reading it off the
   tensors.
@@ -31,6 +34,7 @@ from mmcompose.checkpoint import MANIFEST_NAME, checkpoint_files, read_manifest,
 from mmcompose.errors import CheckpointError, MMComposeError
 from mmcompose.files import read_json
 from mmcompose.modalities import get_modality
+from mmcompose.modalities._local import load_strict
 from mmcompose.modalities.beats import BEATsEncoder
 from mmcompose.modalities.clap import CLAPAudioEncoder
 from mmcompose.modalities.clip import CLIPVisionEncoder
@@ -156,6 +160,8 @@ def _from_directory(path: Path, modality: str, default_processor: Component, cli
     vision = config.get("vision_config", config)
     if isinstance(vision, dict) and vision.get("add_time_attn"):
         return _languagebind(path, modality, clip_layer)
+    if isinstance(vision, dict) and "add_time_attn" in vision:
+        return _languagebind_image(path, modality, vision, clip_layer, clip_feature)
     if "beats_cfg" in config or "encoder_embed_dim" in config.get("cfg", config):
         return _beats(path, modality)
     model_type = config.get("model_type")
@@ -196,6 +202,43 @@ def _languagebind(path: Path, modality: str, layer: int) -> ResolvedEncoder:
     processor = Component(type="languagebind-video",
                           options=dict(num_frames=vision["num_frames"], size=vision["image_size"]))
     return _weights(encoder, "languagebind-video", processor, f"languagebind-video from {path}")
+
+
+# The LanguageBind vision-config fields that are CLIP's (the rest, e.g. `add_time_attn`, LoRA and patch-dropout
+# settings, do not change the inference forward of an image tower).
+CLIP_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                      "image_size", "patch_size", "layer_norm_eps", "hidden_act", "projection_dim")
+
+
+def _languagebind_image(path: Path, modality: str, vision: dict[str, Any], layer: int,
+                        feature: str) -> ResolvedEncoder:
+    """LanguageBind_Image's vision tower as the CLIP ViT it is, with CLIP preprocessing at its image size."""
+    if modality != "image":
+        raise CheckpointError(f"{path}: a LanguageBind image tower (add_time_attn false) serves image, not {modality}")
+    if feature not in ("patch", "cls_patch"):
+        raise CheckpointError(f"{path}: unsupported feature selection {feature!r} (expected 'patch' or 'cls_patch')")
+    config = {key: vision[key] for key in CLIP_VISION_FIELDS if key in vision}
+    try:
+        encoder = CLIPVisionEncoder(config, feature_layer=layer, drop_cls=feature == "patch")
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path / 'config.json'}: bad vision_config ({error})") from None
+    weights_file = next((path / name for name in ("model.safetensors", "weights.safetensors", "pytorch_model.bin")
+                         if (path / name).is_file()), None)
+    if weights_file is None:
+        raise CheckpointError(f"{path}: no model.safetensors, weights.safetensors or pytorch_model.bin")
+    ours = {_clip_key(key): key for key in encoder.model.state_dict()}
+    weights = {ours.get(_clip_key(key), key): value for key, value in load_state_dict(weights_file).items()
+               if key.startswith("vision_model.") and not key.endswith("position_ids")}
+    load_strict(encoder.model, weights, str(weights_file), "LanguageBind image (CLIP vision)")
+    size = encoder.model.config.image_size
+    processor = Component(type="clip-image", options=dict(size=size, crop_size=size, image_mean=list(CLIP_MEAN),
+                                                          image_std=list(CLIP_STD)))
+    return _weights(encoder, "clip-vision", processor, f"clip-vision with LanguageBind_Image weights from {path}")
+
+
+def _clip_key(name: str) -> str:
+    """A CLIP vision parameter name without the `vision_model.` wrapper, which transformers versions differ on."""
+    return name.removeprefix("vision_model.")
 
 
 def _point_bert(path: Path, modality: str, options: dict[str, Any] | None = None) -> ResolvedEncoder:

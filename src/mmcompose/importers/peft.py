@@ -72,9 +72,9 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
     adapter_dir, out, base = Path(adapter_dir), Path(out), Path(base)
     if route not in ("shared", "language", "modality"):
         raise CheckpointError(f"unknown route {route!r} (expected shared, language or modality)")
-    config = _parse_config(adapter_dir)
-    factors = _read_factors(adapter_dir)
-    rank, alpha, factors, uniform = _normalise(config, factors, adapter_dir)
+    config = parse_lora_config(adapter_dir)
+    factors = read_lora_factors(adapter_dir)
+    rank, alpha, factors, uniform = uniform_lora(config, factors, adapter_dir)
     fingerprint = fingerprint_base(base)
     routes = {"shared": ["text", modality], "language": ["text"], "modality": [modality]}[route]
     name = {"shared": "shared", "language": "language", "modality": modality}[route]
@@ -132,7 +132,7 @@ def import_peft(adapter_dir: Path, out: Path, *, base: Path, modality: str, from
     return filler.save(out, overwrite=overwrite, provenance=provenance)
 
 
-def _parse_config(adapter_dir: Path) -> LoraConfig:
+def parse_lora_config(adapter_dir: Path) -> LoraConfig:
     """`adapter_config.json` parsed by PEFT's own `LoraConfig`, refused if it asks for more than a LoRA product on
     target linears: a field outside `CARRIED_OPTIONS` away from its default, an option this PEFT does not know (an
     adapter from a later PEFT) that is not off, or an initialisation that changed the base weights."""
@@ -168,7 +168,7 @@ def _parse_config(adapter_dir: Path) -> LoraConfig:
     return config
 
 
-def _read_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def read_lora_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """`{module path in the causal LM: (lora_A, lora_B)}`, refusing any key that is not a LoRA factor."""
     file = next((adapter_dir / name for name in ("adapter_model.safetensors", "adapter_model.bin")
                  if (adapter_dir / name).is_file()), None)
@@ -191,7 +191,7 @@ def _read_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     return {path: (pair["A"], pair["B"]) for path, pair in found.items()}
 
 
-def _normalise(config: LoraConfig, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], where: Path
+def uniform_lora(config: LoraConfig, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], where: Path
                ) -> tuple[int, float, dict[str, tuple[torch.Tensor, torch.Tensor]], bool]:
     """One rank and alpha for all modules: the adapter's own when uniform, else padded with scaling folded in."""
     listed = config.target_modules

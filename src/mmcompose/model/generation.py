@@ -93,10 +93,13 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy at temperature 0; otherwise sample from the softmax at `temperature`, restricted to the smallest
     set of tokens whose probability reaches `top_p` (nucleus sampling, as transformers' `TopPLogitsWarper`,
-    which keeps at least one token)."""
+    which keeps at least one token). The logits are shifted to a maximum of 0 and the temperature kept at least
+    the dtype's smallest normal number: a temperature such as 1e-45 made the logits inf (or 0/0, where it
+    rounds to 0 in float32) and the softmax NaN; now it samples the argmax, as it should."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probabilities = torch.softmax(logits / temperature, dim=-1)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    probabilities = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
         before = sorted_probabilities.cumsum(-1) - sorted_probabilities

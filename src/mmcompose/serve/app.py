@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from mmcompose.model.mllm import MultimodalLLM
 from mmcompose.serve.batcher import Batcher, Event, Job, Listener
+from mmcompose.serve.guard import BrowserGuard, is_loopback
 from mmcompose.serve.media import MediaLimits, build_example
 from mmcompose.serve.schema import ChatRequest, ServeError, parse_request, stop_strings
 
@@ -41,11 +43,16 @@ class Limits:
 
 @dataclass
 class ServerConfig:
+    """`host` is the address the server is bound to (a loopback one turns the Host check on);
+    `allowed_origins` are the web origins besides the server's own whose pages may call it (`*`: any)."""
+
     model_id: str
     api_key: str | None = None
     max_batch: int = 8
     allowed_media_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    host: str = "127.0.0.1"
+    allowed_origins: frozenset[str] = frozenset()
 
 
 def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
@@ -64,6 +71,11 @@ def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="mmcompose", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
+    if config.allowed_origins:
+        # any request header: an allowed page may use a client that adds its own (OpenAI's JS SDK: x-stainless-*)
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(config.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+    app.add_middleware(BrowserGuard, origins=config.allowed_origins, check_host=is_loopback(config.host))  # outermost
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, error: ServeError) -> JSONResponse:
@@ -116,9 +128,8 @@ def create_app(model: MultimodalLLM, config: ServerConfig) -> FastAPI:
                              kind="rate_limit_error")
         example = await run_in_threadpool(build_example, model, chat, config.allowed_media_dir, config.limits.media)
         listener = Listener()
-        generator = torch.Generator().manual_seed(chat.seed) if chat.seed is not None else None
         job = Job(example=example, max_tokens=max_tokens, notify=listener, temperature=chat.temperature,
-                  top_p=chat.top_p, generator=generator, stop=stop_strings(chat))
+                  top_p=chat.top_p, seed=chat.seed, stop=stop_strings(chat))
         batcher.submit(job)
         deadline = started + config.limits.request_seconds
         completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", config.model_id)
@@ -217,7 +228,12 @@ async def _next_event(listener: Listener, request: Request, deadline: float) -> 
 
 
 async def _json_body(request: Request, limit: int) -> Any:
-    """The body as JSON, read no further than `limit` bytes."""
+    """The body as JSON, read no further than `limit` bytes.
+
+    Parsed by pydantic's JSON parser (jiter), not `json.loads`: jiter refuses more than 200 levels of nesting
+    and over-long integers with a `ValueError`, where `json.loads` raises `RecursionError` at Python's recursion
+    limit (a body of `[[[[...` some thousand deep) and, for an integer of over 4300 digits, a `ValueError` that
+    is not a `JSONDecodeError`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServeError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
@@ -227,6 +243,6 @@ async def _json_body(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise ServeError(413, f"request body exceeds the limit of {limit} bytes")
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return pydantic_core.from_json(body)
+    except ValueError as error:
         raise ServeError(400, f"body is not valid JSON: {error}") from None

@@ -50,13 +50,22 @@ class Job:
     notify: Callable[[Event], None]
     temperature: float = 0.0
     top_p: float = 1.0
-    generator: torch.Generator | None = None
+    seed: int | None = None
     stop: list[str] = field(default_factory=list)
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)
     shown: str = ""
     prompt_tokens: int = 0
     token_times: list[float] | None = None  # when given, `perf_counter()` at each token (benchmarks/routing.py)
+    generator: torch.Generator | None = None
+
+    def sampler(self, device: torch.device) -> torch.Generator | None:
+        """The job's seeded generator (None without a seed), made at its first draw on `device`, the device of
+        the logits it draws from: `torch.multinomial` wants its generator where the probabilities are, which is
+        the LM head's device (a GPU's for a model on one; the last layer's under a device map), not the CPU."""
+        if self.seed is not None and self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
 
 
 class Batcher:
@@ -164,7 +173,7 @@ class Batcher:
         tokens = logits.argmax(-1)
         for row, job in enumerate(jobs):
             if job.temperature > 0:
-                tokens[row] = choose(logits[row: row + 1], job.temperature, job.top_p, job.generator)[0]
+                tokens[row] = choose(logits[row: row + 1], job.temperature, job.top_p, job.sampler(logits.device))[0]
         return tokens
 
     def _running(self, jobs: list[Job], tokens: torch.Tensor) -> list[int]:

@@ -92,16 +92,21 @@ class MediaReader:
                              "or send the media inline as a data: URL", param=where)
         candidate = Path(text)
         candidate = candidate if candidate.is_absolute() else self.allowed / candidate
+        # a NUL byte is a ValueError and a name too long for the file system an OSError, from any of these calls
         try:
             resolved = candidate.resolve()  # follows every symlink, so a link cannot lead outside
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):
             raise ServeError(400, f"{where}: cannot resolve path {text!r}", param=where) from None
         if not resolved.is_relative_to(self.allowed):
             raise ServeError(403, f"{where}: path {text!r} is outside the allowed media directory", param=where,
                              kind="permission_error")
-        if not resolved.is_file():
+        try:
+            size = resolved.stat().st_size if resolved.is_file() else None
+        except (OSError, ValueError):
+            size = None
+        if size is None:
             raise ServeError(400, f"{where}: no such file {text!r} in the allowed media directory", param=where)
-        if resolved.stat().st_size > self.limits.max_media_bytes:
+        if size > self.limits.max_media_bytes:
             raise ServeError(413, f"{where}: file larger than the limit of {self.limits.max_media_bytes} bytes",
                              param=where)
         return resolved

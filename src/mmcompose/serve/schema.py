@@ -80,6 +80,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+#: The seeds `torch.Generator.manual_seed` takes (beyond them it raises `ValueError`): int64 or uint64.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -88,7 +92,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
