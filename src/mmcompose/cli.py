@@ -221,13 +221,6 @@ def world_build(
     console.print(f"built world {out} (seed {seed}, profile {profile})")
 
 
-QuantizeOption = Annotated[str | None, typer.Option(
-    "--quantize", metavar="8bit|4bit",
-    help="Load the base LLM's linears quantized by bitsandbytes (8bit: LLM.int8(); 4bit: NF4), the deltas and "
-         "branches in 16-bit beside them (QLoRA's layout; bfloat16 unless --dtype says float16). The text "
-         "route's delta is then applied unfused on every token instead of folded.")]
-
-
 @app.command("eval")
 @one_line_errors
 def evaluate(
@@ -254,6 +247,11 @@ def evaluate(
              "its directory) and parse, judge and score as the official scripts do; sets --kind.")] = None,
     answers: Annotated[Path | None, typer.Option(
         help="With --benchmark: the answer file, if not the official one beside the questions.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
     quantize: QuantizeOption = None,
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
@@ -287,7 +285,8 @@ def evaluate(
             console.print(_caption_summary(name, metrics) if metrics.get("kind") == "caption"
                           else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
-    loaded = load_checkpoint(model, quantize=quantize).eval()
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder, quantize)
+    loaded = load_checkpoint(model, **placement).eval()
     predictor = model_predictor(loaded, max_new_tokens or (64 if kind == "caption" else 16))
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
@@ -304,6 +303,33 @@ def evaluate(
 def _caption_summary(name: str, metrics: dict[str, Any]) -> str:
     return (f"{name}: BLEU-4 {metrics['bleu4'] or 0:.3f}, ROUGE-L {metrics['rouge_l'] or 0:.3f} over "
             f"{metrics['n']} samples ({metrics['n_failed']} failed)")
+
+
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", metavar="8bit|4bit",
+    help="Load the base LLM's linears quantized by bitsandbytes (8bit: LLM.int8(); 4bit: NF4), the deltas and "
+         "branches in 16-bit beside them (QLoRA's layout; bfloat16 unless --dtype says float16). The text "
+         "route's delta is then applied unfused on every token instead of folded.")]
+DeviceOption = Annotated[str, typer.Option(
+    help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str, typer.Option(
+    help="auto (the base's stored dtype; a float16 base runs in bfloat16 on the CPU), bfloat16, float16 or float32. "
+         "Branches and deltas follow it.")]
+DeviceMapOption = Annotated[str | None, typer.Option(
+    help="Spread the model with accelerate: auto, balanced, sequential, or a JSON object (or .json file) of module "
+         "paths of the composed model to a GPU index, cpu or disk, e.g. '{\"llm.model.layers.0\": 0, ...}'.")]
+MaxMemoryOption = Annotated[str | None, typer.Option(
+    help="With --device-map auto|balanced|sequential: the budget per device, e.g. 0=20GiB,1=20GiB,cpu=30GiB.")]
+OffloadFolderOption = Annotated[Path | None, typer.Option(
+    help="Allow a device map to put weights on the disk; they are read from their own safetensors files at each "
+         "forward, and anything accelerate has to re-save goes here.")]
+
+
+def _placement(device: str, dtype: str, device_map: str | None, max_memory: str | None,
+               offload_folder: Path | None, quantize: str | None) -> dict[str, Any]:
+    """The placement flags as `load_checkpoint` keywords (checked there, before anything is loaded)."""
+    return dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                offload_folder=offload_folder, quantize=quantize)
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "
@@ -533,6 +559,11 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily; above 0 samples.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler (with --temperature > 0).")] = 0,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
     quantize: QuantizeOption = None,
 ) -> None:
     """Talk to a model about its modalities' files (images, audio, ...); answers stream as they are generated.
@@ -548,8 +579,10 @@ def chat(
     from mmcompose.checkpoint import load_checkpoint
 
     attachments = parse_inputs(inputs or [])
-    run_chat(load_checkpoint(model, base=base, quantize=quantize).eval(), attachments, question,
-             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder, quantize)
+    loaded = load_checkpoint(model, base=base, **placement)
+    run_chat(loaded.eval(), attachments, question, max_new_tokens=max_new_tokens,
+             temperature=temperature, seed=seed)
 
 
 @app.command()
@@ -574,6 +607,11 @@ def serve(
         metavar="ORIGIN", help="Web origins (scheme://host:port; repeatable or comma-separated; * for any) whose "
                                "pages may call the API besides the server's own page; requests from other "
                                "origins are refused.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
     quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
@@ -590,7 +628,7 @@ def serve(
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
                max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins,
-               quantize=quantize)
+               placement=_placement(device, dtype, device_map, max_memory, offload_folder, quantize))
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")

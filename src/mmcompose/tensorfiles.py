@@ -73,6 +73,7 @@ class TensorReader:
         self._stack = ExitStack()
         self._where: dict[str, object] = {}
         self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.file_of: dict[str, Path] = {}
         try:
             for file in files:
                 self._open(Path(file))
@@ -90,6 +91,7 @@ class TensorReader:
             if name in self._where:
                 raise CheckpointError(f"{file}: tensor {name} also appears in another file")
             self._where[name] = handle
+            self.file_of[name] = file
             if info["dtype"] not in DTYPES:
                 raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
             self.layout[name] = (DTYPES[info["dtype"]], tuple(info["shape"]))

@@ -71,10 +71,12 @@ def test_shape_and_dtype_mismatch(saved: tuple[MultimodalLLM, Path]) -> None:
     _, path = saved
     name = "modalities.image.prefix"
     _rewrite_tensors(path, lambda t: t.update({name: torch.zeros(3, 3)}))
-    with pytest.raises(CheckpointError, match=f"tensor {name} has shape \\(3, 3\\)"):
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor {name} has shape \\(3, 3\\), but the "
+                                              f"manifest's model.modalities\\[0\\] \\(image\\).num_prefix_tokens 1 "
+                                              f"makes it \\(1, 32\\)"):
         load_checkpoint(path)
-    _rewrite_tensors(path, lambda t: t.update({name: torch.zeros(1, 32, dtype=torch.float16)}))
-    with pytest.raises(CheckpointError, match=f"tensor {name} has dtype torch.float16"):
+    _rewrite_tensors(path, lambda t: t.update({name: torch.zeros(1, 32, dtype=torch.int32)}))
+    with pytest.raises(CheckpointError, match=f"tensor {name} has dtype torch.int32, expected torch.float32"):
         load_checkpoint(path)
 
 

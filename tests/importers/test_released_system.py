@@ -52,6 +52,10 @@ def _media(directory: Path) -> dict[str, str]:
     soundfile.write(directory / "meow.wav", (0.3 * generator.standard_normal(16000)).astype(np.float32), 16000)
     encode_video(directory / "walk.mp4", "libx264", 12)
     np.save(directory / "cat.npy", generator.standard_normal((600, 3)).astype(np.float32))
+    return _media_paths()
+
+
+def _media_paths() -> dict[str, str]:
     return {"vision": "media/cat.png", "audio": "media/meow.wav", "video": "media/walk.mp4", "point": "media/cat.npy"}
 
 
@@ -109,6 +113,18 @@ def test_four_released_models_import_compose_answer_and_export(llama_base: Path,
     first = record["prediction"].strip()[:1]
     assert record["gold"] == "A" and record["correct"] == (first == "A")
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 1
+
+    # The released encoders build on the meta device and load in place: in bfloat16, and with every branch and a
+    # decoder layer read from the disk at each forward, the composed model answers as it does in memory.
+    names = {"vision": "image", "audio": "audio", "video": "video", "point": "point"}
+    example = model.example(question, {names[key]: [data / path] for key, path in _media_paths().items()})
+    half = load_checkpoint(composed, dtype="bfloat16").eval()
+    assert {t.dtype for t in half.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    assert half.generate([example], 4)[0].strip()
+    mapping = {"llm": "cpu", "llm.model.layers.0": "disk", "branches": "disk"}
+    offloaded = load_checkpoint(composed, device_map=mapping, offload_folder=tmp_path / "offload").eval()
+    assert {p.device.type for p in offloaded.branches.parameters()} == {"meta"}
+    assert offloaded.generate([example], 4) == model.generate([example], 4)
 
     run("export", composed, "--hf", tmp_path / "hf")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.hidden_size == model.llm.config.hidden_size

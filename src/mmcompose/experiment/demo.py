@@ -92,7 +92,8 @@ def search_run(out: Path, settings: DemoProfile, seed: int, search: Search) -> N
     else:
         prompts = {m: _human_only(load_benchmark(world / names.DATA_DIR / names.instruct_file(m), world))
                    [: settings.agreement_prompts] for m in MODALITIES}
-        sources = {m: load_checkpoint(out / "train" / f"{m}-decoupled" / FINAL_MODEL).eval() for m in MODALITIES}
+        sources = {m: load_checkpoint(out / "train" / f"{m}-decoupled" / FINAL_MODEL, device="auto").eval()
+                   for m in MODALITIES}
         criterion = source_agreement(prompts, sources)
     log = out / "search" / f"{search.id}.jsonl"
     log.unlink(missing_ok=True)  # a search interrupted earlier starts over
@@ -110,11 +111,11 @@ def _human_only(samples: list[Sample]) -> list[Sample]:
 
 def _predictor(out: Path, method: Method) -> Predictor:
     if method.kind == "model":
-        return model_predictor(load_checkpoint(out / method.sources[0]).eval(), only=method.only)
-    language_model = MultimodalLLM.from_base(out / "base", []).eval()
+        return model_predictor(load_checkpoint(out / method.sources[0], device="auto").eval(), only=method.only)
+    language_model = MultimodalLLM.from_base(out / "base", [], device="auto").eval()
     if method.kind == "text":
         return model_predictor(language_model)
-    captioners = {m: load_checkpoint(out / source).eval()
+    captioners = {m: load_checkpoint(out / source, device="auto").eval()
                   for m, source in zip(MODALITIES, method.sources, strict=True)}
     return tool_predictor(captioners, language_model, max_new_tokens=10)
 

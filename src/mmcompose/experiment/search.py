@@ -83,7 +83,7 @@ def search_lambdas(config: CompositionConfig, criterion: Criterion, log: Path, *
         if key not in scores:
             trial = config.model_copy(update={"lambdas": dict(zip(names, key, strict=True))})
             with tempfile.TemporaryDirectory() as scratch:
-                model = load_checkpoint(compose(trial, Path(scratch) / "trial", progress=False)).eval()
+                model = load_checkpoint(compose(trial, Path(scratch) / "trial", progress=False), device="auto").eval()
                 scores[key] = criterion(model)
             trials.append({"lambdas": dict(zip(names, key, strict=True)), "score": scores[key]})
             with log.open("a") as handle:

@@ -167,7 +167,7 @@ class Assembler:
         ids, routes, labels, mask = (t.to(embeds.device) for t in (ids, routes, labels, mask))
         for modality, values in features.items():
             where = (routes == self.route_ids[modality]).unsqueeze(-1)
-            embeds = embeds.masked_scatter(where, values.to(embeds.dtype))
+            embeds = embeds.masked_scatter(where, values.to(embeds.device, embeds.dtype))  # a branch may sit elsewhere
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         has_target = any(example.target is not None for example in examples)
         return Batch(embeds=embeds, attention_mask=mask, position_ids=positions, routes=routes,

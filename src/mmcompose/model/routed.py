@@ -156,8 +156,13 @@ class RoutedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def add_delta(self, name: str, kind: str, rank: int | None = None, alpha: float | None = None) -> Delta:
-        factory = dict(dtype=self._delta_dtype or self.base.weight.dtype, device=self.base.weight.device)
+    def add_delta(self, name: str, kind: str, rank: int | None = None, alpha: float | None = None, *,
+                  device: torch.device | str | None = None) -> Delta:
+        """A new delta in the base weight's dtype (the compute dtype over a packed one), on the base weight's device
+        unless `device` says otherwise (`meta` when a loader fills it in place from a checkpoint: nothing is
+        allocated or initialised)."""
+        factory = dict(dtype=self._delta_dtype or self.base.weight.dtype,
+                       device=self.base.weight.device if device is None else device)
         if kind == "lora":
             delta: Delta = LoRADelta(self.in_features, self.out_features, rank, alpha, **factory)
         else:
