@@ -136,6 +136,17 @@ def test_cli_refuses_a_bad_quantize_before_loading(composed_checkpoint: Path) ->
     assert result.output.strip().splitlines() == ["error: --quantize '2bit': expected one of 8bit, 4bit"]
 
 
+@needs_bitsandbytes
+def test_cli_refuses_float32_and_a_device_map_with_quantize(composed_checkpoint: Path) -> None:
+    for extra, expected in ((["--dtype", "float32"], "error: --quantize 4bit with --dtype float32: "),
+                            (["--device-map", "auto"], "error: --quantize 4bit with --device-map: not supported")):
+        result = CliRunner().invoke(app, ["chat", "--model", str(composed_checkpoint), "--device", "cpu",
+                                          "--quantize", "4bit", *extra, "hi"])
+        assert result.exit_code == 2
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(expected), result.output
+
+
 # --- the real thing: bitsandbytes layers on the CPU ------------------------------------------------------------------
 def _quantized_linear(kind: str, dense: nn.Linear) -> nn.Linear:
     import bitsandbytes as bnb
