@@ -63,18 +63,19 @@ def make_base(directory: Path, hidden: int, layers: int) -> Path:
     return directory
 
 
-def build(base: Path, rank: int, quantize: str | None, deltas: bool = True) -> MultimodalLLM:
-    """The decoupled model (text delta + one delta per modality) with the same random delta values for every
-    `quantize`, so all variants answer alike up to quantization."""
+def build(base: Path, rank: int, quantize: str | None, deltas: bool = True, device: str = "cpu") -> MultimodalLLM:
+    """The decoupled model (text delta + one delta per modality) on `device` with the same random delta values
+    for every `quantize`, so all variants answer alike up to quantization."""
     model = MultimodalLLM.from_base(base, MODALITIES, strategy="decoupled" if deltas else "connector-only",
-                                    rank=rank, alpha=float(rank), dtype=torch.bfloat16, quantize=quantize)
+                                    rank=rank, alpha=float(rank), device=device, dtype=torch.bfloat16,
+                                    quantize=quantize)
     model.tokenizer.eos_token_id = None  # decode exactly the tokens asked for
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.routed.values():
             for delta in layer.deltas.values():
                 for parameter in delta.parameters():
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter.device) * 0.02)
     return model.eval()
 
 
@@ -97,19 +98,16 @@ def delta_flops_ratio(hidden: int, intermediate: int, rank: int) -> float:
 def quantized_check(base: Path, kind: str, *, rank: int, device: str = "cuda", prompts: int = 4,
                     new_tokens: int = 32) -> dict[str, Any]:
     """The bfloat16 model and the `kind`-quantized one on `device`: greedy agreement, logits' relative error,
-    decode tok/s of each and the quantized model's peak device memory. Returns the figures by name.
-
-    A bitsandbytes model is placed as transformers loads it (the first GPU when one is visible), so `device`
-    is where that is; the branches are moved to it.
+    decode tok/s of each, and the peak device memory above the bf16 reference's weights (the quantized model's
+    weights plus either model's activations). Returns the figures by name.
     """
     examples = [Example(prompt=f"{PROMPT} {index}") for index in range(prompts)]
-    reference = build(base, rank, None).to(device)
-    if device.startswith("cuda"):
+    reference = build(base, rank, None, device=device)
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    quantized = build(base, rank, kind)
-    quantized.branches.to(device)
-    if quantized.device != torch.device(device):
-        raise RuntimeError(f"the quantized model landed on {quantized.device}, not {device}")
+        held = torch.cuda.memory_allocated()  # the reference's, excluded from the quantized model's peak
+    quantized = build(base, rank, kind, device=device)
     with torch.no_grad():
         batch = reference.assemble(examples, padding_side="left")
         expected = reference(batch).logits.float()
@@ -119,7 +117,7 @@ def quantized_check(base: Path, kind: str, *, rank: int, device: str = "cuda", p
         reference.fold_text_route()
         rates = {"bf16-folded": 1 / decode_rate(reference, examples[:1], new_tokens),
                  f"{kind}-unfused": 1 / decode_rate(quantized, examples[:1], new_tokens)}
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - held) / 2**30 if cuda else float("nan")
     return {"kind": kind, "logits_relative_error": error,
             "greedy_agreement": sum(a == b for a, b in zip(*answers, strict=True)) / len(examples),
             "decode_tok_s": rates, "peak_gib": peak}
