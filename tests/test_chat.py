@@ -21,7 +21,6 @@ from mmcompose.checkpoint import load_checkpoint, save_checkpoint
 from mmcompose.cli import app
 from mmcompose.errors import InputError
 from mmcompose.model import MultimodalLLM, modality_spec
-from mmcompose.model.assembly import Example
 from tests.model.helpers import randomize_deltas
 
 MAX_NEW_TOKENS = 12
@@ -120,16 +119,13 @@ def test_streamed_text_is_the_decoded_answer_even_for_multibyte_characters(model
     assert len(pieces) > 3 and not any("\ufffd" in piece for piece in pieces)
 
 
-def test_two_turns_carry_the_first_answer_and_both_inputs(model: MultimodalLLM, images: list[Path],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[Example] = []
-    generate = model.generate
+def full_length(model: MultimodalLLM, turns: list[dict[str, str]], images: list[Path]) -> int:
+    """Positions of the whole conversation, as a fresh prefill lays it out."""
+    example = model.conversation_example(turns, {"image": images} if images else None)
+    return model.assemble([example]).embeds.shape[1]
 
-    def spy(examples: list[Example], *args, **kwargs) -> list[str]:
-        seen.extend(examples)
-        return generate(examples, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
+def test_two_turns_carry_the_first_answer_and_both_inputs(model: MultimodalLLM, images: list[Path]) -> None:
     session, out, err = repl(model, [f"/image {images[0]}", "what is this?", f"/image {images[1]}",
                                      "and this one?"])
     assert err == ""
@@ -139,11 +135,71 @@ def test_two_turns_carry_the_first_answer_and_both_inputs(model: MultimodalLLM, 
     second = expected_answer(model, turns, images)
     assert [turn.answer for turn in session.turns] == [first, second]
     assert f"\n{first}\n" in out and f"\n{second}\n" in out
-    assert seen[1].prompt == model.conversation_example(turns).prompt
-    assert first in seen[1].prompt
-    processed = [model.processors["image"](path) for path in images]
-    assert len(seen[1].inputs["image"]) == 2
-    assert all(torch.equal(a, b) for a, b in zip(seen[1].inputs["image"], processed, strict=True))
+    assert first in model.conversation_example(turns).prompt  # the second turn reads the first answer
+    processed = torch.stack([model.processors["image"](path) for path in images])
+    encoded = model.encode("image", processed)
+    kept = [tensor for turn in session.turns for tensor in turn.inputs["image"]]
+    assert len(kept) == 2 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, encoded, strict=True))
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("attach_at", [0, 2])
+def test_the_cache_is_kept_across_turns_and_answers_as_a_fresh_prefill(
+        checkpoint: Path, images: list[Path], attach_at: int) -> None:
+    """Three turns with one image attached (to the first turn, or to the third, whose image then takes its
+    modality route after two turns of text): one encoder pass, each turn prefills only what it adds, and
+    every answer equals a fresh prefill of the whole conversation (greedy)."""
+    model = load_checkpoint(checkpoint).eval()
+    encoder_calls = count_calls(model.branches["image"].encoder)
+    llm_calls = count_calls(model.llm)
+    session = ChatSession(model, max_new_tokens=MAX_NEW_TOKENS)
+    questions = ["what is this?", "and its colour?", "where does it live?"]
+    turns: list[dict[str, str]] = []
+    for index, question in enumerate(questions):
+        if index == attach_at:
+            session.attach("image", images[0])
+            question = f"<image>\n{question}"
+        answer = session.ask(question)
+        turns.append({"from": "human", "value": question})
+        assert encoder_calls[0] == (index >= attach_at) and llm_calls[0] <= (index + 1) * MAX_NEW_TOKENS
+        calls = encoder_calls[0], llm_calls[0]
+        expected = expected_answer(model, turns, images[:1] if index >= attach_at else [])
+        encoder_calls[0], llm_calls[0] = calls  # the reference's own forwards are not the session's
+        assert answer == expected
+        turns.append({"from": "gpt", "value": answer})
+    answers = [turn.answer for turn in session.turns]
+    assert len(set(answers)) == 3 and all(answers)  # the model says different things, so equality means something
+    # a later turn prefills at most what follows the earlier prompt: the last answer (where its generated
+    # tokens differ from its text's) and the new turn; never the earlier turns again
+    for index in (1, 2):
+        before = full_length(model, turns[:2 * index - 1], images[:1] if index - 1 >= attach_at else [])
+        now = full_length(model, turns[:2 * index + 1], images[:1] if index >= attach_at else [])
+        assert 0 < session.prefilled[index] <= now - before
+    assert session.prefilled[0] == full_length(model, turns[:1], images[:1] if attach_at == 0 else [])
+
+
+def test_an_interrupted_answer_drops_the_cache_and_the_next_turn_starts_afresh(model: MultimodalLLM,
+                                                                               images: list[Path]) -> None:
+    session = ChatSession(model, max_new_tokens=MAX_NEW_TOKENS)
+    session.attach("image", images[0])
+    first = session.ask("what is this?")
+
+    def interrupt(piece: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("tell me more", on_text=interrupt)
+    assert len(session.turns) == 1 and len(session.prefilled) == 1
+    answer = session.ask("and its colour?")
+    turns = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": first},
+             {"from": "human", "value": "and its colour?"}]
+    assert answer == expected_answer(model, turns, images[:1])
+    assert session.prefilled[-1] == full_length(model, turns, images[:1])  # the whole conversation again
 
 
 def test_bad_attachments_print_one_line_and_the_session_goes_on(model: MultimodalLLM, images: list[Path],
@@ -240,3 +296,26 @@ def wait_for(tmux: list[str], ready: Callable[[str], bool], timeout: float = 30.
         if time.monotonic() > deadline:
             pytest.fail(f"terminal never got there; it shows:\n{text}")
         time.sleep(0.1)
+
+
+def test_the_sampler_is_made_where_the_logits_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits on `meta` stand for a GPU's (or, under a device map, the LM head's, which need not be the
+    embeddings'): the session's generator must be made there, once, and only when it samples."""
+    made: list[tuple[torch.device, int]] = []
+
+    class Recording:
+        def __init__(self, device: torch.device | str = "cpu") -> None:
+            self.device = torch.device(device)
+
+        def manual_seed(self, seed: int) -> Recording:
+            made.append((self.device, seed))
+            return self
+
+    monkeypatch.setattr(torch, "Generator", Recording)
+    logits = torch.zeros(1, 10, device="meta")
+    greedy = ChatSession(model=None, temperature=0.0, seed=3)  # type: ignore[arg-type]
+    assert greedy._sampler(logits) is None
+    sampled = ChatSession(model=None, temperature=0.8, seed=3)  # type: ignore[arg-type]
+    first = sampled._sampler(logits)
+    assert sampled._sampler(logits) is first  # one generator for the session, not re-seeded each turn
+    assert made == [(torch.device("meta"), 3)]

@@ -1,8 +1,12 @@
 """`mmcompose chat`: ask a model about files, once or in a multi-turn session, with answers streamed.
 
-The whole conversation is re-run every turn (the model has no cross-turn cache), so each turn keeps its
-processed input tensors: files are decoded once, when attached, and earlier turns' inputs still line up
-with their placeholders in the prompt the model's template renders.
+A session keeps the model's KV cache across turns. Each attached file is decoded and encoded once, when
+attached; its LLM positions (connector output with boundary tokens) are kept for the session. A turn renders
+the whole conversation in the model's template, as the model was trained to read it, lays it out in
+positions, and prefills only the positions after the longest prefix the cache already holds: the new turn, plus
+the end of the last answer where its generated tokens differ from the tokenization of its text (the template
+re-renders the stored answer). So every answer is the one a fresh prefill of the whole conversation gives, at
+the cost of the new tokens only.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from transformers import DynamicCache
 
 from mmcompose.errors import InputError, MMComposeError
 from mmcompose.modalities import MODALITIES
 from mmcompose.model.assembly import Example
+from mmcompose.model.generation import DecodeState, decode, feed
 from mmcompose.model.mllm import MultimodalLLM
+from mmcompose.model.routed import TEXT_ROUTE
 
 PROMPT = "> "
 
@@ -46,7 +53,8 @@ def parse_inputs(items: Iterable[str]) -> list[tuple[str, Path]]:
 
 @dataclass
 class Turn:
-    """One exchange: the human text as the model reads it (placeholders included), its inputs, the answer."""
+    """One exchange: the human text as the model reads it (placeholders included), the LLM positions of its
+    inputs (`(tokens, hidden)` per input), the answer."""
 
     human: str
     inputs: dict[str, list[torch.Tensor]]
@@ -55,10 +63,11 @@ class Turn:
 
 @dataclass
 class ChatSession:
-    """A conversation with a model: finished turns plus the inputs attached to the next one.
+    """A conversation with a model: finished turns, the inputs attached to the next one, and the KV cache.
 
     Greedy decoding unless `temperature > 0`; sampling then draws from one generator seeded once, so a
-    session with the same seed and messages is reproducible.
+    session with the same seed and messages is reproducible. `prefilled` counts the positions each turn fed
+    to the model before its answer.
     """
 
     model: MultimodalLLM
@@ -67,40 +76,98 @@ class ChatSession:
     seed: int = 0
     turns: list[Turn] = field(default_factory=list)
     pending: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    prefilled: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        self.generator: torch.Generator | None = None
+        self._forget()
+
+    def _sampler(self, logits: torch.Tensor) -> torch.Generator | None:
+        """The session's seeded generator, made at the first sampled turn on the logits' device: that is the LM
+        head's (a GPU's, or the last layer's under a device map), not the embeddings', and `torch.multinomial`
+        refuses a generator on another device."""
+        if self.temperature > 0 and self.generator is None:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        return self.generator
 
     def attach(self, modality: str, path: str | Path) -> None:
-        """Decode and process a file now (so a bad file is reported at once) for the next human turn."""
+        """Decode, process and encode a file now (so a bad file is reported at once) for the next human turn."""
         processed = self.model.example("", {modality: [Path(path).expanduser()]}, id=str(path)).inputs[modality]
-        self.pending.setdefault(modality, []).extend(processed)
+        with torch.no_grad():
+            positions = self.model.encode(modality, torch.stack(processed))
+        self.pending.setdefault(modality, []).extend(positions.unbind(0))
 
     def reset(self) -> None:
         self.turns.clear()
         self.pending.clear()
+        self.prefilled.clear()
+        self._forget()
 
+    def _forget(self) -> None:
+        """Drop the cache: the next turn prefills the whole conversation."""
+        self._state: DecodeState | None = None
+        self._keys: list[tuple[int, int]] = []  # what each cached position is: (route, token id or input number)
+
+    @torch.no_grad()
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         """Answer `question` with the pending inputs, after the earlier turns; `on_text` receives the answer
         as it is generated. The turn is kept only if generation succeeds, so a bad message leaves the
-        conversation (and the attachments waiting for it) as they were."""
+        conversation (and the attachments waiting for it) as they were; a turn that fails after touching the
+        cache drops it, and the next turn prefills the conversation afresh."""
         human = self._human_text(question)
         conversation = [message for turn in self.turns
                         for message in ({"from": "human", "value": turn.human}, {"from": "gpt", "value": turn.answer})]
         prompt, _ = self.model.format_conversation([*conversation, {"from": "human", "value": human}])
         inputs: dict[str, list[torch.Tensor]] = {}
         for part in [*(turn.inputs for turn in self.turns), self.pending]:
-            for modality, tensors in part.items():
-                inputs.setdefault(modality, []).extend(tensors)
+            for modality, positions in part.items():
+                inputs.setdefault(modality, []).extend(positions)
+        lengths = {modality: positions[0].shape[0] for modality, positions in inputs.items()}
+        ids, routes, spans = self.model.assembler.layout(Example(prompt=prompt, inputs=inputs, id="message"), lengths)
+        keys, sources = _position_keys(ids, routes, spans)
         stream = TextStream(self.model.tokenizer, on_text) if on_text is not None else None
-        answer = self.model.generate([Example(prompt=prompt, inputs=inputs, id="message")], self.max_new_tokens,
-                                     temperature=self.temperature, generator=self.generator,
-                                     on_token=stream)[0].strip()
+        try:
+            logits, fed = self._prefill(ids, routes, keys, sources, inputs)
+            tokens = decode(self.model, self._state, logits, self.max_new_tokens, temperature=self.temperature,
+                            generator=self._sampler(logits), on_token=stream)[0]
+        except BaseException:
+            self._forget()
+            raise
+        self._keys = keys + [(TEXT_ROUTE, token) for token in tokens[:-1]]  # the last token is never fed
+        self.prefilled.append(fed)
+        answer = self.model.answer_text(tokens).strip()
         if stream is not None:
             stream.finish()
         self.turns.append(Turn(human=human, inputs=self.pending, answer=answer))
         self.pending = {}
         return answer
+
+    def _prefill(self, ids: list[int], routes: list[int], keys: list[tuple[int, int]],
+                 sources: list[tuple[str, int, int, int]], inputs: dict[str, list[torch.Tensor]]
+                 ) -> tuple[torch.Tensor, int]:
+        """Cut the cache back to the prefix it shares with `keys` and feed the rest; the last position's logits
+        and how many positions were fed."""
+        shared = 0
+        for cached, wanted in zip(self._keys, keys, strict=False):
+            if cached != wanted:
+                break
+            shared += 1
+        shared = min(shared, len(keys) - 1)  # at least one position is fed, for its logits
+        device = self.model.device
+        if self._state is None:
+            self._state = DecodeState(cache=DynamicCache(), mask=torch.zeros(1, 0, dtype=torch.long, device=device),
+                                      positions=torch.zeros(1, 1, dtype=torch.long, device=device))
+        elif shared < self._state.length:
+            self._state.crop(shared)
+        self._keys = keys[:shared]
+        embeds = self.model.llm.get_input_embeddings()(torch.tensor([ids[shared:]], device=device))
+        for start, modality, number, length in sources:
+            first, last = max(start, shared), start + length
+            if first < last:
+                values = inputs[modality][number][first - start:]
+                embeds[0, first - shared:last - shared] = values.to(embeds.dtype)
+        route_ids = torch.tensor([routes[shared:]], device=device)
+        return feed(self.model, self._state, embeds, route_ids), len(ids) - shared
 
     def _human_text(self, question: str) -> str:
         """The question with one placeholder line per pending input, unless the user placed them already
@@ -124,6 +191,29 @@ class ChatSession:
         order += [m for m in self.pending if m not in MODALITIES]
         lines = [model_placeholders[m] for m in order for _ in self.pending[m]]
         return "\n".join([*lines, question]) if question else "\n".join(lines)
+
+
+def _position_keys(ids: list[int], routes: list[int], spans: list[tuple[str, int]]
+                   ) -> tuple[list[tuple[int, int]], list[tuple[str, int, int, int]]]:
+    """What each position of a laid-out conversation is, comparable with the cache's: `(TEXT_ROUTE, token id)`
+    for text, `(route, k)` for the positions of the k-th input of a modality; and each input's span as
+    `(start, modality, k, length)`."""
+    keys: list[tuple[int, int]] = []
+    sources: list[tuple[str, int, int, int]] = []
+    numbers: dict[str, int] = {}
+    remaining = 0
+    pending_spans = iter(spans)
+    for position, (token, route) in enumerate(zip(ids, routes, strict=True)):
+        if route == TEXT_ROUTE:
+            keys.append((TEXT_ROUTE, token))
+            continue
+        if remaining == 0:
+            modality, remaining = next(pending_spans)
+            number = numbers[modality] = numbers.get(modality, -1) + 1
+            sources.append((position, modality, number, remaining))
+        keys.append((route, number))
+        remaining -= 1
+    return keys, sources
 
 
 class TextStream:

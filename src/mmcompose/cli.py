@@ -237,6 +237,10 @@ def evaluate(
     shard: Annotated[str, typer.Option(help="i/n: run shard i of n (merge later with the same command and "
                                        "--shard merge/n).")] = "0/1",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    num_workers: Annotated[int | None, typer.Option(
+        min=0, help="Worker processes decoding the media of the next batches while the model answers (0: "
+                    "decode in this process, in turn with the model). Results are the same for any value.",
+        show_default="one per CPU core but one, at most 4")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer in tokens.",
                                                        show_default="64 for captions, 16 otherwise")] = None,
     judge: Annotated[str, typer.Option(help="For --kind label: 'names' (label-name matching) or 'embedding' "
@@ -259,7 +263,7 @@ def evaluate(
     from mmcompose.eval.benchmark import load_benchmark, load_mcub
     from mmcompose.eval.predict import embedding_similarity, model_predictor
     from mmcompose.eval.presets import get_preset, load_preset_tasks
-    from mmcompose.eval.runner import merge_shards, run_benchmark
+    from mmcompose.eval.runner import default_num_workers, merge_shards, run_benchmark
 
     if judge not in ("names", "embedding"):
         raise MMComposeError(f"--judge {judge!r}: expected names or embedding")
@@ -292,7 +296,8 @@ def evaluate(
     for name, samples in tasks.items():
         metrics = run_benchmark(samples, predictor, out / name if multiple else out, name, kind,
                                 shard=(int(index), int(count)), batch_size=batch_size, similarity=similarity,
-                                scorer=preset.scorer if preset else None)
+                                scorer=preset.scorer if preset else None,
+                                num_workers=default_num_workers() if num_workers is None else num_workers)
         if kind == "caption":
             console.print(_caption_summary(name, metrics))
             continue

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from mmcompose.chat import ChatSession
 from mmcompose.checkpoint import load_checkpoint
 from mmcompose.cli import app
-from mmcompose.model import MultimodalLLM
 from mmcompose.model.assembly import Example
 from mmcompose.train.trainer import build_model
 from tests.model.test_chat_template import CHATML, INST, chat_base
@@ -39,16 +38,18 @@ def test_train_with_the_chat_template(world: Path, tmp_path: Path, monkeypatch: 
     stage2 = build_model(base, ["point"], strategy="decoupled", rank=2, start_from=[tmp_path / "run" / "model"])
     assert (stage2.spec.template, stage2.spec.chat_template) == ("chat", CHATML)
     seen: list[Example] = []
+    layout = model.assembler.layout
 
-    def record(examples: list[Example], *args: object, **kwargs: object) -> list[str]:
-        seen.extend(examples)
-        return ["It is a quonk."]
+    def record(example: Example, lengths: dict[str, int]) -> tuple[list[int], list[int], list[tuple[str, int]]]:
+        seen.append(example)
+        return layout(example, lengths)
 
-    monkeypatch.setattr(MultimodalLLM, "generate", lambda self, *a, **k: record(*a, **k))
-    session = ChatSession(model)
+    monkeypatch.setattr(model.assembler, "layout", record)
+    session = ChatSession(model, max_new_tokens=4)
     first = json.loads((world / "data" / "point_caption.json").read_text())[0]
     session.attach("point", world / first["modal_inputs"]["point"][0])
     session.ask("<point>\nWhat is it?")
+    session.turns[0].answer = "It is a quonk."  # the untrained model's own answer, replaced to be readable
     session.ask("Where?")
     assert seen[0].prompt == PROMPT
     assert seen[1].prompt == (PROMPT + "It is a quonk.<|im_end|>\n<|im_start|>user\nWhere?<|im_end|>\n"

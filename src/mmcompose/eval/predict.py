@@ -1,18 +1,29 @@
-"""Bind a model to the evaluation runner: benchmark samples in, generated answers out, batched."""
+"""Bind a model to the evaluation runner: benchmark samples in, generated answers out, batched.
+
+A model's predictor works in the runner's two stages: `prepare` formats a sample's text and decodes its media
+(it holds only the template and the modality processors, so it pickles into DataLoader workers without the
+model), and `answer` generates for a batch of prepared examples, with the text route folded when that pays.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import torch
 
+from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import Similarity
 from mmcompose.eval.benchmark import Sample
-from mmcompose.eval.runner import Predictor
 from mmcompose.modalities import get_modality
-from mmcompose.model import MultimodalLLM
+from mmcompose.model import Example, MultimodalLLM
+from mmcompose.model.conversation import format_conversation
+from mmcompose.model.mllm import process_inputs
+from mmcompose.model.routed import TEXT_ROUTE
 
 
 def restrict(sample: Sample, keep: Sequence[str]) -> Sample:
@@ -31,18 +42,127 @@ def restrict(sample: Sample, keep: Sequence[str]) -> Sample:
     return replace(sample, conversations=conversations, modal_inputs=inputs)
 
 
-def model_predictor(model: MultimodalLLM, max_new_tokens: int = 8, only: Sequence[str] | None = None) -> Predictor:
-    """Greedy answers of `model`; with `only`, each sample is first restricted to those modalities."""
-    def predict(samples: Sequence[Sample]) -> list[str]:
-        examples = []
-        for sample in samples:
-            if only is not None:
-                sample = restrict(sample, only)
-            turns = [t for t in sample.conversations if t["from"] == "human"]
-            examples.append(model.conversation_example(turns, sample.modal_inputs, id=sample.id))
-        return model.generate(examples, max_new_tokens=max_new_tokens)
+class Preparation:
+    """Sample -> the model's `Example`: the human turns in the model's template, the media decoded and processed.
 
-    return predict
+    It holds the template, the tokenizer (a `chat` template renders with it) and the processors, never the model,
+    so DataLoader workers receive it pickled (or forked) at the cost of those few objects."""
+
+    def __init__(self, model: MultimodalLLM, only: Sequence[str] | None = None) -> None:
+        self.processors = dict(model.processors)
+        self.format = partial(format_conversation, template=model.spec.template, tokenizer=model.tokenizer,
+                              chat_template=model.spec.chat_template)
+        self.only = None if only is None else tuple(only)
+
+    def sample(self, sample: Sample) -> Sample:
+        """The sample as the model sees it: restricted to `only` if given."""
+        return sample if self.only is None else restrict(sample, self.only)
+
+    def prompt(self, sample: Sample) -> str:
+        return self.format([t for t in sample.conversations if t["from"] == "human"])[0]
+
+    def __call__(self, sample: Sample) -> Example:
+        sample = self.sample(sample)
+        return Example(prompt=self.prompt(sample), inputs=process_inputs(self.processors, sample.modal_inputs,
+                                                                         sample.id), id=sample.id)
+
+
+class ModelPredictor:
+    """Greedy answers of `model`; with `only`, each sample is first restricted to those modalities.
+
+    Called on samples it prepares and answers them in one go (the runner's serial path and other callers). The
+    runner instead runs `prepare` in DataLoader workers, orders the samples by `sort_keys` so that a batch
+    holds sequences of similar length, and wraps the run in `evaluating`, which folds the text route when that
+    pays (`fold`: None decides on the run's first batch, see `folding_pays`; True or False forces it).
+    """
+
+    def __init__(self, model: MultimodalLLM, max_new_tokens: int = 8, only: Sequence[str] | None = None,
+                 fold: bool | None = None) -> None:
+        self.model, self.max_new_tokens, self.fold = model, max_new_tokens, fold
+        self.prepare = Preparation(model, only)
+        self._deciding = False
+        self._input_positions: dict[str, int] = {}
+
+    def __call__(self, samples: Sequence[Sample]) -> list[str]:
+        return self.answer([self.prepare(sample) for sample in samples])
+
+    def answer(self, examples: Sequence[Example]) -> list[str]:
+        if self._deciding:
+            self._deciding = False
+            if self.folding_pays(examples):
+                self.model.fold_text_route()
+        return self.model.generate(list(examples), max_new_tokens=self.max_new_tokens)
+
+    def sort_keys(self, samples: Sequence[Sample]) -> list[tuple[Any, ...]]:
+        """Keys that put samples of one length next to each other, without decoding any medium: the number of
+        inputs of each modality (which fixes the positions they take), then the prompt's text tokens; longest
+        first, so a batch too large for the device fails at the start of a run, not at its end. A sample whose
+        text cannot be formatted sorts last (preparing it records the error)."""
+        counts, prompts = [], []
+        for sample in samples:
+            sample = self.prepare.sample(sample)
+            counts.append(tuple(-len(sample.modal_inputs.get(m, ())) for m in self.model.processors))
+            try:
+                prompts.append(self.prepare.prompt(sample))
+            except MMComposeError:
+                prompts.append(None)
+        texts = [Example(prompt=prompt) for prompt in prompts if prompt is not None]
+        lengths = iter(self.model.assembler.sequence_lengths(texts, {m: 0 for m in self.model.processors}))
+        return [(1,) if prompt is None else (0, *count, -next(lengths))
+                for count, prompt in zip(counts, prompts, strict=True)]
+
+    def folding_pays(self, examples: Sequence[Example]) -> bool:
+        """Whether folding the text route makes `examples` cheaper to answer.
+
+        Folding moves the text delta `D_text` into the base weights: every text position (the prompt's text and
+        each generated token) no longer applies it, but every position of a modality whose route has its own
+        delta now applies `D_m - D_text`, i.e. `D_text` on top of `D_m`. So it pays when text positions
+        (counting all `max_new_tokens` per row) outnumber those modality positions. A media-heavy benchmark with
+        short answers does not pay: an MCUB-4 item of the demo has ~146 modality positions against ~58 of text
+        and a one-letter answer. Without a text delta there is nothing to fold; when every modality shares the
+        text's delta (NaiveMC's single delta) folding leaves no correction and always pays.
+        """
+        routing = self.model.routing
+        text = routing.route_to_delta.get(TEXT_ROUTE)
+        if text is None:
+            return False
+        route_ids = self.model.spec.route_ids()
+        corrected = {m.name for m in self.model.spec.modalities
+                     if routing.route_to_delta.get(route_ids[m.name]) != text}
+        modality = sum(self._positions(name, inputs[0]) * len(inputs)
+                       for example in examples for name, inputs in example.inputs.items()
+                       if name in corrected and inputs)
+        prompts = [Example(prompt=example.prompt) for example in examples]
+        text_positions = sum(self.model.assembler.sequence_lengths(prompts, {m: 0 for m in self.model.processors}))
+        return text_positions + len(examples) * self.max_new_tokens > modality
+
+    def _positions(self, modality: str, processed: torch.Tensor) -> int:
+        if modality not in self._input_positions:
+            self._input_positions[modality] = self.model.input_length(modality, processed)
+        return self._input_positions[modality]
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Fold the model's text route for the run if `fold` says so (None: if `folding_pays` on the first
+        batch), and unfold it after, so a model object reused afterwards is unchanged. A model folded before
+        stays folded."""
+        if self.model.routing.folded or self.fold is False:
+            yield
+            return
+        if self.fold:
+            self.model.fold_text_route()
+        self._deciding = self.fold is None
+        try:
+            yield
+        finally:
+            self._deciding = False
+            self.model.unfold_text_route()
+
+
+def model_predictor(model: MultimodalLLM, max_new_tokens: int = 8, only: Sequence[str] | None = None,
+                    fold: bool | None = None) -> ModelPredictor:
+    """Greedy answers of `model`; with `only`, each sample is first restricted to those modalities."""
+    return ModelPredictor(model, max_new_tokens, only, fold)
 
 
 def embedding_similarity(model: MultimodalLLM) -> Similarity:

@@ -3,14 +3,22 @@
 Model evaluation is slow and gets killed (pre-emption, OOM, Ctrl-C), so every answer is flushed to disk
 as soon as it exists and a rerun only does what is missing. Shards split the work across processes or
 machines by sample index, and :func:`merge_shards` reassembles exactly what one unsharded run writes.
+
+A :class:`StagedPredictor` (a model's, :mod:`mmcompose.eval.predict`) splits prediction into preparing a
+sample (decoding its media) and answering a batch, so that DataLoader workers decode the next batches while
+the model answers this one, and batches are formed from samples of similar length. Both change only the
+speed: the records, their order in the file and the metrics are what the serial path writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from rich.console import Console
 from rich.progress import (
@@ -21,6 +29,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch.utils.data import DataLoader, Dataset
 
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import Similarity
@@ -43,8 +52,34 @@ def shard_files(out_dir: str | Path, shard: tuple[int, int] = (0, 1)) -> tuple[P
     return out_dir / f"predictions.{suffix}.jsonl", out_dir / f"metrics.{suffix}.json"
 
 
+def default_num_workers() -> int:
+    """DataLoader workers for `mmcompose eval`: one per CPU core this process may use but one (left to the
+    model's process), at most 4. An MCUB-4 item takes ~43 ms to decode on one core (PNG, WAV, 8-frame MP4, NPY;
+    `benchmarks/preprocess.py`), so 4 workers decode ~90 items/s, more than a 7B model answers on one GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
 Predictor = Callable[[Sequence[Sample]], Sequence[str]]
 Scorer = Callable[[Sample, str], tuple[str | None, bool]]
+
+
+@runtime_checkable
+class StagedPredictor(Protocol):
+    """A predictor in two stages, which the runner overlaps: `prepare(sample)` (decode and process the inputs;
+    picklable and without the model, since it runs in DataLoader workers; raises :class:`MMComposeError` for a
+    bad input) and `answer(prepared)` for a batch. `sort_keys(samples)` orders samples so that neighbours have
+    similar lengths; `evaluating()` wraps the run (e.g. folds the model's text route)."""
+
+    prepare: Callable[[Sample], Any]
+
+    def __call__(self, samples: Sequence[Sample]) -> Sequence[str]: ...
+
+    def answer(self, prepared: Sequence[Any]) -> Sequence[str]: ...
+
+    def sort_keys(self, samples: Sequence[Sample]) -> list[Any]: ...
+
+    def evaluating(self) -> AbstractContextManager[None]: ...
 
 
 def run_benchmark(
@@ -60,6 +95,8 @@ def run_benchmark(
     similarity: Similarity | None = None,
     batch_size: int = 1,
     scorer: Scorer | None = None,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
 ) -> dict[str, Any]:
     """Predict and score the samples of one shard, append them to its JSONL file, return its metrics.
 
@@ -82,9 +119,18 @@ def run_benchmark(
 
     ``scorer(sample, prediction) -> (parsed, correct)`` replaces the kind's own parsing and matching (a
     benchmark preset that scores exactly as an official script does, :mod:`mmcompose.eval.presets`).
+
+    With a :class:`StagedPredictor`, ``num_workers`` DataLoader worker processes prepare the samples (0: in
+    this process, in turn with answering), each keeping ``prefetch_factor`` batches ready ahead of the model;
+    batches are cut from the samples in ``sort_keys`` order and the predictions file is rewritten in sample
+    order at the end. A sample whose preparation fails is recorded as failed with its one-line error, as when
+    ``predict`` raises for it.
     """
     index, count = _check_shard(shard)
     check_kind(kind)
+    if num_workers < 0 or prefetch_factor < 1:
+        raise MMComposeError(f"num_workers {num_workers}, prefetch_factor {prefetch_factor}: expected 0 or more "
+                             "workers and a prefetch factor of 1 or more")
     positions: dict[str, int] = {}
     for position, sample in enumerate(samples):
         if sample.id in positions:
@@ -99,18 +145,29 @@ def run_benchmark(
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     records = _resume(predictions_path, {samples[p].id: p for p in mine})
     done = {record["id"] for record in records}
-    with predictions_path.open("a", encoding="utf-8") as out, _progress_bar(progress) as bar:
+    todo = [position for position in mine if samples[position].id not in done]
+    staged = isinstance(predict, StagedPredictor)
+    if staged and batch_size > 1 and len(todo) > 1:
+        keys = predict.sort_keys([samples[p] for p in todo])
+        todo = [todo[i] for i in sorted(range(len(todo)), key=keys.__getitem__)]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    evaluating = predict.evaluating() if staged and todo else contextlib.nullcontext()
+    # workers start (fork) here, before the progress bar's refresh thread exists
+    prepared_batches = _prepared(samples, batches, predict.prepare, num_workers, prefetch_factor) if staged \
+        else ((batch, None) for batch in batches)
+    with (evaluating, predictions_path.open("a", encoding="utf-8") as out, _progress_bar(progress) as bar):
         bar_task = bar.add_task(task, total=len(mine), completed=len(done))
-        todo = [position for position in mine if samples[position].id not in done]
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            for record in _predict_batch(samples, batch, golds, predict, kind, labels, similarity, scorer):
+        for batch, prepared in prepared_batches:
+            for record in _predict_batch(samples, batch, golds, predict, kind, labels, similarity, scorer, prepared):
                 out.write(_dumps(record) + "\n")
                 out.flush()
                 records.append(record)
                 bar.advance(bar_task)
 
+    written = [record["index"] for record in records]
     records.sort(key=lambda r: r["index"])
+    if written != sorted(written):
+        atomic_write_text(predictions_path, "".join(_dumps(record) + "\n" for record in records))
     metrics = summarize(records, task, kind)
     if count > 1:
         metrics["shard"] = {"index": index, "count": count, "n_benchmark": len(samples)}
@@ -207,6 +264,37 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return shard[0], shard[1]
 
 
+class _Preparing(Dataset):
+    """Item `position` is the prepared sample, or the :class:`MMComposeError` preparing it raised (which crosses
+    from a worker process intact, to be recorded as that sample's failure)."""
+
+    def __init__(self, samples: Sequence[Sample], prepare: Callable[[Sample], Any]) -> None:
+        self.samples, self.prepare = samples, prepare
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, position: int) -> Any:
+        try:
+            return self.prepare(self.samples[position])
+        except MMComposeError as error:
+            return error
+
+
+def _as_list(items: list[Any]) -> list[Any]:
+    return items
+
+
+def _prepared(samples: Sequence[Sample], batches: list[list[int]], prepare: Callable[[Sample], Any],
+              num_workers: int, prefetch_factor: int) -> Iterator[tuple[list[int], list[Any]]]:
+    """Each batch of positions with its prepared samples, in order; with workers, prepared ahead of use."""
+    if not batches:
+        return iter(())
+    loader = DataLoader(_Preparing(samples, prepare), batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=_as_list, prefetch_factor=prefetch_factor if num_workers else None)
+    return zip(batches, loader, strict=True)
+
+
 def _predict_batch(
     samples: Sequence[Sample],
     positions: list[int],
@@ -216,18 +304,27 @@ def _predict_batch(
     labels: Sequence[str] | None,
     similarity: Similarity | None,
     scorer: Scorer | None = None,
+    prepared: list[Any] | None = None,
 ) -> list[dict[str, Any]]:
-    batch = [samples[p] for p in positions]
-    try:
-        predictions: list[str | MMComposeError] = list(predict(batch))
-    except MMComposeError as exc:
-        if len(batch) == 1:
-            predictions = [exc]
-        else:
-            return [record for p in positions
-                    for record in _predict_batch(samples, [p], golds, predict, kind, labels, similarity, scorer)]
-    if len(predictions) != len(batch):
-        raise TypeError(f"predict returned {len(predictions)} answers for {len(batch)} samples")
+    """Records of one batch. `prepared` (a staged predictor's prepared samples, or their errors) is answered with
+    `predict.answer`; without it, `predict` is called on the samples themselves."""
+    items: list[Any] = [samples[p] for p in positions] if prepared is None else prepared
+    call = predict if prepared is None else predict.answer  # type: ignore[attr-defined]
+    ready = [i for i, item in enumerate(items) if not isinstance(item, MMComposeError)]
+    predictions: list[Any] = list(items)
+    if ready:
+        try:
+            answers: list[str | MMComposeError] = list(call([items[i] for i in ready]))
+        except MMComposeError as exc:
+            if len(ready) > 1:
+                return [record for i, p in enumerate(positions) for record in _predict_batch(
+                    samples, [p], golds, predict, kind, labels, similarity, scorer,
+                    None if prepared is None else [prepared[i]])]
+            answers = [exc]
+        if len(answers) != len(ready):
+            raise TypeError(f"predict returned {len(answers)} answers for {len(ready)} samples")
+        for i, answer in zip(ready, answers, strict=True):
+            predictions[i] = answer
     return [_record(samples[p], p, golds[p], prediction, kind, labels, similarity, scorer)
             for p, prediction in zip(positions, predictions, strict=True)]
 

@@ -132,6 +132,20 @@ class Assembler:
                 raise InputError(f"{name}: prompt has {found} {placeholder} placeholder(s) but {given} "
                                  f"{modality} input(s) were given")
 
+    def _check_length(self, index: int, example: Example, layout: _Layout) -> None:
+        if len(layout.ids) > self.max_length:
+            raise InputError(f"{example.id or f'sample {index}'}: sequence of {len(layout.ids)} tokens exceeds "
+                             f"the model's limit of {self.max_length}")
+
+    def layout(self, example: Example, lengths: dict[str, int]) -> tuple[list[int], list[int], list[tuple[str, int]]]:
+        """`example`'s token ids (0 at modality positions), routes, and modality spans `(modality, length)` in order
+        of appearance, after the checks a batch gets (placeholders against inputs, the length limit): for a caller
+        that embeds positions itself, such as a chat session appending a turn to its cache."""
+        self._check_inputs(0, example)
+        layout = self._layout(example, lengths)
+        self._check_length(0, example, layout)
+        return layout.ids, layout.routes, layout.spans
+
     def __call__(self, examples: list[Example], encode: Callable[[str, torch.Tensor], torch.Tensor],
                  embed_tokens: Callable[[torch.Tensor], torch.Tensor],
                  padding_side: Literal["left", "right"] = "right") -> Batch:
@@ -147,9 +161,7 @@ class Assembler:
         lengths = {m: f.shape[1] for m, f in features.items()}
         layouts = [self._layout(example, lengths) for example in examples]
         for index, (example, layout) in enumerate(zip(examples, layouts, strict=True)):
-            if len(layout.ids) > self.max_length:
-                raise InputError(f"{example.id or f'sample {index}'}: sequence of {len(layout.ids)} tokens exceeds "
-                                 f"the model's limit of {self.max_length}")
+            self._check_length(index, example, layout)
         width = max(len(layout.ids) for layout in layouts)
         shape = (len(examples), width)
         ids = torch.zeros(shape, dtype=torch.long)

@@ -6,15 +6,19 @@ row's next position. Rows are left padded, so every row's next token sits in the
 leave (`keep`) and join (`extend`) between steps: joining pads the shorter side's cache and mask on the left
 with masked-out columns, and leaving drops the rows and any leading column no remaining row attends to.
 
+A state also outlives one answer: `crop` cuts it back to a prefix and `feed` appends positions with their routes,
+so a chat session prefills only what a new turn adds to the conversation already in the cache.
+
 Compared with transformers' `generate`: no logits processors, stopping criteria or per-step input preparation
-(each step is one embedding lookup, one mask column and one forward); routes apply to the prefill only, since
-every generated token is text. The cache is built without the model config, so every layer is a plain
+(each step is one embedding lookup, one mask column and one forward); routes apply to the prefill (and `feed`)
+only, since every generated token is text. The cache is built without the model config, so every layer is a plain
 `DynamicLayer` (full attention, position-aligned across rows), which is what joining and trimming rows need;
 a sliding-window model still attends within its window, because the mask, not the cache, enforces it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,6 +71,19 @@ class DecodeState:
             layer.keys = torch.cat([pad(layer.keys, 2, mine), pad(incoming.keys, 2, theirs)])
             layer.values = torch.cat([pad(layer.values, 2, mine), pad(incoming.values, 2, theirs)])
 
+    @property
+    def length(self) -> int:
+        """Columns in the cache (padding included)."""
+        return self.mask.shape[1]
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` columns (a prefix shared with what comes next); each row's next position
+        is then its count of attended columns."""
+        self.mask = self.mask[:, :length]
+        self.positions = self.mask.sum(-1, keepdim=True)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
 
 def prefill(model: MultimodalLLM, batch: Batch) -> tuple[DecodeState, torch.Tensor]:
     """Run a left-padded prompt batch with its routes into a fresh cache; return the state and the last
@@ -78,15 +95,49 @@ def prefill(model: MultimodalLLM, batch: Batch) -> tuple[DecodeState, torch.Tens
     return state, out.logits[:, -1].float()
 
 
+def feed(model: MultimodalLLM, state: DecodeState, embeds: torch.Tensor, routes: torch.Tensor | None) -> torch.Tensor:
+    """Append `n` positions per row (`embeds (rows, n, hidden)`, `routes (rows, n)`, None: all text) to the cache;
+    return the last position's logits `(rows, vocab)` in float32."""
+    count = embeds.shape[1]
+    state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, count)], dim=1)
+    positions = state.positions + torch.arange(count, device=state.positions.device)
+    with model.routing.route(routes):
+        out = model.llm(inputs_embeds=embeds, attention_mask=state.mask, position_ids=positions,
+                        cache=state.cache, use_cache=True, logits_to_keep=1)
+    state.positions = positions[:, -1:] + 1
+    return out.logits[:, -1].float()
+
+
 def step(model: MultimodalLLM, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
     """Feed one text token per row (`(rows,)`); return the next logits `(rows, vocab)` in float32."""
-    embeds = model.llm.get_input_embeddings()(tokens).unsqueeze(1)
-    state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], dim=1)
-    with model.routing.route(None):
-        out = model.llm(inputs_embeds=embeds, attention_mask=state.mask, position_ids=state.positions,
-                        cache=state.cache, use_cache=True)
-    state.positions = state.positions + 1
-    return out.logits[:, -1].float()
+    return feed(model, state, model.llm.get_input_embeddings()(tokens).unsqueeze(1), None)
+
+
+def decode(model: MultimodalLLM, state: DecodeState, logits: torch.Tensor, max_new_tokens: int, *,
+           temperature: float = 0.0, generator: torch.Generator | None = None,
+           on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Choose up to `max_new_tokens` tokens per row from the prefill's `logits`, stepping the state; rows that
+    reached EOS leave it. Returns each row's tokens (its EOS included). The last chosen token is never fed, so
+    with one row the cache ends up holding the prompt and every chosen token but the last."""
+    eos = model.tokenizer.eos_token_id
+    tokens: list[list[int]] = [[] for _ in range(state.rows)]
+    active = list(range(state.rows))
+    for count in range(max_new_tokens):
+        chosen = choose(logits, temperature, generator=generator)
+        for row, token in zip(active, chosen.tolist(), strict=True):
+            tokens[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+        running = [index for index, token in enumerate(chosen.tolist()) if token != eos]
+        if not running or count + 1 == max_new_tokens:
+            break
+        if len(running) < len(active):
+            keep = torch.tensor(running, device=chosen.device)
+            state.keep(keep)
+            chosen = chosen[keep]
+            active = [active[index] for index in running]
+        logits = step(model, state, chosen)
+    return tokens
 
 
 def choose(logits: torch.Tensor, temperature: float, top_p: float = 1.0,

@@ -20,7 +20,7 @@ from mmcompose.files import atomic_directory
 from mmcompose.modalities import build_connector, build_encoder, build_processor, get_modality
 from mmcompose.model.assembly import Assembler, Batch, Example
 from mmcompose.model.conversation import CHAT, format_conversation, tokenizer_chat_template
-from mmcompose.model.generation import choose, prefill, step
+from mmcompose.model.generation import choose, decode, prefill
 from mmcompose.model.manifest import (
     TENSOR_FILE,
     BaseReference,
@@ -167,18 +167,17 @@ class MultimodalLLM(nn.Module):
     @torch.no_grad()
     def input_length(self, modality: str, processed: torch.Tensor) -> int:
         """How many LLM positions one processed input of `modality` takes, boundary tokens included."""
-        return self.branches[modality](processed.unsqueeze(0).to(self.device, self._dtype_of(modality))).shape[1]
+        return self.encode(modality, processed.unsqueeze(0)).shape[1]
+
+    def encode(self, modality: str, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
+        """Stacked processed inputs `(n, ...)` of `modality` -> their LLM positions `(n, tokens, hidden)`, on the
+        model's device; with `encoded`, the inputs are encoder outputs (a feature cache)."""
+        return self.branches[modality](inputs.to(self.device, self._dtype_of(modality)), encoded=encoded)
 
     def example(self, prompt: str, inputs: dict[str, Sequence[Any]] | None = None, target: str | None = None,
                 id: str = "") -> Example:
         """Process raw inputs (paths or arrays) with each modality's processor into an `Example`."""
-        processed: dict[str, list[torch.Tensor]] = {}
-        for modality, sources in (inputs or {}).items():
-            if modality not in self.processors:
-                raise InputError(f"{id or 'sample'}: input of modality {modality!r}, which this model does not have "
-                                 f"(it has: {', '.join(self.processors) or 'none'})")
-            processed[modality] = [self.processors[modality](source) for source in sources]
-        return Example(prompt=prompt, inputs=processed, target=target, id=id)
+        return Example(prompt=prompt, inputs=process_inputs(self.processors, inputs, id), target=target, id=id)
 
     def format_conversation(self, turns: list[dict[str, str]]) -> tuple[str, str | None]:
         """`turns` as (prompt, target) in this model's template: the one place training and inference format."""
@@ -195,8 +194,7 @@ class MultimodalLLM(nn.Module):
         embed = self.llm.get_input_embeddings()
         return self.assembler(
             examples,
-            encode=lambda modality, x: self.branches[modality](x.to(self.device, self._dtype_of(modality)),
-                                                               encoded=modality in encoded),
+            encode=lambda modality, x: self.encode(modality, x, encoded=modality in encoded),
             embed_tokens=lambda ids: embed(ids.to(self.device)),
             padding_side=padding_side,
         )
@@ -219,28 +217,16 @@ class MultimodalLLM(nn.Module):
         """
         if not use_cache:
             return self._generate_uncached(examples, max_new_tokens, temperature, generator, on_token)
-        eos = self.tokenizer.eos_token_id
-        tokens: list[list[int]] = [[] for _ in examples]
         if max_new_tokens <= 0:
             return ["" for _ in examples]
         state, logits = prefill(self, self.assemble(examples, padding_side="left"))
-        active = list(range(len(examples)))
-        for count in range(max_new_tokens):
-            chosen = choose(logits, temperature, generator=generator)
-            for row, token in zip(active, chosen.tolist(), strict=True):
-                tokens[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
-            running = [index for index, token in enumerate(chosen.tolist()) if token != eos]
-            if not running or count + 1 == max_new_tokens:
-                break
-            if len(running) < len(active):
-                keep = torch.tensor(running, device=self.device)
-                state.keep(keep)
-                chosen = chosen[keep]
-                active = [active[index] for index in running]
-            logits = step(self, state, chosen)
-        return [self.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
+        tokens = decode(self, state, logits, max_new_tokens, temperature=temperature, generator=generator,
+                        on_token=on_token)
+        return [self.answer_text(row) for row in tokens]
+
+    def answer_text(self, tokens: list[int]) -> str:
+        """Generated tokens as text: up to the first EOS, special tokens skipped."""
+        return self.tokenizer.decode(_until_eos(tokens, self.tokenizer.eos_token_id), skip_special_tokens=True)
 
     def _generate_uncached(self, examples: list[Example], max_new_tokens: int, temperature: float,
                            generator: torch.Generator | None,
@@ -472,6 +458,19 @@ class MultimodalLLM(nn.Module):
             index[f"llm.{name}"] = {"safetensors_file": stored[source], "weight_name": source,
                                     "dtype": str(tensor.dtype).removeprefix("torch.")}
         return index
+
+
+def process_inputs(processors: dict[str, Any], inputs: dict[str, Sequence[Any]] | None,
+                   id: str = "") -> dict[str, list[torch.Tensor]]:
+    """Raw inputs (paths or arrays) -> each modality's processed tensors. It needs only the processors, so it
+    can run where the model is not (a DataLoader worker decoding the media of the next batches)."""
+    processed: dict[str, list[torch.Tensor]] = {}
+    for modality, sources in (inputs or {}).items():
+        if modality not in processors:
+            raise InputError(f"{id or 'sample'}: input of modality {modality!r}, which this model does not have "
+                             f"(it has: {', '.join(processors) or 'none'})")
+        processed[modality] = [processors[modality](source) for source in sources]
+    return processed
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
