@@ -6,7 +6,7 @@ is measured in the same run, interleaved:
 
 * hf-generate - the reference: transformers' `model.generate` (greedy) on the bare base `LlamaForCausalLM`;
 * base        - our generation loop on the bare base LLM (no deltas);
-* routed      - mmcompose: text delta folded into W, each modality's `D_m - D_text` on its own tokens only;
+* routed      - mmcompose: text delta folded into W, each modality's `D_m` and `-D_text` on its own tokens only;
 * serving     - `routed` through the server's batcher (one request), as `mmcompose serve` decodes;
 * masked      - the official code's approach: every delta computed on every token, then masked by route.
 
@@ -14,6 +14,13 @@ Decode tok/s is 1 / the median interval between successive generated tokens (pre
 timestamp per token (a stopping criterion for `generate`, `on_token` for our loop, the batcher's token
 times); prefill is one forward over the prompt. Ratios are to hf-generate; medians with the min-max spread
 over repeats. Run: `python benchmarks/routing.py --threads 1`.
+
+Each is measured twice: in wall time, and in the CPU time of the process (`time.process_time()`, taken with
+each timestamp above), which a machine loaded by other jobs disturbs much
+less (with one torch thread the process runs on one core at a time; waiting for a core is not counted).
+Prefill is also timed in `--pairs` pairs, each variant back to back with hf-generate's prefill (order
+alternating), and reported as the median of the per-pair ratios: a ratio of two runs a fraction of a second
+apart is what a load that changes over seconds disturbs least.
 """
 
 from __future__ import annotations
@@ -81,29 +88,43 @@ def build(base: Path, strategy: str, rank: int) -> MultimodalLLM:
     return model.eval()
 
 
-def time_once(function) -> float:
-    start = time.perf_counter()
+def time_once(function) -> tuple[float, float]:
+    """Wall and CPU seconds of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 class TokenClock(StoppingCriteria):
     """Never stops; records when each token was generated (called once per step by `generate`)."""
 
-    def __init__(self, times: list[float]) -> None:
+    def __init__(self, times: list[tuple[float, float]]) -> None:
         self.times = times
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.times.append(time.perf_counter())
+        self.times.append(clock())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def decode_seconds(times: list[float], expected: int) -> float:
-    """Seconds per decoded token: the median interval between successive tokens, so that a burst of load
-    from other jobs on the machine during a few steps does not move the result."""
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+class TokenStamps(list):
+    """The batcher's `token_times`: it appends `perf_counter()` at each token (in its own thread); we keep that
+    with the process's CPU time at the same moment."""
+
+    def append(self, wall: float) -> None:
+        super().append((wall, time.process_time()))
+
+
+def decode_seconds(times: list[tuple[float, float]], expected: int) -> tuple[float, float]:
+    """Wall and CPU seconds per decoded token: the median interval between successive tokens, so that a burst
+    of load from other jobs on the machine during a few steps does not move the result."""
     if len(times) != expected:
         raise RuntimeError(f"generation stopped after {len(times)} of {expected} tokens; the rate would be wrong")
-    return statistics.median(later - earlier for earlier, later in itertools.pairwise(times))
+    return tuple(statistics.median(later[i] - earlier[i] for earlier, later in itertools.pairwise(times))
+                 for i in (0, 1))
 
 
 def main() -> None:
@@ -112,6 +133,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=30, help="prefill pairs timed back to back (see the docstring)")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,10 +157,10 @@ def main() -> None:
             return lambda: model(batch, logits_to_keep=1)
 
         def decode(model: MultimodalLLM):
-            def run() -> float:
-                times: list[float] = []
+            def run() -> tuple[float, float]:
+                times: list[tuple[float, float]] = []
                 model.generate([example], max_new_tokens=args.new_tokens,
-                               on_token=lambda row, token: times.append(time.perf_counter()))
+                               on_token=lambda row, token: times.append(clock()))
                 return decode_seconds(times, args.new_tokens)
             return run
 
@@ -148,8 +170,8 @@ def main() -> None:
         def hf_prefill() -> None:
             reference(inputs_embeds=embeds, attention_mask=batch.attention_mask, logits_to_keep=1)
 
-        def hf_decode() -> float:
-            times: list[float] = []
+        def hf_decode() -> tuple[float, float]:
+            times: list[tuple[float, float]] = []
             reference.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, do_sample=False,
                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
                                stopping_criteria=StoppingCriteriaList([TokenClock(times)]))
@@ -178,9 +200,9 @@ def main() -> None:
         batcher = Batcher(composed, max_batch=1)
         batcher.start()
 
-        def serving_decode() -> float:
+        def serving_decode() -> tuple[float, float]:
             done = threading.Event()
-            job = Job(example=example, max_tokens=args.new_tokens, token_times=[],
+            job = Job(example=example, max_tokens=args.new_tokens, token_times=TokenStamps(),
                       notify=lambda event: done.set() if event.kind != "delta" else None)
             batcher.submit(job)
             if not done.wait(600):
@@ -195,6 +217,7 @@ def main() -> None:
             "masked": (with_masks(prompt_masks, prefill(masked)), with_masks(text_masks, decode(masked))),
         }
         samples = {name: {"prefill": [], "decode": []} for name in variants}
+        load_start = os.getloadavg()
         with torch.no_grad():
             for first, second in variants.values():  # warm-up
                 first()
@@ -203,6 +226,12 @@ def main() -> None:
                 for name, (first, second) in variants.items():
                     samples[name]["prefill"].append(time_once(first))
                     samples[name]["decode"].append(second())
+            paired: dict[str, list[float]] = {"base": [], "routed": []}
+            for index in range(args.pairs):  # back to back with the anchor, in alternating order
+                for name in paired:
+                    runs = [hf_prefill, variants[name][0]]
+                    cpu = [time_once(run)[1] for run in (runs if index % 2 else runs[::-1])]
+                    paired[name].append(cpu[1] / cpu[0] if index % 2 else cpu[0] / cpu[1])
         batcher.close()
 
     tokens = int(batch.attention_mask.sum())
@@ -212,24 +241,35 @@ def main() -> None:
         f"- command: `python benchmarks/routing.py --rank {args.rank} --new-tokens {args.new_tokens} "
         f"--repeats {args.repeats} --threads {args.threads}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
-        f"thread(s), load average {os.getloadavg()[0]:.1f} at the end; variants interleaved, medians",
+        f"thread(s); load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_start)} at the start, "
+        f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} at the end; variants interleaved, medians",
         f"- model: LLaMA {parameters / 1e6:.1f}M parameters, 4 modalities, decoupled rank {args.rank} "
         f"(4 modality deltas + text delta), prompt {tokens} tokens ({int((batch.routes > 0).sum())} modality)",
         "",
-        "| variant | prefill ms (min-max) | prefill vs hf | decode tok/s (min-max) | decode vs hf-generate |",
-        "|---|---|---|---|---|",
+        "| variant | prefill ms (min-max) | vs hf | prefill CPU ms (min-max) | vs hf | decode tok/s (min-max) "
+        "| vs hf-generate | decode tok/s of CPU (min-max) | vs hf-generate |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     reference = samples["hf-generate"]
+
+    def cell(values: list[float], anchor: list[float], rate: bool) -> str:
+        """Median (min-max) and the ratio of medians to the anchor's, as ms or as tokens per second."""
+        shown = [1 / v if rate else 1000 * v for v in values]
+        ratio = statistics.median(anchor) / statistics.median(values)
+        return (f"{statistics.median(shown):.1f} ({min(shown):.1f}-{max(shown):.1f}) | "
+                f"{ratio if rate else 1 / ratio:.3f}x")
+
     for name, timing in samples.items():
-        prefill_ms = [1000 * t for t in timing["prefill"]]
-        speeds = [1 / t for t in timing["decode"]]
-        prefill_ratio = statistics.median(timing["prefill"]) / statistics.median(reference["prefill"])
-        decode_ratio = statistics.median(reference["decode"]) / statistics.median(timing["decode"])
-        lines.append(f"| {name} | {statistics.median(prefill_ms):.1f} ({min(prefill_ms):.1f}-{max(prefill_ms):.1f}) "
-                     f"| {prefill_ratio:.3f}x | {statistics.median(speeds):.1f} ({min(speeds):.1f}-{max(speeds):.1f}) "
-                     f"| {decode_ratio:.3f}x |")
+        columns = [cell([t[i] for t in timing[phase]], [t[i] for t in reference[phase]], phase == "decode")
+                   for phase in ("prefill", "decode") for i in (0, 1)]
+        lines.append(f"| {name} | " + " | ".join(columns) + " |")
     lines += ["", "Ratios are of medians, all variants measured interleaved in this run; the machine is shared "
-              "with other jobs, so absolute numbers move between runs and only the ratios compare."]
+              "with other jobs, so absolute numbers move between runs and only the ratios compare.", ""]
+    for name, ratios in paired.items() if args.pairs > 1 else ():
+        quartiles = statistics.quantiles(ratios, n=4)
+        lines.append(f"- prefill CPU time of {name} / hf-generate, {len(ratios)} pairs timed back to back: median "
+                     f"{statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+                     f"min-max {min(ratios):.3f}-{max(ratios):.3f})")
     publish(lines, args.results)
 
 

@@ -74,9 +74,9 @@ def test_disk_offload_gives_the_in_memory_output(saved: tuple[MultimodalLLM, Pat
     seen: list[tuple[str, str]] = []
 
     def check_plan(module: RoutedLinear, args: tuple[torch.Tensor, ...]) -> None:
-        for _, index in module._context.plan:
-            if index is not None:
-                seen.append((str(index.device), str(args[0].device)))
+        plan = module._context.plan
+        if plan is not None and plan.rows is not None:
+            seen.append((str(plan.rows_on(args[0].device).device), str(args[0].device)))
 
     handles = [layer.register_forward_pre_hook(check_plan) for layer in offloaded.routed.values()]
     torch.testing.assert_close(_logits(offloaded), _logits(model), rtol=1e-5, atol=1e-5)

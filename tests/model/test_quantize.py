@@ -236,7 +236,7 @@ def test_folding_a_packed_layer_is_refused(kind: str) -> None:
     layer = RoutedLinear(_quantized_linear(kind, nn.Linear(64, 32)), RouteContext({0: "language"}))
     layer.add_delta("language", "lora", rank=2, alpha=2.0)
     with pytest.raises(MMComposeError, match=r"cannot fold a delta into .*quantized"):
-        layer.fold("language", set())
+        layer.fold("language")
 
 
 @needs_bitsandbytes

@@ -10,12 +10,12 @@ Layout of `out`:
 
 So `AutoModelForCausalLM.from_pretrained(out)` is the model every text token sees (what a text-only
 consumer wants), and `load_checkpoint(out / "mmcompose")` is the full multimodal model with no other file.
-Because the text delta now lives in `W`, every modality route must apply `D_m - D_text` (the same
-correction `MultimodalLLM.fold_text_route` derives at run time): LoRA minus LoRA stays low-rank (factors
-concatenated, rank `r_m + r_text`); anything else becomes dense. A modality whose tokens had no delta of
-their own gets `-D_text` (delta `minus-text`) to keep seeing the original base. The exported checkpoint's
-base is a different LLM from the original's, so it cannot be composed with models of the original base
-(the fingerprint check refuses it); compose first, then export.
+Because the text delta now lives in `W`, every modality route must apply `D_m - D_text` (the correction
+`MultimodalLLM.fold_text_route` applies at run time from the two deltas, here written out as one): LoRA minus
+LoRA stays low-rank (factors concatenated, rank `r_m + r_text`); anything else becomes dense. A modality whose
+tokens had no delta of their own gets `-D_text` (delta `minus-text`) to keep seeing the original base. The
+exported checkpoint's base is a different LLM from the original's, so it cannot be composed with models of the
+original base (the fingerprint check refuses it); compose first, then export.
 
 Weights are streamed file by file and tensor by tensor, keeping the base's file names and index.
 """

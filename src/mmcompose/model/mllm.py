@@ -264,8 +264,12 @@ class MultimodalLLM(nn.Module):
         return any(layer.packed for layer in self.routed.values())
 
     def fold_text_route(self) -> None:
-        """Fold the text route's delta into the base weights: generated tokens then cost what the base
-        LLM costs; modality routes apply `D_m - D_text` to their own tokens only.
+        """Fold the text route's delta into the base weights (`W += D_text`, in place, layer by layer): generated
+        tokens then cost what the base LLM costs, and each modality route applies `D_m` and `-D_text` to its own
+        tokens from the factors the model already holds. No copy of `W` is kept and nothing is derived: the fold
+        needs no memory beyond `W` itself. `unfold_text_route` reads the original weights back from the base
+        LLM's safetensors, which are checked here first (every target weight there, with its shape), so that no
+        fold is done that could not be undone.
 
         A model with offloaded layers (weights on the disk, or on the CPU for a GPU model) is left unfolded: its
         hooks reload those weights from their files at every forward, so nothing added into them would last; the
@@ -275,22 +279,47 @@ class MultimodalLLM(nn.Module):
                 any(layer.base.weight.device.type == "meta" for layer in self.routed.values()):
             return
         text = self.routing.route_to_delta.get(TEXT_ROUTE)
-        modality_routes = {r: self.routing.route_to_delta.get(r, "__base__")
-                           for r in self.spec.route_ids().values() if r != TEXT_ROUTE}
-        corrections = {r: name for r, name in modality_routes.items()
-                       if name != text and not (name == "__base__" and text is None)}
-        for layer in self.routed.values():
-            layer.fold(text, set(corrections.values()))
-        self.routing.folded_route_to_delta = corrections
+        if text is not None:
+            for path, layer in self.routed.items():
+                refusal = layer.fold_refusal()
+                if refusal is not None:
+                    raise MMComposeError(f"cannot fold the text route's delta into {path}: {refusal}")
+            with TensorReader(weight_files(Path(self.base_path))) as reader:
+                self._stored_weight_names(reader)
+            for layer in self.routed.values():
+                layer.fold(text)
         self.routing.folded = True
 
     def unfold_text_route(self) -> None:
+        """Undo `fold_text_route`: every folded `W` is read back from the base LLM's safetensors (memory-mapped,
+        one tensor at a time) and cast as loading cast it, so the weights are bit for bit those of a fresh load
+        in the model's dtype. The base's fingerprint must still be the one the model was loaded with."""
         if not self.routing.folded:
             return
-        for layer in self.routed.values():
-            layer.unfold()
+        if self.routing.route_to_delta.get(TEXT_ROUTE) is not None:
+            if fingerprint_base(self.base_path) != self.base_fingerprint:
+                raise CheckpointError(f"{self.base_path}: the base LLM's weights changed on disk since the model was "
+                                      f"loaded, so the folded weights cannot be restored from them")
+            with TensorReader(weight_files(Path(self.base_path))) as reader:
+                for path, name in self._stored_weight_names(reader).items():
+                    self.routed[path].unfold(reader.get(name))
         self.routing.folded = False
-        self.routing.folded_route_to_delta = {}
+
+    def _stored_weight_names(self, reader: TensorReader) -> dict[str, str]:
+        """The base LLM's tensor name of each routed layer's weight (its path plus `.weight`, as transformers saves
+        it), each checked against the layer's shape."""
+        names = {}
+        for path, layer in self.routed.items():
+            name = f"{path}.weight"
+            if name not in reader:
+                raise CheckpointError(f"{self.base_path}: no tensor {name} in the base LLM's safetensors, so the "
+                                      f"weight of {path} could not be restored after folding")
+            shape = tuple(layer.base.weight.shape)
+            if reader.layout[name][1] != shape:
+                raise CheckpointError(f"{self.base_path}: tensor {name} has shape {reader.layout[name][1]}, "
+                                      f"the model's weight {shape}")
+            names[path] = name
+        return names
 
     # --- tensors a checkpoint stores ------------------------------------------------------------------
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

@@ -2,10 +2,16 @@
 
 Each token carries a route: `0` for text (every token that did not come from a connector, generated
 tokens included) and one id per modality. A delta serves one or more routes. Per forward, the model sets
-the routes once on a shared `RouteContext`, which turns them into a plan of (delta, token indices); every
-`RoutedLinear` then runs its base matmul once over all tokens and adds each delta only on the tokens of its
-routes (gather -> low-rank product -> scatter-add). The text route's delta can be folded into `W`, so that
-generated tokens cost exactly what the base LLM costs; modality routes then apply `D_m - D_text`.
+the routes once on a shared `RouteContext`, which turns them into a `RoutePlan`; every `RoutedLinear` then
+runs its base matmul once over all tokens and adds each delta only on the tokens of its routes, in one of two
+forms: at inference, when each route's tokens are one run of consecutive tokens (one prompt, one input per
+modality), in place into the base output, with no gather or scatter; otherwise (training, batches), on the
+tokens gathered once, sorted by route so that each route is one contiguous slice, with one scatter-add back.
+
+The text route's delta can be folded into `W` (`W += D_text`), so that generated tokens cost exactly what the
+base LLM costs. A modality route `m` then needs `D_m - D_text`: the plan applies `D_m` and `-D_text` to `m`'s
+tokens from the factors the model already holds (nothing is materialised, so folding costs no memory beyond
+`W` itself). Unfolding restores `W` from the base LLM's own weight files.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +38,21 @@ def lora_product(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> 
     return (lora_b @ lora_a) * scaling
 
 
+def _is_power_of_two(value: float) -> bool:
+    return value > 0 and math.frexp(value)[0] == 0.5
+
+
 class LoRADelta(nn.Module):
-    """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT."""
+    """`D = (alpha / rank) * B @ A`, applied as two thin matmuls; B starts at zero as in LoRA/PEFT.
+
+    PEFT scales the output (`B(A x) * scaling`); when `scaling` is a power of two we scale the rank-r
+    intermediate instead (`B(scaling * A x)`): multiplying by a power of two is exact, so the result is the
+    same bit for bit (checked in float32 and bfloat16 by tests/model/test_routed.py; float16's narrow range
+    can make the two differ in the last bit), and the multiply touches `rank` columns instead of
+    `out_features` (measured on one thread, 400 tokens x 768, rank 16: on the output it made a LoRA's forward
+    and backward 16-24% slower than unscaled, on the intermediate ~3%). Any other scaling is applied to the
+    output, as PEFT does.
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
@@ -42,8 +62,18 @@ class LoRADelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+    def forward(self, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """`sign * D x`; the sign rides on the scaling (negation is exact)."""
+        scaling = sign * self.scaling
+        if _is_power_of_two(self.scaling):
+            return F.linear(F.linear(x, self.lora_A) * scaling, self.lora_B)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * scaling
+
+    def add_into(self, out: torch.Tensor, x: torch.Tensor, sign: int = 1) -> None:
+        """`out += sign * D x` for 2-D `x` and `out`, in place: the scaling and the add ride on one `addmm_`, so
+        no `out`-sized temporary is made (inference only: see `RoutePlan`). One rounding where `forward` plus an
+        add has two, so the two forms agree to the last bit or so, not bit for bit."""
+        out.addmm_(F.linear(x, self.lora_A), self.lora_B.t(), alpha=sign * self.scaling)
 
     def matrix(self) -> torch.Tensor:
         return lora_product(self.lora_A, self.lora_B, self.scaling)
@@ -57,8 +87,14 @@ class DenseDelta(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
+        """`sign * D x`."""
+        out = F.linear(x, self.weight)
+        return out if sign == 1 else -out
+
+    def add_into(self, out: torch.Tensor, x: torch.Tensor, sign: int = 1) -> None:
+        """`out += sign * D x` for 2-D `x` and `out`, in place, as one `addmm_`."""
+        out.addmm_(x, self.weight.t(), alpha=sign)
 
     def matrix(self) -> torch.Tensor:
         return self.weight
@@ -68,7 +104,9 @@ Delta = LoRADelta | DenseDelta
 
 
 def difference(minuend: Delta | None, subtrahend: Delta) -> Delta:
-    """`minuend - subtrahend` as one delta: low-rank (concatenated factors) when both are LoRA, else dense."""
+    """`minuend - subtrahend` as one delta: low-rank (concatenated factors) when both are LoRA, else dense.
+
+    For writing a correction out (`mmcompose export`); the running model never materialises it."""
     with torch.no_grad():
         if isinstance(subtrahend, LoRADelta) and not isinstance(minuend, DenseDelta):
             parts = [] if minuend is None else [(minuend.lora_A, minuend.lora_B * minuend.scaling)]
@@ -85,19 +123,84 @@ def difference(minuend: Delta | None, subtrahend: Delta) -> Delta:
     return result.requires_grad_(False)
 
 
+Need = tuple[tuple[str, int], ...]
+"""The (delta name, sign) pairs one token needs on top of the base weights."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """`sign * delta` applied to the gathered rows `[start, stop)`."""
+
+    delta: str
+    sign: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive flat rows `[start, stop)` (stop None: to the end) that need the same deltas."""
+
+    start: int
+    stop: int | None
+    needs: Need
+
+
+@dataclass
+class RoutePlan:
+    """What one forward applies, shared by every `RoutedLinear` of the model, in two equivalent forms.
+
+    `runs`: the stretches of consecutive tokens that need a delta, in token order (a prompt's modality input is
+    one run: its features and boundary tokens). Inference adds each run's deltas into the base output in place,
+    with no gather or scatter. Only when each route that needs a delta is one run (one prompt, one input per
+    modality, text folded away), else None: more runs mean more small matmuls than one gather costs, down to
+    one-token runs (a newline between two inputs), whose one-row products BLAS computes in an order that
+    depends on the factors' memory alignment (a checkpoint memory-mapped from its file then gives other bits).
+
+    `rows`, `count`, `terms`: the flat token indices that need a delta, sorted by route (stably, so each route's
+    rows keep their order and form one contiguous slice), how many there are, and the terms over them; `rows`
+    None means every row, in order. Either the first term covers all `count` rows and the others are slices of it
+    (a folded model: `-D_text` over all modality rows, `D_m` on each route's slice), or the terms tile the rows
+    in order (one delta per route). Training uses this form: one gather and one scatter per linear, and no
+    in-place add into a view of the base output (autograd would copy the whole output for each).
+
+    The indices live on the device of the routes tensor (the embedding's); a layer placed on another device (a
+    model split over GPUs by accelerate) asks `rows_on(device)`, which moves them once per device per forward and
+    hands every later layer on that device the same copy.
+    """
+
+    runs: list[Run] | None
+    rows: torch.Tensor | None
+    count: int | None
+    terms: list[Term]
+    _by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def everywhere(cls, needs: Need) -> RoutePlan:
+        """Every token needs the same deltas."""
+        return cls([Run(0, None, needs)], None, None, [Term(name, sign, 0, 0) for name, sign in needs])
+
+    def rows_on(self, device: torch.device) -> torch.Tensor | None:
+        if self.rows is None or self.rows.device == device:
+            return self.rows
+        moved = self._by_device.get(device)
+        if moved is None:
+            moved = self._by_device[device] = self.rows.to(device)
+        return moved
+
+
 class RouteContext:
     """Model-wide routing state shared by every `RoutedLinear` of one model.
 
-    `route_to_delta` maps a route id to the name of the delta serving it. `plan` is what the current
-    forward applies: a list of (delta name, flat token indices or None for "every token"), computed once
-    per forward instead of once per layer.
+    `route_to_delta` maps a route id to the name of the delta serving it; `folded` says the text route's
+    delta lives in `W`. `plan` is what the current forward applies, computed once per forward instead of
+    once per layer (None: only the base weights).
     """
 
     def __init__(self, route_to_delta: dict[int, str]) -> None:
         self.route_to_delta = dict(route_to_delta)
-        self.folded_route_to_delta: dict[int, str] = {}
         self.folded = False
-        self.plan: list[tuple[str, torch.Tensor | None]] = []
+        self.plan: RoutePlan | None = None
 
     @contextmanager
     def route(self, routes: torch.Tensor | None) -> Iterator[None]:
@@ -106,27 +209,53 @@ class RouteContext:
         try:
             yield
         finally:
-            self.plan = []
+            self.plan = None
 
-    def _make_plan(self, routes: torch.Tensor | None) -> list[tuple[str, torch.Tensor | None]]:
-        mapping = self.folded_route_to_delta if self.folded else self.route_to_delta
+    def _needs(self, route: int) -> Need:
+        """What a token of `route` needs on top of the base weights as they are now (folded or not)."""
+        text, own = self.route_to_delta.get(TEXT_ROUTE), self.route_to_delta.get(route)
+        if not self.folded:
+            return () if own is None else ((own, 1),)
+        if route == TEXT_ROUTE or own == text:
+            return ()
+        return tuple(([] if own is None else [(own, 1)]) + ([] if text is None else [(text, -1)]))
+
+    def _make_plan(self, routes: torch.Tensor | None) -> RoutePlan | None:
         if routes is None:
-            name = mapping.get(TEXT_ROUTE)
-            return [] if name is None else [(name, None)]
+            needs = self._needs(TEXT_ROUTE)
+            return RoutePlan.everywhere(needs) if needs else None
         flat = routes.reshape(-1)
-        present = torch.unique(flat).tolist()
-        groups: dict[str, list[int]] = {}
-        for route in present:
-            if route in mapping:
-                groups.setdefault(mapping[route], []).append(route)
-        plan: list[tuple[str, torch.Tensor | None]] = []
-        for name, members in groups.items():
-            if len(members) == len(present):
-                plan.append((name, None))
-            else:
-                selected = torch.isin(flat, torch.tensor(members, device=flat.device))
-                plan.append((name, selected.nonzero().squeeze(1)))
-        return plan
+        present, counts = torch.unique(flat, return_counts=True)
+        needs = {route: self._needs(route) for route in present.tolist()}
+        if len(set(needs.values())) == 1:  # every token alike
+            alike = next(iter(needs.values()))
+            return RoutePlan.everywhere(alike) if alike else None
+        order = torch.argsort(flat, stable=True)
+        slices: list[torch.Tensor] = []
+        terms: list[Term] = []
+        start = cursor = 0
+        for route, count in zip(needs, counts.tolist(), strict=True):
+            if needs[route]:
+                slices.append(order[start:start + count])
+                for name, sign in needs[route]:
+                    joined = next((t for t in terms if (t.delta, t.sign, t.stop) == (name, sign, cursor)), None)
+                    if joined is None:
+                        terms.append(Term(name, sign, cursor, cursor + count))
+                    else:
+                        terms[terms.index(joined)] = Term(name, sign, joined.start, cursor + count)
+                cursor += count
+            start += count
+        if not slices:
+            return None
+        terms.sort(key=lambda term: (term.start, -term.stop))
+        rows = slices[0] if len(slices) == 1 else torch.cat(slices)
+        values, lengths = torch.unique_consecutive(flat, return_counts=True)
+        runs, start = [], 0
+        for route, length in zip(values.tolist(), lengths.tolist(), strict=True):
+            if needs[route]:
+                runs.append(Run(start, start + length, needs[route]))
+            start += length
+        return RoutePlan(runs if len(runs) == len(slices) else None, rows, cursor, terms)
 
 
 class RoutedLinear(nn.Module):
@@ -144,9 +273,7 @@ class RoutedLinear(nn.Module):
         self._delta_dtype = compute_dtype if self.packed else None
         self.base = base
         self.deltas = nn.ModuleDict()
-        self.corrections = nn.ModuleDict()
         self._context = context
-        self._unfolded_weight: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -172,54 +299,76 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._context.plan
-        if not plan and not self.packed:
+        if plan is None:
             # F.linear on the base's weight rather than calling the base module: a folded model's decode step
-            # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py)
-            return F.linear(x, self.base.weight, self.base.bias)
+            # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py);
+            # a packed (quantized) weight is only read by its own module
+            return self.base(x) if self.packed else F.linear(x, self.base.weight, self.base.bias)
         y = self.base(x)
         if self.packed and torch.is_grad_enabled():
             y = y.clone()  # bitsandbytes' matmuls are autograd Functions whose outputs may not be added into in place
-        table = self.corrections if self._context.folded else self.deltas
+        if plan.runs is not None and not torch.is_grad_enabled():
+            flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            for run in plan.runs:
+                xs, ys = (flat_x, flat_y) if run.stop is None else (flat_x[run.start:run.stop],
+                                                                    flat_y[run.start:run.stop])
+                for name, sign in run.needs:
+                    self.deltas[name].add_into(ys, xs, sign)
+            return y
+        if plan.rows is None:
+            for term in plan.terms:
+                y.add_(self.deltas[term.delta](x, term.sign))
+            return y
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        for name, index in plan:
-            if name not in table:
-                continue
-            if index is None:
-                y.add_(table[name](x))
-            else:
-                # index_put_ rather than index_add_: same result for unique indices, without index_add_'s
-                # parallel-region overhead, which dominates on the small updates of decoding
-                flat_y.index_put_((index,), table[name](flat_x.index_select(0, index)), accumulate=True)
+        rows = plan.rows_on(x.device)
+        gathered = flat_x.index_select(0, rows)
+        first = plan.terms[0]
+        if first.stop - first.start == plan.count:  # the others are slices of the first: add in place
+            update = self.deltas[first.delta](gathered, first.sign)
+            for term in plan.terms[1:]:
+                span = term.stop - term.start
+                update.narrow(0, term.start, span).add_(self.deltas[term.delta](gathered.narrow(0, term.start, span),
+                                                                                 term.sign))
+        else:  # the terms tile the rows in order
+            parts = [self.deltas[t.delta](gathered.narrow(0, t.start, t.stop - t.start), t.sign)
+                     for t in plan.terms]
+            update = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # index_put_ rather than index_add_: same result for unique indices, without index_add_'s
+        # parallel-region overhead, which dominates on the small updates of decoding
+        flat_y.index_put_((rows,), update, accumulate=True)
         return y
 
-    def _delta(self, name: str | None) -> Delta | None:
-        return self.deltas[name] if name in self.deltas else None  # noqa: SIM401 - ModuleDict has no .get
-
-    @torch.no_grad()
-    def fold(self, text_delta: str | None, modality_deltas: set[str]) -> None:
-        """Add the text delta to `W` (keeping the exact original on CPU) and derive `D_m - D_text`."""
+    def fold_refusal(self) -> str | None:
+        """Why `W += D_text` cannot be done in place on this layer, or None."""
+        weight = self.base.weight
         if self.packed:
-            raise MMComposeError("cannot fold a delta into a quantized (packed) weight: over a quantized base the "
-                                 "text route's delta is applied unfused")
-        text = self._delta(text_delta)
-        self._unfolded_weight = self.base.weight.detach().to("cpu", copy=True)
-        for name in modality_deltas:
-            own = self._delta(name)
-            if text is None:
-                if own is not None:
-                    self.corrections[name] = own
-            else:
-                self.corrections[name] = difference(own, text)
-        if text is not None:
-            self.base.weight.add_(text.matrix().to(self.base.weight.dtype))
+            return f"its weight is quantized ({type(self.base).__name__}): the text delta stays unfused"
+        if type(self.base) is not nn.Linear:
+            return f"its base is a {type(self.base).__name__}, not a plain nn.Linear"
+        if not weight.is_floating_point():
+            return f"its weight is {weight.dtype}"
+        return None
 
     @torch.no_grad()
-    def unfold(self) -> None:
-        """Restore the original `W` bit for bit and drop the derived corrections."""
-        self.base.weight.copy_(self._unfolded_weight)
-        self._unfolded_weight = None
-        self.corrections = nn.ModuleDict()
+    def fold(self, text_delta: str) -> None:
+        """`W += D_text`, in place, in `W`'s dtype. A LoRA in `W`'s dtype goes through `addmm_` (`W += s * B @ A`,
+        accumulated in float32 and rounded once: in bf16, measured equal to the float64 sum rounded), which needs no
+        `out x in` temporary; anything else adds its
+        matrix cast to `W`'s dtype."""
+        refusal = self.fold_refusal()
+        if refusal is not None:
+            raise MMComposeError(f"cannot fold a delta into this layer: {refusal}")
+        weight, delta = self.base.weight, self.deltas[text_delta]
+        if isinstance(delta, LoRADelta) and delta.lora_A.dtype == weight.dtype:
+            weight.addmm_(delta.lora_B, delta.lora_A, alpha=delta.scaling)
+        else:
+            weight.add_(delta.matrix().to(weight.dtype))
 
+    @torch.no_grad()
+    def unfold(self, stored: torch.Tensor) -> None:
+        """Put back the original `W` from `stored`, its tensor in the base LLM's weight files: cast by `copy_`
+        exactly as loading cast it, so `W` is again what a fresh load in this dtype gives, bit for bit."""
+        self.base.weight.copy_(stored)
 
 def wrap_linears(llm: nn.Module, target_modules: tuple[str, ...], context: RouteContext,
                  compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> dict[str, RoutedLinear]:
