@@ -81,10 +81,10 @@ def build(base: Path, rank: int, quantize: str | None, deltas: bool = True, devi
 
 def decode_rate(model: MultimodalLLM, examples: list[Example], new_tokens: int) -> float:
     """Seconds per decoded token of `model.generate` (median interval between tokens of row 0)."""
-    times: list[float] = []
+    times: list[tuple[float, float]] = []
     model.generate(examples, max_new_tokens=new_tokens,
-                   on_token=lambda row, token: times.append(time.perf_counter()) if row == 0 else None)
-    return decode_seconds(times, new_tokens)
+                   on_token=lambda row, token: times.append((time.perf_counter(), 0.0)) if row == 0 else None)
+    return decode_seconds(times, new_tokens)[0]  # wall seconds
 
 
 def delta_flops_ratio(hidden: int, intermediate: int, rank: int) -> float:
