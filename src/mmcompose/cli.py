@@ -257,6 +257,7 @@ def evaluate(
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
@@ -289,7 +290,8 @@ def evaluate(
             console.print(_caption_summary(name, metrics) if metrics.get("kind") == "caption"
                           else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
-    loaded = load_checkpoint(model, **_placement(device, dtype, device_map, max_memory, offload_folder)).eval()
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder, quantize)
+    loaded = load_checkpoint(model, **placement).eval()
     predictor = model_predictor(loaded, max_new_tokens or (64 if kind == "caption" else 16))
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
@@ -309,6 +311,11 @@ def _caption_summary(name: str, metrics: dict[str, Any]) -> str:
             f"{metrics['n']} samples ({metrics['n_failed']} failed)")
 
 
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", metavar="8bit|4bit",
+    help="Load the base LLM's linears quantized by bitsandbytes (8bit: LLM.int8(); 4bit: NF4), the deltas and "
+         "branches in 16-bit beside them (QLoRA's layout; bfloat16 unless --dtype says float16). The text "
+         "route's delta is then applied unfused on every token instead of folded.")]
 DeviceOption = Annotated[str, typer.Option(
     help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str, typer.Option(
@@ -325,10 +332,10 @@ OffloadFolderOption = Annotated[Path | None, typer.Option(
 
 
 def _placement(device: str, dtype: str, device_map: str | None, max_memory: str | None,
-               offload_folder: Path | None) -> dict[str, Any]:
+               offload_folder: Path | None, quantize: str | None) -> dict[str, Any]:
     """The placement flags as `load_checkpoint` keywords (checked there, before anything is loaded)."""
     return dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                offload_folder=offload_folder)
+                offload_folder=offload_folder, quantize=quantize)
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "
@@ -563,6 +570,7 @@ def chat(
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Talk to a model about its modalities' files (images, audio, ...); answers stream as they are generated.
 
@@ -577,7 +585,8 @@ def chat(
     from mmcompose.checkpoint import load_checkpoint
 
     attachments = parse_inputs(inputs or [])
-    loaded = load_checkpoint(model, base=base, **_placement(device, dtype, device_map, max_memory, offload_folder))
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder, quantize)
+    loaded = load_checkpoint(model, base=base, **placement)
     run_chat(loaded.eval(), attachments, question, max_new_tokens=max_new_tokens,
              temperature=temperature, seed=seed)
 
@@ -609,6 +618,7 @@ def serve(
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
     page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
@@ -624,7 +634,7 @@ def serve(
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
                max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins,
-               placement=_placement(device, dtype, device_map, max_memory, offload_folder))
+               placement=_placement(device, dtype, device_map, max_memory, offload_folder, quantize))
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")
