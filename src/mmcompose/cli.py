@@ -165,11 +165,12 @@ def demo(
                                   "run a whole pipeline each and check the claims on all seeds' items pooled.")]
     = "0",
     recipe: Annotated[str, typer.Option(
-        help="How the decoupled (DAMC) models train: official (language delta at 1/10 of the modality delta's "
-             "rate, 5+5 boundary tokens per modality) or one-rate (one rate, no boundary tokens; the earlier "
-             "setting); ablations of the official one: lr-only (no boundary tokens), boundary-stage2 (boundary "
-             "tokens added fresh in stage 2, not trained in stage 1). The shared (NaiveMC) models are the same "
-             "under all.")] = "official",
+        help="How the decoupled (DAMC) models train: official (ModelCompose's released scripts: one stage-1 "
+             "run for NaiveMC and DAMC, 5+5 boundary tokens per modality created as zeros in stage 2 at the "
+             "modality delta's rate, the language delta at the connector's rate, a tenth of the modality "
+             "delta's) or one-rate (both deltas at one rate, no boundary tokens); the boundary-token ablation "
+             "of the official one: boundary-none (no tokens), boundary-stage1 (tokens trained from stage 1 on). "
+             "The shared (NaiveMC) models are the same under all.")] = "official",
     world: Annotated[str | None, typer.Option(
         help="Replace the profile's world: small (24 entities) or large (48). With --base, the ablation of world "
              "size and base LLM size.", show_default="the profile's")] = None,
@@ -256,6 +257,7 @@ def evaluate(
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Evaluate a model on a benchmark: per-sample JSONL (resumable) and a metrics JSON per task."""
     from mmcompose.checkpoint import load_checkpoint
@@ -288,7 +290,8 @@ def evaluate(
             console.print(_caption_summary(name, metrics) if metrics.get("kind") == "caption"
                           else f"{name}: accuracy {metrics['accuracy']:.3f} over {metrics['n']} samples")
         return
-    loaded = load_checkpoint(model, **_placement(device, dtype, device_map, max_memory, offload_folder)).eval()
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder, quantize)
+    loaded = load_checkpoint(model, **placement).eval()
     predictor = model_predictor(loaded, max_new_tokens or (64 if kind == "caption" else 16))
     similarity = embedding_similarity(loaded) if judge == "embedding" else None
     for name, samples in tasks.items():
@@ -308,6 +311,11 @@ def _caption_summary(name: str, metrics: dict[str, Any]) -> str:
             f"{metrics['n']} samples ({metrics['n_failed']} failed)")
 
 
+QuantizeOption = Annotated[str | None, typer.Option(
+    "--quantize", metavar="8bit|4bit",
+    help="Load the base LLM's linears quantized by bitsandbytes (8bit: LLM.int8(); 4bit: NF4), the deltas and "
+         "branches in 16-bit beside them (QLoRA's layout; bfloat16 unless --dtype says float16). The text "
+         "route's delta is then applied unfused on every token instead of folded.")]
 DeviceOption = Annotated[str, typer.Option(
     help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str, typer.Option(
@@ -324,10 +332,10 @@ OffloadFolderOption = Annotated[Path | None, typer.Option(
 
 
 def _placement(device: str, dtype: str, device_map: str | None, max_memory: str | None,
-               offload_folder: Path | None) -> dict[str, Any]:
+               offload_folder: Path | None, quantize: str | None) -> dict[str, Any]:
     """The placement flags as `load_checkpoint` keywords (checked there, before anything is loaded)."""
     return dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                offload_folder=offload_folder)
+                offload_folder=offload_folder, quantize=quantize)
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Convert a checkpoint from elsewhere (official ModelCompose, "
@@ -340,7 +348,7 @@ OverwriteOption = Annotated[bool, typer.Option(help="Replace the output director
                                                      "one is complete).")]
 SVDRankOption = Annotated[int | None, typer.Option(
     help="Store the LLM's change as a LoRA of this rank (truncated SVD; the error is reported) instead of dense.")]
-TEMPLATE_HELP = ("Conversation template recorded (plain or vicuna_v1); models composed together need the same one, "
+TEMPLATE_HELP = ("Conversation template recorded (tagged or vicuna_v1); models composed together need the same one, "
                  "and the ModelCompose releases use vicuna_v1.")
 
 
@@ -389,7 +397,7 @@ def import_llava_hf_command(
     out: OutOption,
     base: BaseOption,
     svd_rank: SVDRankOption = None,
-    template: Annotated[str, typer.Option(help=TEMPLATE_HELP + " Default: llava-hf's own, plain.")] = "plain",
+    template: Annotated[str, typer.Option(help=TEMPLATE_HELP + " Default: llava-hf's own, tagged.")] = "tagged",
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import a llava-hf LLaVA as an image model: CLIP encoder, mlp2x_gelu connector, LLM delta against BASE."""
@@ -562,6 +570,7 @@ def chat(
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Talk to a model about its modalities' files (images, audio, ...); answers stream as they are generated.
 
@@ -576,7 +585,8 @@ def chat(
     from mmcompose.checkpoint import load_checkpoint
 
     attachments = parse_inputs(inputs or [])
-    loaded = load_checkpoint(model, base=base, **_placement(device, dtype, device_map, max_memory, offload_folder))
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder, quantize)
+    loaded = load_checkpoint(model, base=base, **placement)
     run_chat(loaded.eval(), attachments, question, max_new_tokens=max_new_tokens,
              temperature=temperature, seed=seed)
 
@@ -608,6 +618,7 @@ def serve(
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
+    quantize: QuantizeOption = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models) with a web chat
     page at /. Concurrent requests are decoded together (up to --max-batch rows per forward).
@@ -623,7 +634,7 @@ def serve(
     run_server(checkpoint, host=host, port=port, api_key=api_key, max_batch=max_batch,
                allowed_media_dir=allowed_media_dir, max_tokens=max_tokens, request_seconds=request_timeout,
                max_media=max_media, max_media_mb=max_media_mb, base=base, allowed_origins=allowed_origins,
-               placement=_placement(device, dtype, device_map, max_memory, offload_folder))
+               placement=_placement(device, dtype, device_map, max_memory, offload_folder, quantize))
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the base LLM and modality models.")
@@ -661,9 +672,12 @@ def train_base(
 def train_modality(
     base: Annotated[Path, typer.Option(help="The base LLM directory: a local LLaMA, Mistral or Qwen2 with its "
                                             "tokenizer.")],
-    data: Annotated[list[Path], typer.Option(help="A training JSON file in the benchmark layout (repeatable).")],
-    data_root: Annotated[Path, typer.Option(help="Media paths in the data files are relative to this.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: model/, checkpoints/, log.jsonl.")],
+    data: Annotated[list[Path] | None, typer.Option(
+        help="A training JSON file in the benchmark layout (repeatable; required unless --dry-run).")] = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="Media paths in the data files are relative to this (required unless --dry-run).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Run directory: model/, checkpoints/, log.jsonl (required unless --dry-run).")] = None,
     recipe: Annotated[Path | None, typer.Option(
         help="A recipe YAML (recipes/*.yaml): model and training settings; the flags below override it.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig fields; flags override it.")] = None,
@@ -685,10 +699,12 @@ def train_modality(
     boundary_tokens: Annotated[int | None, typer.Option(
         help="Learnable prefix and suffix tokens (each) around every input of a new branch (DAMC: 5).")] = None,
     template: Annotated[str | None, typer.Option(
-        help="Conversation template: vicuna_v1, plain, or chat (the base tokenizer's own chat template, rendered "
-             "by transformers and recorded in the checkpoint so chat, eval and serve format prompts the same way). "
-             "Default: the --from checkpoint's; vicuna_v1 for a base whose name says vicuna; chat for a base whose "
-             "tokenizer has a chat template (e.g. Qwen2, Mistral); plain otherwise.")] = None,
+        help="Conversation template: vicuna_v1 (LLaVA-1.5's), plain (LLaVA's stage-1 captions: the inputs, the caption "
+             "and a newline, no role tags), tagged (USER:/ASSISTANT: tags, no system prompt), or chat (the base "
+             "tokenizer's own chat template, rendered by transformers and recorded in the checkpoint so chat, eval "
+             "and serve format prompts the same way). Every assistant turn trains. Default: the --from "
+             "checkpoint's; vicuna_v1 for a base whose name says vicuna; chat for a base whose tokenizer has a chat "
+             "template (e.g. Qwen2, Mistral); tagged otherwise.")] = None,
     train_encoder: Annotated[bool | None, typer.Option(
         help="Train the encoders too (default: only those not loaded from pretrained weights).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs).")] = None,
@@ -706,6 +722,9 @@ def train_modality(
         min=0.0, help="Peak learning rate of the language delta (strategy decoupled; ModelCompose's DAMC runs use "
                       "a tenth of the modality delta's rate).", show_default="the rate of the other deltas")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay of weight matrices.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(
+        help="Dropout on the LoRA deltas' inputs while training (ModelCompose's recipes: 0.05; default: 0).")]
+    = None,
     warmup_ratio: Annotated[float | None, typer.Option(help="Linear warmup share of the cosine schedule.")] = None,
     encoder_steps: Annotated[int | None, typer.Option(
         help="pretrain: first train each encoder alone to tell its captions apart, for this many steps (an encoder "
@@ -725,6 +744,9 @@ def train_modality(
     cache_features: Annotated[Path | None, typer.Option(
         help="Directory caching frozen encoders' outputs (safetensors, keyed by file digest and encoder "
              "fingerprint), reused across epochs and runs; needs train_encoder false.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Build the model and print what would train (each parameter group's peak learning rate "
+                          "and size), then stop; a finished run records the same in metrics.json.")] = False,
 ) -> None:
     """Train a modality model: stage 1 (pretrain) or stage 2 (instruct, starting --from stage 1).
 
@@ -741,13 +763,14 @@ def train_modality(
     """
     from accelerate import PartialState
 
-    from mmcompose.train.run import model_overrides, resolve_run, run_modality_training
+    from mmcompose.train.run import model_overrides, resolve_run, run_modality_training, trained_groups
 
     rates = None if lr is None else {"encoder": lr, "connector": lr, "boundary": lr, "deltas": lr}
     train_values = dict(stage=stage, steps=steps, epochs=epochs, batch_size=batch_size, lr=rates,
                         encoder_steps=encoder_steps, save_every=save_every, seed=seed, grad_accum=grad_accum,
                         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                        weight_decay=weight_decay, warmup_ratio=warmup_ratio, train_encoder=train_encoder)
+                        weight_decay=weight_decay, warmup_ratio=warmup_ratio, train_encoder=train_encoder,
+                        lora_dropout=lora_dropout)
     data_values = dict(on_bad_sample=on_bad_sample, num_workers=num_workers, cache_features=cache_features,
                        max_length=max_length)
     model_values = model_overrides(modality, strategy, rank, alpha, encoder or [], connector, boundary_tokens,
@@ -756,6 +779,16 @@ def train_modality(
     if language_lr is not None:
         lr_set = run.train.lr.model_copy(update={"language": language_lr})
         run = run.model_copy(update={"train": run.train.model_copy(update={"lr": lr_set})})
+    if dry_run:
+        groups = trained_groups(base, run, start_from or [])
+        console.print(f"{run.train.stage}, strategy {run.model.strategy or 'connector-only'}, LoRA dropout "
+                      f"{run.train.lora_dropout:g}; trained groups:")
+        for name, group in groups.items():
+            console.print(f"  {name}: lr {group['lr']:g}, {group['parameters']:,} parameters")
+        return
+    missing = [flag for flag, value in (("--data", data), ("--data-root", data_root), ("--out", out)) if not value]
+    if missing:
+        raise MMComposeError(f"{', '.join(missing)} required (unless --dry-run)")
     metrics = run_modality_training(base=base, data=data, data_root=data_root, out=out, recipe=run,
                                     start_from=start_from or [], resume=resume)
     if PartialState().is_main_process:

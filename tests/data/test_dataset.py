@@ -124,17 +124,26 @@ def test_workers_give_the_batches_of_the_main_process(llama_base: Path, data: Pa
 
 
 def test_samples_longer_than_max_length_are_skipped_and_counted(llama_base: Path, data: Path) -> None:
+    """`max_length` counts tokens with each input as one token (the official tokenizer's `model_max_length`,
+    before features go in); the LLM's positions limit counts every modality position."""
     model = model_for(llama_base)
     samples = load_training_samples([data / "train.json"], data, model).samples
     full = SampleDataset(model, samples)
-    lengths = {s.id: model.assembler.sequence_length(full[i], full.positions) for i, s in enumerate(full.samples)}
-    limit = sorted(lengths.values())[len(lengths) // 2]
+    tokens = {s.id: model.assembler.sequence_length(full[i], dict.fromkeys(full.positions, 1))
+              for i, s in enumerate(full.samples)}
+    positions = {s.id: model.assembler.sequence_length(full[i], full.positions) for i, s in enumerate(full.samples)}
+    assert any(positions[i] > tokens[i] + 1 for i in tokens)  # the inputs take several positions each
+    limit = sorted(tokens.values())[len(tokens) // 2]
     cut = SampleDataset(model, samples, max_length=limit)
-    assert [s.id for s in cut.samples] == [i for i, n in lengths.items() if n <= limit]
-    assert sorted(b.id for b in cut.too_long) == sorted(i for i, n in lengths.items() if n > limit)
-    assert "exceed the maximum length" in str(cut.too_long[0])
-    with pytest.raises(InputError, match=r"all 12 samples are longer than the maximum length 3"):
+    assert [s.id for s in cut.samples] == [i for i, n in tokens.items() if n <= limit]
+    assert sorted(b.id for b in cut.too_long) == sorted(i for i, n in tokens.items() if n > limit)
+    assert "tokens exceed the maximum length" in str(cut.too_long[0])
+    with pytest.raises(InputError, match=r"all 12 samples are too long"):
         SampleDataset(model, samples, max_length=3)
+    model.assembler.max_length = sorted(positions.values())[len(positions) // 2]  # the LLM's positions
+    by_positions = SampleDataset(model, samples, max_length=10_000)
+    assert [s.id for s in by_positions.samples] == [i for i, n in positions.items() if n <= model.assembler.max_length]
+    assert "positions exceed the LLM's" in str(by_positions.too_long[0])
 
 
 def test_feature_cache_is_reused_and_keyed_by_encoder(llama_base: Path, data: Path, tmp_path: Path) -> None:
@@ -211,13 +220,15 @@ def test_bad_training_input_fails_before_any_step_and_writes_nothing(llama_base:
         assert len(skipped.samples) == 12 and len(skipped.skipped) == 1
     with pytest.raises(InputError, match="contains no samples"):
         load_training_samples([write_json(tmp_path / "empty.json", [])], data, model)
-    with pytest.raises(InputError, match="all 12 samples are longer than the maximum length 8"):
+    with pytest.raises(InputError, match=r"all 12 samples are too long .*exceed the maximum length 8"):
         train(model, good, data, config(data={"max_length": 8}), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
     samples = load_training_samples([path], data, model, on_bad_sample="skip")
     full = SampleDataset(model, samples.samples)
-    limit = sorted(full.lengths)[-3] + 4  # the tokens of the longest few exceed it
+    tokens = sorted(model.assembler.sequence_length(full[i], dict.fromkeys(full.positions, 1))
+                    for i in range(len(full)))
+    limit = tokens[-3] - 1  # the longest few exceed it
     metrics = train(model_for(llama_base), samples.samples, data, config(data={"max_length": limit}, steps=1),
                     tmp_path / "counted", progress=False, skipped=samples.skipped)
     too_long = len(SampleDataset(model, samples.samples, max_length=limit).too_long)

@@ -1,4 +1,4 @@
-"""The demo's plan: ids that resolve, the two decoupled recipes, NaiveMC runs that do not depend on the recipe,
+"""The demo's plan: ids that resolve, the decoupled recipes, NaiveMC runs that do not depend on the recipe,
 world and base LLM overrides, the claims-only subset, and the orchestrator's directories and command-line checks."""
 
 from __future__ import annotations
@@ -38,18 +38,61 @@ def test_every_id_resolves_and_every_run_starts_from_an_earlier_wave(recipe: str
     assert all(set(m.tasks) <= set(TASKS) for m in plan.methods)
 
 
-def test_the_official_recipe_changes_only_the_decoupled_runs() -> None:
-    official, one_rate = _runs("official"), _runs("one-rate")
+# The released scripts' DAMC recipe in roles (run_finetune_vision_damc.sh with train_multimodal.py and
+# llava_trainer.py): no boundary tokens in stage 1 (run_pretrain_*.sh pass no --local_prefix_tokens); NaiveMC and
+# DAMC stage 2 start from the same stage-1 projector (--pretrain_mm_mlp_adapter); DAMC adds 5 + 5 tokens in
+# stage 2, in the main group (--learning_rate 2e-4); --mm_language_lr puts the language adapter in the projector's
+# group (--mm_projector_lr 2e-5), so the language delta trains at the connector's rate, a tenth of the main one.
+OFFICIAL_ROLES = {"stage1_boundary_tokens": 0, "stage2_boundary_tokens": 5, "boundary": "deltas",
+                  "language": "connector", "connector_to_deltas": 2e-5 / 2e-4}
+
+
+def test_the_official_recipe_is_the_released_scripts_in_roles() -> None:
+    runs = _runs("official")
     for m in MODALITIES:
-        assert official[f"{m}-shared"] == one_rate[f"{m}-shared"]  # NaiveMC: the same run under both
-        assert official[f"{m}-stage1"] == one_rate[f"{m}-stage1"]
-        new, old = official[f"{m}-decoupled"], one_rate[f"{m}-decoupled"]
-        assert new.lr.language == pytest.approx(new.lr.deltas / 10) and old.lr.language is None
-        assert new.lr.deltas == old.lr.deltas and new.lr.connector == old.lr.connector
-        assert new.start_from == (f"{m}-stage1-boundary",) and old.start_from == (f"{m}-stage1",)
-        assert official[f"{m}-stage1-boundary"].boundary_tokens == 5
-    assert not any(run.boundary_tokens for run in one_rate.values())
-    assert official["joint-decoupled"].start_from == tuple(f"{m}-stage1-boundary" for m in MODALITIES)
+        stage1, shared, decoupled = runs[f"{m}-stage1"], runs[f"{m}-shared"], runs[f"{m}-decoupled"]
+        assert stage1.boundary_tokens == OFFICIAL_ROLES["stage1_boundary_tokens"]
+        assert shared.start_from == decoupled.start_from == (f"{m}-stage1",)  # one stage-1 run for both methods
+        assert decoupled.boundary_tokens == OFFICIAL_ROLES["stage2_boundary_tokens"] and shared.boundary_tokens == 0
+        assert decoupled.lr.boundary == getattr(decoupled.lr, OFFICIAL_ROLES["boundary"])
+        assert decoupled.lr.language == getattr(decoupled.lr, OFFICIAL_ROLES["language"])
+        for run in (shared, decoupled):
+            assert run.lr.connector == pytest.approx(run.lr.deltas * OFFICIAL_ROLES["connector_to_deltas"])
+    assert not any(run.id.endswith("-boundary") for run in runs.values())
+    assert runs["joint-decoupled"].start_from == tuple(f"{m}-stage1" for m in MODALITIES)
+    assert runs["joint-decoupled"].boundary_tokens == 5
+
+
+def test_the_recipes_differ_only_in_the_decoupled_runs() -> None:
+    official = _runs("official")
+    for recipe in ("one-rate", "boundary-none", "boundary-stage1"):
+        other = _runs(recipe)
+        for m in MODALITIES:
+            assert other[f"{m}-shared"] == official[f"{m}-shared"] and other[f"{m}-stage1"] == official[f"{m}-stage1"]
+    one_rate = _runs("one-rate")
+    for m in MODALITIES:
+        assert one_rate[f"{m}-decoupled"].lr.language is None and one_rate[f"{m}-decoupled"].boundary_tokens == 0
+        assert one_rate[f"{m}-decoupled"].lr.deltas == official[f"{m}-decoupled"].lr.deltas
+
+
+def test_the_boundary_token_ablation_changes_only_the_tokens() -> None:
+    official, none, stage1 = _runs("official"), _runs("boundary-none"), _runs("boundary-stage1")
+    for m in MODALITIES:
+        decoupled = official[f"{m}-decoupled"]
+        assert none[f"{m}-decoupled"].lr == stage1[f"{m}-decoupled"].lr == decoupled.lr
+        assert none[f"{m}-decoupled"].start_from == (f"{m}-stage1",) and none[f"{m}-decoupled"].boundary_tokens == 0
+        assert stage1[f"{m}-decoupled"].start_from == (f"{m}-stage1-boundary",)
+        assert stage1[f"{m}-decoupled"].boundary_tokens == 0  # carried from its stage-1 run
+        assert stage1[f"{m}-stage1-boundary"].boundary_tokens == 5
+        assert stage1[f"{m}-stage1-boundary"].lr == official[f"{m}-stage1"].lr
+    assert none["joint-decoupled"].boundary_tokens == 0
+    assert stage1["joint-decoupled"].start_from == tuple(f"{m}-stage1-boundary" for m in MODALITIES)
+
+
+def test_a_changed_recipe_definition_does_not_reuse_old_run_directories() -> None:
+    assert demo_plan("quick", "official").identity() != demo_plan("quick", "boundary-none").identity()
+    identity = demo_plan("quick", "official").identity()
+    assert identity["recipe_settings"]["boundary_tokens"] == 5 and identity["learning_rates"]["instruct"]
 
 
 @pytest.mark.parametrize("recipe", ["official", "one-rate"])
@@ -61,8 +104,7 @@ def test_claims_only_keeps_what_the_claims_read_and_the_runs_behind_it(recipe: s
     assert [c.id for c in plan.compositions] == ["naive-linear", "damc-linear"]
     assert [s.id for s in plan.searches] == ["damc-search-val"]
     runs = {run.id for wave in plan.waves for run in wave}
-    boundary = {f"{m}-stage1-boundary" for m in MODALITIES} if recipe == "official" else set()
-    assert runs == {f"{m}-{kind}" for m in MODALITIES for kind in ("stage1", "shared", "decoupled")} | boundary
+    assert runs == {f"{m}-{kind}" for m in MODALITIES for kind in ("stage1", "shared", "decoupled")}
     finished: set[str] = set()
     for wave in plan.waves:
         assert all(set(run.start_from) <= finished for run in wave)
@@ -79,21 +121,11 @@ def test_world_and_base_replace_the_profiles_and_name_the_plan() -> None:
     assert seed_directories(plan.name, [1], None)[0] == {1: Path("runs/demo-default-large-world-s1")}
 
 
-def test_the_ablation_recipes_take_the_official_one_apart() -> None:
-    official, lr_only, stage2 = _runs("official"), _runs("lr-only"), _runs("boundary-stage2")
-    for m in MODALITIES:
-        decoupled = official[f"{m}-decoupled"]
-        assert lr_only[f"{m}-decoupled"].lr == stage2[f"{m}-decoupled"].lr == decoupled.lr
-        assert lr_only[f"{m}-decoupled"].start_from == stage2[f"{m}-decoupled"].start_from == (f"{m}-stage1",)
-        assert (lr_only[f"{m}-decoupled"].boundary_tokens, stage2[f"{m}-decoupled"].boundary_tokens) == (0, 5)
-        assert f"{m}-stage1-boundary" not in lr_only and f"{m}-stage1-boundary" not in stage2
-    assert stage2["joint-decoupled"].boundary_tokens == 5 and lr_only["joint-decoupled"].boundary_tokens == 0
-
-
 def test_unknown_profile_or_recipe_is_refused() -> None:
     with pytest.raises(MMComposeError, match="unknown demo profile 'huge'"):
         demo_plan("huge")
-    with pytest.raises(MMComposeError, match="unknown decoupled recipe 'fast'; choose one of official, one-rate"):
+    with pytest.raises(MMComposeError, match="unknown decoupled recipe 'fast'; choose one of official, one-rate, "
+                                              "boundary-none, boundary-stage1"):
         demo_plan("quick", "fast")
     with pytest.raises(MMComposeError, match="unknown world 'huge'; choose one of"):
         demo_plan("quick", world="huge")

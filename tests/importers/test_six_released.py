@@ -105,7 +105,7 @@ def svd_weight_errors(model: MultimodalLLM, release: Path, base: Path, route: st
     lost = total = worst = 0.0
     for path, layer in model.routed.items():
         wanted = release_weights[f"language_model.{path}.weight"].float() - base_weights[f"{path}.weight"].float()
-        error = float((layer.deltas[delta].matrix().float() - wanted).pow(2).sum())
+        error = float((layer.deltas[delta].matrix().detach().float() - wanted).pow(2).sum())
         energy = float(wanted.pow(2).sum())
         lost, total, worst = lost + error, total + energy, max(worst, math.sqrt(error / energy))
     return math.sqrt(lost / total), worst

@@ -105,7 +105,7 @@ def test_chat_without_a_tokenizer_template_is_a_one_line_error(llama_base: Path)
     with pytest.raises(MMComposeError) as error:
         MultimodalLLM.from_base(llama_base, [tiny_modality("image")], template="chat")
     assert str(error.value) == (f"template 'chat': the tokenizer of {llama_base} has no chat template; choose one of "
-                                "plain, vicuna_v1")
+                                "plain, tagged, vicuna_v1")
 
 
 def test_spec_records_the_text_only_for_chat() -> None:
@@ -117,7 +117,7 @@ def test_spec_records_the_text_only_for_chat() -> None:
 
 def test_default_template(tmp_path: Path, llama_base: Path) -> None:
     assert default_template(chat_base(tmp_path / "qwen-base", CHATML)) == "chat"
-    assert default_template(llama_base) == "plain"
+    assert default_template(llama_base) == "tagged"
     assert default_template(chat_base(tmp_path / "vicuna-7b", INST, "llama")) == "vicuna_v1"
 
 

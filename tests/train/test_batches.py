@@ -9,6 +9,7 @@ import torch
 
 from mmcompose.data.dataset import SampleDataset, load_training_samples
 from mmcompose.data.samples import StoredSamples, load_files
+from mmcompose.model.assembly import Example
 from mmcompose.train.trainer import build_model
 from tests.train.conftest import tiny_spec
 
@@ -46,7 +47,9 @@ def test_streamed_data_gives_the_eager_batches_and_examples(llama_base: Path, wo
                        placeholders={m.name: m.placeholder for m in model.spec.modalities}).samples
     assert isinstance(streamed, StoredSamples) and isinstance(eager, list)
     assert list(streamed) == eager and streamed[-1] == eager[-1]
-    limit = int(np.sort(SampleDataset(model, eager).lengths)[-5])  # a few samples are too long for it
+    rendered = [model.render_conversation(sample.conversations) for sample in eager]
+    tokens = [model.assembler.sequence_length(Example(r.prompt, target=r.target), {"image": 1}) for r in rendered]
+    limit = sorted(tokens)[-5]  # max_length counts an input as one token; a few samples are too long for it
     lazy, full = SampleDataset(model, streamed, max_length=limit), SampleDataset(model, eager, max_length=limit)
     assert full.too_long and [str(b) for b in lazy.too_long] == [str(b) for b in full.too_long]
     assert list(lazy.samples) == list(full.samples) and list(lazy.lengths) == list(full.lengths)

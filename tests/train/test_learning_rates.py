@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmcompose.cli import app
-from mmcompose.train.trainer import LearningRates, TrainConfig, _parameter_groups, build_model, train
+from mmcompose.train.trainer import LearningRates, TrainConfig, build_model, parameter_groups, train
 from tests.train.conftest import samples, tiny_spec
 
 RATES = LearningRates(encoder=0.0, connector=1e-4, boundary=1e-4, deltas=2e-4, language=2e-5)
@@ -18,7 +18,7 @@ RATES = LearningRates(encoder=0.0, connector=1e-4, boundary=1e-4, deltas=2e-4, l
 
 def _groups(model, lr: LearningRates) -> dict[str, tuple[float, set[int]]]:
     groups: dict[str, tuple[float, set[int]]] = {}
-    for group in _parameter_groups(model, TrainConfig(stage="instruct", train_encoder=False, lr=lr)):
+    for group in parameter_groups(model, TrainConfig(stage="instruct", train_encoder=False, lr=lr)):
         rate, members = groups.get(group["name"], (group["lr"], set()))
         assert rate == group["lr"]
         groups[group["name"]] = (rate, members | {id(p) for p in group["params"]})

@@ -71,5 +71,5 @@ def test_chat_template_missing_is_a_one_line_error(llama_base: Path, world: Path
                                       "-o", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert result.output.strip() == (f"error: template 'chat': the tokenizer of {llama_base} has no chat template; "
-                                     "choose one of plain, vicuna_v1")
+                                     "choose one of plain, tagged, vicuna_v1")
     assert not (tmp_path / "run" / "model").exists()

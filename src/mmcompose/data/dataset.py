@@ -9,16 +9,17 @@ shape and take the same number of positions; it is measured on the first medium 
 Batch order is a pure function of (seed, epoch), so a resumed run sees exactly the batches an uninterrupted
 one would, and every process of a distributed run computes the same order.
 
-Maximum length: a sample is never truncated. One whose full sequence (special tokens, text, every
-modality span) is longer than the limit is skipped and counted, because a cut would either split a
-modality span, drop the question, or teach an answer that stops mid-sentence without its end token. The
-limit is the smaller of `max_length` and the LLM's `max_position_embeddings`.
+Maximum length: a sample is never truncated. `max_length` counts tokens as the official trainers' tokenizer
+does (`model_max_length`): special tokens and text, each input one token, before its features are put in;
+so 8 video frames of 257 positions each train under `max_length: 2048`, as they do in ModelCompose. A sample
+over `max_length`, or whose full sequence (every modality span included) is longer than the LLM's
+`max_position_embeddings`, is skipped and counted, because a cut would either split a modality span, drop
+the question, or teach an answer that stops mid-sentence without its end token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from mmcompose.data.cache import FeatureCache
 from mmcompose.data.samples import BadSample, Sample, SampleSet, StoredSamples, stream_samples, validate_records
 from mmcompose.errors import InputError
 from mmcompose.model.assembly import Example
-from mmcompose.model.conversation import format_conversation
+from mmcompose.model.conversation import Formatted
 from mmcompose.model.mllm import MultimodalLLM
 
 
@@ -43,8 +44,9 @@ class DataOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     on_bad_sample: Literal["stop", "skip"] = Field(
         "stop", description="stop: any invalid sample is an error before training; skip: leave it out, counted")
-    max_length: int | None = Field(None, gt=0, description="longest sequence in positions; longer samples are "
-                                                           "skipped and counted")
+    max_length: int | None = Field(None, gt=0, description="longest sample in tokens, each input counted as one "
+                                                           "(as the official tokenizer's model_max_length); longer "
+                                                           "samples are skipped and counted")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding media (0: in the "
                                                   "training process)")
     cache_features: Path | None = Field(None, description="directory of cached frozen-encoder features")
@@ -109,15 +111,15 @@ class SampleDataset(Dataset[Example]):
         if not samples:
             raise InputError(f"{source}: no training samples")
         self.processors = dict(model.processors)
-        self.format = partial(format_conversation, template=model.spec.template, tokenizer=model.tokenizer,
-                              chat_template=model.spec.chat_template)
+        self.format = model.render_conversation
         placeholders = [spec.placeholder for spec in model.spec.modalities]
         counts = modality_counts(samples)
         present = sorted(m for m, column in counts.items() if column.any())
         first = {m: samples[int(np.argmax(counts[m] > 0))].modal_inputs[m][0] for m in present}
         self.positions = {m: model.input_length(m, self.processors[m](first[m])) for m in present}
-        limit = min(model.assembler.max_length, max_length or model.assembler.max_length)
-        full = np.zeros(len(samples), dtype=np.int64)  # whole sequence, for the maximum length
+        positions_limit = model.assembler.max_length
+        full = np.zeros(len(samples), dtype=np.int64)  # whole sequence, for the LLM's positions
+        short = np.zeros(len(samples), dtype=np.int64)  # each input one token, for `max_length`
         tokens = np.zeros(len(samples), dtype=np.int64)  # text without placeholders, for the lengths
         self.too_long: list[BadSample] = []
         stream = iter(samples)
@@ -125,21 +127,24 @@ class SampleDataset(Dataset[Example]):
             block = list(islice(stream, self.CHUNK))
             formatted = [self.format(sample.conversations) for sample in block]
             end = start + len(block)
-            full[start:end] = model.assembler.sequence_lengths([Example(prompt=p, target=t) for p, t in formatted],
-                                                               self.positions)
-            texts = [_without(prompt, placeholders) + (target or "") for prompt, target in formatted]
+            full[start:end] = model.assembler.sequence_lengths([_example(f) for f in formatted], self.positions)
+            texts = [_without(f.prompt, placeholders) + (f.target or "") for f in formatted]
             tokens[start:end] = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=False,
                                                                      return_attention_mask=False)["input_ids"]]
-            for offset in np.flatnonzero(full[start:end] > limit).tolist():
-                sample, length = block[offset], int(full[start + offset])
+            short[start:end] = full[start:end] - sum(
+                ((self.positions[m] - 1) * counts[m][start:end] for m in present), np.zeros(end - start, np.int64))
+            over = (full[start:end] > positions_limit) | (short[start:end] > (max_length or positions_limit))
+            for offset in np.flatnonzero(over).tolist():
+                sample, length, text = block[offset], int(full[start + offset]), int(short[start + offset])
                 file, position = sample.origin or (source, start + offset)
                 inputs = {m: len(paths) for m, paths in sample.modal_inputs.items()}
-                self.too_long.append(BadSample(file, position, "", f"{length} positions exceed the maximum length "
-                                               f"{limit} ({inputs or 'text only'}); skipped", sample.id))
-        kept = np.flatnonzero(full <= limit)
+                reason = (f"{length} positions exceed the LLM's {positions_limit}" if length > positions_limit else
+                          f"{text} tokens exceed the maximum length {max_length}")
+                self.too_long.append(BadSample(file, position, "", f"{reason} ({inputs or 'text only'}); skipped",
+                                               sample.id))
+        kept = np.flatnonzero((full <= positions_limit) & (short <= (max_length or positions_limit)))
         if not len(kept):
-            raise InputError(f"{source}: all {len(samples)} samples are longer than the maximum length {limit} "
-                             f"(first: {self.too_long[0]})")
+            raise InputError(f"{source}: all {len(samples)} samples are too long (first: {self.too_long[0]})")
         if len(kept) == len(samples):
             self.samples: Sequence[Sample] = samples
         elif isinstance(samples, StoredSamples):
@@ -163,9 +168,8 @@ class SampleDataset(Dataset[Example]):
 
     def __getitem__(self, index: int) -> Example:
         sample = self.samples[index]
-        prompt, target = self.format(sample.conversations)
         inputs = {m: [self._input(m, path) for path in paths] for m, paths in sample.modal_inputs.items()}
-        return Example(prompt=prompt, inputs=inputs, target=target, id=sample.id)
+        return _example(self.format(sample.conversations), inputs, sample.id)
 
     def _input(self, modality: str, path: Path) -> torch.Tensor:
         if modality in self.caches:
@@ -266,6 +270,11 @@ def step_loader(data: SampleDataset, batches: StepBatches, num_workers: int = 0)
     batch, in the order an exact resume needs."""
     return DataLoader(data, batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
                       generator=torch.Generator().manual_seed(batches.seed))
+
+
+def _example(formatted: Formatted, inputs: dict[str, list[torch.Tensor]] | None = None, id: str = "") -> Example:
+    return Example(prompt=formatted.prompt, inputs=inputs or {}, target=formatted.target, id=id,
+                   answers=formatted.answers, eos=formatted.eos)
 
 
 def _without(text: str, placeholders: Sequence[str]) -> str:

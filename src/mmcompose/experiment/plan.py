@@ -53,33 +53,37 @@ PROFILES: dict[str, DemoProfile] = {
 # The encoders stay frozen after their LLM-free pretraining, as LLaVA-style MLLMs keep a pretrained encoder
 # frozen. Measured on the small world (image, 150 stage-2 steps, held-out renders): every group at 1e-3 with the
 # encoder trained 28% on the single-modality test; encoder frozen 35%; connector 1e-4 and deltas 3e-3 55%.
+# Stage 2 keeps the deltas' rate and sets the connector's to a tenth of it, the ratio of ModelCompose's vision
+# scripts (2e-4 / 2e-5), for NaiveMC and DAMC alike; boundary tokens train in the deltas' (main) group there.
 LEARNING_RATES = {
     "pretrain": LearningRates(encoder=1e-3, connector=3e-3, boundary=3e-3, deltas=0.0),
-    "instruct": LearningRates(encoder=0.0, connector=1e-4, boundary=1e-4, deltas=3e-3),
+    "instruct": LearningRates(encoder=0.0, connector=3e-4, boundary=3e-3, deltas=3e-3),
 }
 
 
 @dataclass(frozen=True)
 class DecoupledRecipe:
-    """How the `decoupled` (DAMC) runs train, beside the `shared` (NaiveMC) runs, which never change.
+    """How the `decoupled` (DAMC) runs train, beside the `shared` (NaiveMC) runs, which every recipe shares.
 
-    `official`: ModelCompose's released DAMC scripts put the language adapter in the connector's optimizer
-    group, so the language delta trains at a tenth of the modality delta's rate, and give every modality 5
-    learnable prefix and 5 suffix tokens (trained from stage 1 on, as the connector is). `one-rate`: the
-    earlier setting of this demo, both deltas at one rate and no boundary tokens, kept to rerun the comparison.
-    Two ablations take the official recipe apart: `lr-only` (the tenth of the rate, no boundary tokens) and
-    `boundary-stage2` (the official recipe with boundary tokens that first appear, fresh, in stage 2).
+    `official` is what ModelCompose's released DAMC scripts do, in roles: stage 1 trains the connector only
+    (no boundary tokens; the NaiveMC and DAMC runs start from the same stage-1 run); stage 2 adds 5 prefix and
+    5 suffix tokens per modality, created as zeros and trained in the main optimizer group (the modality delta's
+    rate); the language delta trains in the connector's group, at the connector's rate (a tenth of the modality
+    delta's). `one-rate`: both deltas in one group at one rate, no boundary tokens. The boundary-token ablation
+    keeps the official rates: `boundary-none` (no tokens) and `boundary-stage1` (tokens trained from stage 1 on,
+    beside the connector, in separate stage-1 runs of the decoupled models; then in stage 2's main group).
     """
 
-    language_ratio: float | None  # language-delta rate / modality-delta rate; None: one group, one rate
+    language_with_connector: bool  # False: the language delta trains with the modality delta, at its rate
     boundary_tokens: int  # prefix tokens, and as many suffix tokens, per modality
-    boundary_from_stage1: bool = True  # False: stage 1 runs without them, stage 2 adds fresh ones
+    boundary_from_stage1: bool = False  # True: stage-1 runs of their own train them; False: fresh (zero) in stage 2
 
 
-RECIPES = {"official": DecoupledRecipe(language_ratio=0.1, boundary_tokens=5),
-           "one-rate": DecoupledRecipe(language_ratio=None, boundary_tokens=0),
-           "lr-only": DecoupledRecipe(language_ratio=0.1, boundary_tokens=0),
-           "boundary-stage2": DecoupledRecipe(language_ratio=0.1, boundary_tokens=5, boundary_from_stage1=False)}
+RECIPES = {"official": DecoupledRecipe(language_with_connector=True, boundary_tokens=5),
+           "one-rate": DecoupledRecipe(language_with_connector=False, boundary_tokens=0),
+           "boundary-none": DecoupledRecipe(language_with_connector=True, boundary_tokens=0),
+           "boundary-stage1": DecoupledRecipe(language_with_connector=True, boundary_tokens=5,
+                                              boundary_from_stage1=True)}
 
 
 @dataclass(frozen=True)
@@ -165,8 +169,11 @@ class Plan:
     methods: tuple[Method, ...]
 
     def identity(self) -> dict[str, Any]:
-        """What a cached run directory must share with this plan to be reused."""
-        return {"profile": self.profile, "recipe": self.recipe, "settings": asdict(self.settings)}
+        """What a cached run directory must share with this plan to be reused: the recipe's definition and the
+        learning rates included, so a directory trained under an earlier definition is never taken for this one."""
+        return {"profile": self.profile, "recipe": self.recipe, "settings": asdict(self.settings),
+                "recipe_settings": asdict(RECIPES[self.recipe]),
+                "learning_rates": {stage: rates.model_dump() for stage, rates in LEARNING_RATES.items()}}
 
     @property
     def name(self) -> str:
@@ -231,13 +238,13 @@ def demo_plan(profile: str, recipe: str = "official", *, world: str | None = Non
     stage1 = [TrainingRun(f"{m}-stage1", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                           s.stage1_steps, (), pretrain) for m in MODALITIES]
     first_of = {m: f"{m}-stage1" for m in MODALITIES}
-    if decoupled.boundary_tokens and decoupled.boundary_from_stage1:  # the decoupled branches carry them from here
+    if decoupled.boundary_tokens and decoupled.boundary_from_stage1:  # the ablation's own stage-1 runs
         stage1 += [TrainingRun(f"{m}-stage1-boundary", (m,), "connector-only", (names.caption_file(m),), "pretrain",
                                s.stage1_steps, (), pretrain, boundary_tokens=decoupled.boundary_tokens)
                    for m in MODALITIES]
         first_of = {m: f"{m}-stage1-boundary" for m in MODALITIES}
-    decoupled_lr = instruct if decoupled.language_ratio is None else \
-        instruct.model_copy(update={"language": round(instruct.deltas * decoupled.language_ratio, 12)})
+    decoupled_lr = instruct.model_copy(update={"language": instruct.connector}) \
+        if decoupled.language_with_connector else instruct
     shared = [TrainingRun(f"{m}-shared", (m,), "shared", (names.instruct_file(m),), "instruct", s.stage2_steps,
                           (f"{m}-stage1",), instruct) for m in MODALITIES]
     added = 0 if decoupled.boundary_from_stage1 else decoupled.boundary_tokens  # fresh in stage 2

@@ -325,6 +325,8 @@ def llava_chat_template(spec: ModelSpec, tokenizer_adds_bos: bool = True) -> str
     when the tokenizer does not add it itself."""
     if spec.template == CHAT:
         return spec.chat_template or ""
+    if spec.template not in TEMPLATES:
+        raise CheckpointError(f"template {spec.template!r} (stage-1 captions) has no chat layout to export")
     style = TEMPLATES[spec.template]
     bos = "" if tokenizer_adds_bos else "{{ bos_token }}"
     separator = json.dumps(style.turn_separator)

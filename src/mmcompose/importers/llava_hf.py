@@ -52,11 +52,11 @@ PROJECTOR_NAMES = {"linear_1.weight": "0.weight", "linear_1.bias": "0.bias",
                    "linear_2.weight": "2.weight", "linear_2.bias": "2.bias"}
 
 
-def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = None, template: str = "plain",
+def import_llava_hf(src: Path, out: Path, *, base: Path, svd_rank: int | None = None, template: str = "tagged",
                     overwrite: bool = False) -> Path:
     """Convert the LLaVA in `src` into an mmcompose image model in `out`, as a delta on the base LLM `base`.
 
-    `template` is the conversation layout recorded: `plain` is llava-hf's own chat template (`USER: ...
+    `template` is the conversation layout recorded: `tagged` is llava-hf's own chat template (`USER: ...
     ASSISTANT:`, no system prompt); composing with ModelCompose releases needs theirs, `vicuna_v1`."""
     src, out, base = Path(src), Path(out), Path(base)
     config = read_json(src / "config.json")

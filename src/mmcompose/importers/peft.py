@@ -236,7 +236,7 @@ class _Start(NamedTuple):
 
 def _start(checkpoint: Path | None, modality: str, fingerprint: str, routes: list[str]) -> _Start:
     if checkpoint is None:
-        return _Start(modality_spec(modality), [], None, "plain", None, [])
+        return _Start(modality_spec(modality), [], None, "tagged", None, [])
     checkpoint = Path(checkpoint)
     manifest = read_manifest(checkpoint)
     if manifest.base.fingerprint != fingerprint:

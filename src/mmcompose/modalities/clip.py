@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mmcompose.io import load_image
+from mmcompose.modalities.processors import pad_to_square
 
 try:  # transformers >= 5 names the PIL backend; plain CLIPImageProcessor would warn and fall back to it anyway
     from transformers import CLIPImageProcessorPil as _CLIPImageProcessor
@@ -77,16 +76,7 @@ class CLIPPixelProcessor:
     def __call__(self, source: Any) -> torch.Tensor:
         image = load_image(source)
         if self.pad_to_square:
-            image = _pad_to_square(image, tuple(round(255 * m) for m in self.mean))
+            image = pad_to_square(image, self.mean)
         pixels = self.processor(image, return_tensors="pt", input_data_format="channels_last").pixel_values
         return pixels[0].float()
 
-
-def _pad_to_square(image: np.ndarray, colour: tuple[int, ...]) -> np.ndarray:
-    height, width = image.shape[:2]
-    if height == width:
-        return image
-    side = max(height, width)
-    canvas = Image.new("RGB", (side, side), colour)
-    canvas.paste(Image.fromarray(image), ((side - width) // 2, (side - height) // 2))
-    return np.asarray(canvas)

@@ -31,15 +31,31 @@ def _normalise_frames(frames: np.ndarray, size: int, mean: Sequence[float], std:
     return tensor.reshape(*frames.shape[:-3], 3, size, size)
 
 
+def pad_to_square(image: np.ndarray, mean: Sequence[float]) -> np.ndarray:
+    """uint8 `(H, W, 3)` centred on a square canvas of the mean colour (`mean` in 0..1), as LLaVA-1.5's
+    `image_aspect_ratio: pad` does before resizing, so a resize keeps the aspect ratio and the whole image."""
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    canvas = Image.new("RGB", (side, side), tuple(round(255 * m) for m in mean))
+    canvas.paste(Image.fromarray(image), ((side - width) // 2, (side - height) // 2))
+    return np.asarray(canvas)
+
+
 class ImageProcessor:
-    """Any image input -> float32 `(3, size, size)`, RGB, normalised with `mean`/`std`."""
+    """Any image input -> float32 `(3, size, size)`, RGB, normalised with `mean`/`std`. `pad_to_square` first
+    pads the image to a square of the mean colour (`image_aspect_ratio: pad`), instead of stretching it."""
 
     def __init__(self, size: int = 32, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+                 std: Sequence[float] = IMAGENET_STD, pad_to_square: bool = False) -> None:
+        self.size, self.mean, self.std, self.pad_to_square = size, tuple(mean), tuple(std), pad_to_square
 
     def __call__(self, source: Any) -> torch.Tensor:
-        return _normalise_frames(load_image(source), self.size, self.mean, self.std)
+        image = load_image(source)
+        if self.pad_to_square:
+            image = pad_to_square(image, self.mean)
+        return _normalise_frames(image, self.size, self.mean, self.std)
 
 
 class VideoProcessor:

@@ -21,12 +21,28 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Example:
-    """One sample: `prompt` with one placeholder per input, `inputs[modality]` processed tensors in order."""
+    """One sample: `prompt` with one placeholder per input, `inputs[modality]` processed tensors in order.
+
+    Labels: the `target` after the prompt, followed by the end-of-sequence token if `eos`, and the `answers`,
+    character spans of `prompt` (earlier answers of a conversation) that train like the target."""
 
     prompt: str
     inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     target: str | None = None
     id: str = ""
+    answers: tuple[tuple[int, int], ...] = ()
+    eos: bool = True
+
+    def texts(self) -> list[tuple[str, bool]]:
+        """The text in order as (piece, labelled): the prompt cut at its answers, then the target."""
+        pieces, done = [], 0
+        for start, end in self.answers:
+            pieces += [(self.prompt[done:start], False), (self.prompt[start:end], True)]
+            done = end
+        pieces.append((self.prompt[done:], False))
+        if self.target is not None:
+            pieces.append((self.target, True))
+        return [(text, labelled) for text, labelled in pieces if text]
 
 
 @dataclass
@@ -61,13 +77,25 @@ class Assembler:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _pieces(self, example: Example) -> list[tuple[str, bool]]:
+        """The example's text pieces in order, (text, labelled), with every placeholder a piece of its own."""
+        pieces = []
+        for text, labelled in example.texts():
+            if labelled or self._split is None:
+                pieces.append((text, labelled))
+            else:
+                pieces += [(piece, False) for piece in self._split.split(text) if piece]
+        return pieces
+
+    def _ends_with_eos(self, example: Example) -> bool:
+        return example.target is not None and example.eos and self.tokenizer.eos_token_id is not None
+
     def _layout(self, example: Example, lengths: dict[str, int]) -> _Layout:
-        pieces = self._split.split(example.prompt) if self._split else [example.prompt]
         bos = self.tokenizer.bos_token_id
         layout = _Layout(ids=[] if bos is None else [bos], routes=[], labels=[], spans=[])
         layout.routes, layout.labels = [0] * len(layout.ids), [IGNORE_INDEX] * len(layout.ids)
-        for piece in pieces:
-            modality = self.modality_of.get(piece)
+        for piece, labelled in self._pieces(example):
+            modality = None if labelled else self.modality_of.get(piece)
             if modality is None:
                 tokens = self._tokens(piece)
                 route, length = 0, len(tokens)
@@ -77,15 +105,19 @@ class Assembler:
                 layout.spans.append((modality, length))
             layout.ids += tokens
             layout.routes += [route] * length
-            layout.labels += [IGNORE_INDEX] * length
-        if example.target is not None:
-            target = self._tokens(example.target)
-            if self.tokenizer.eos_token_id is not None:
-                target.append(self.tokenizer.eos_token_id)
-            layout.ids += target
-            layout.routes += [0] * len(target)
-            layout.labels += target
+            layout.labels += tokens if labelled else [IGNORE_INDEX] * length
+        if self._ends_with_eos(example):
+            layout.ids.append(self.tokenizer.eos_token_id)
+            layout.routes.append(0)
+            layout.labels.append(self.tokenizer.eos_token_id)
         return layout
+
+    def labelled_tokens(self, examples: Sequence[Example]) -> int:
+        """The positions that carry a label in `examples` (every answer's tokens and the final EOS), without
+        any input tensor."""
+        texts = [text for example in examples for text, labelled in example.texts() if labelled]
+        tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return sum(map(len, tokens)) + sum(map(self._ends_with_eos, examples))
 
     def sequence_length(self, example: Example, lengths: dict[str, int]) -> int:
         """The positions `example` takes when one input of modality m takes `lengths[m]`: no tensor is needed,
@@ -99,18 +131,13 @@ class Assembler:
         owners: list[int] = []
         totals = []
         for index, example in enumerate(examples):
-            total = 0 if self.tokenizer.bos_token_id is None else 1
-            for piece in self._split.split(example.prompt) if self._split else [example.prompt]:
-                modality = self.modality_of.get(piece)
+            total = (self.tokenizer.bos_token_id is not None) + self._ends_with_eos(example)
+            for piece, labelled in self._pieces(example):
+                modality = None if labelled else self.modality_of.get(piece)
                 if modality is not None:
                     total += lengths[modality]
-                elif piece:
+                else:
                     texts.append(piece)
-                    owners.append(index)
-            if example.target is not None:
-                total += self.tokenizer.eos_token_id is not None
-                if example.target:
-                    texts.append(example.target)
                     owners.append(index)
             totals.append(total)
         for start in range(0, len(texts), chunk):

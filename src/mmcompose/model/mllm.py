@@ -19,7 +19,7 @@ from mmcompose.errors import CheckpointError, InputError, MMComposeError, previe
 from mmcompose.files import atomic_directory
 from mmcompose.modalities import build_connector, build_encoder, build_processor, get_modality
 from mmcompose.model.assembly import Assembler, Batch, Example
-from mmcompose.model.conversation import CHAT, format_conversation, tokenizer_chat_template
+from mmcompose.model.conversation import CHAT, Formatted, render_conversation, tokenizer_chat_template
 from mmcompose.model.generation import choose, decode, prefill
 from mmcompose.model.manifest import (
     TENSOR_FILE,
@@ -31,6 +31,7 @@ from mmcompose.model.manifest import (
     write_checkpoint,
 )
 from mmcompose.model.placement import Placement, plan_placement, resolve_device, resolve_dtype
+from mmcompose.model.quantize import check_quantize, quantization_config
 from mmcompose.model.routed import TEXT_ROUTE, RouteContext, RoutedLinear, wrap_linears
 from mmcompose.model.spec import Component, ModalitySpec, ModelSpec, Strategy, strategy_deltas
 from mmcompose.tensorfiles import (
@@ -44,7 +45,10 @@ from mmcompose.tensorfiles import (
 
 
 class ModalityBranch(nn.Module):
-    """Encoder -> connector, wrapped in learnable boundary tokens: `(n, ...) -> (n, tokens, hidden)`."""
+    """Encoder -> connector, wrapped in learnable boundary tokens: `(n, ...) -> (n, tokens, hidden)`.
+
+    Fresh boundary tokens are zeros, as ModelCompose creates them (`torch.zeros`): they learn from zero in the
+    run that adds them."""
 
     def __init__(self, spec: ModalitySpec, hidden_size: int) -> None:
         super().__init__()
@@ -58,7 +62,7 @@ class ModalityBranch(nn.Module):
         # initialised once registered: under a meta-device construction (`from_pretrained`) that is a no-op
         for tokens in (self.prefix, self.suffix):
             if tokens is not None:
-                nn.init.normal_(tokens, std=0.02)
+                nn.init.zeros_(tokens)
 
     def forward(self, inputs: torch.Tensor, *, encoded: bool = False) -> torch.Tensor:
         """`encoded`: `inputs` are already the encoder's outputs (a feature cache of a frozen encoder)."""
@@ -112,8 +116,8 @@ class MultimodalLLM(nn.Module):
         self.processors = {m.name: build_processor(m.processor.type, m.processor.options) for m in spec.modalities}
         route_ids = spec.route_ids()
         self.routing = RouteContext({route_ids[r]: d.name for d in spec.deltas for r in d.routes})
-        self.routed: dict[str, RoutedLinear] = wrap_linears(llm, tuple(spec.target_modules), self.routing) \
-            if spec.deltas else {}
+        self.routed: dict[str, RoutedLinear] = wrap_linears(llm, tuple(spec.target_modules), self.routing,
+                                                            compute_dtype=llm.dtype) if spec.deltas else {}
         for delta in spec.deltas:
             for layer in self.routed.values():
                 layer.add_delta(delta.name, delta.kind, delta.rank, delta.alpha, device="meta" if empty else None)
@@ -123,17 +127,22 @@ class MultimodalLLM(nn.Module):
     @classmethod
     def from_base(cls, base_path: str | Path, modalities: Sequence[str | ModalitySpec], *,
                   strategy: Strategy = "connector-only", rank: int = 16, alpha: float = 32.0,
-                  target_modules: Sequence[str] | None = None, template: str = "plain",
+                  target_modules: Sequence[str] | None = None, template: str = "tagged",
                   chat_template: str | None = None, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None) -> MultimodalLLM:
+                  dtype: str | torch.dtype | None = None, quantize: str | None = None) -> MultimodalLLM:
         """A new (untrained) modality model on a base LLM saved in `base_path`, on `device` (None: the CPU; `auto`:
         the first GPU if any) in `dtype` (`auto`: see `mmcompose.model.placement.resolve_dtype`; None: the stored
         dtype for the LLM and float32 for the branches).
 
-        Template `chat` records `chat_template` (a start checkpoint's) or else the base tokenizer's own."""
+        Template `chat` records `chat_template` (a start checkpoint's) or else the base tokenizer's own.
+        `quantize` ("8bit" | "4bit"): the base's linears quantized with bitsandbytes, as in `load_base`; the
+        branches and deltas then take the 16-bit compute dtype (`dtype`, else bfloat16)."""
         specs = [m if isinstance(m, ModalitySpec) else modality_spec(m) for m in modalities]
         target = resolve_device(device)
-        llm, tokenizer = load_base(base_path, resolve_dtype(dtype, target, base_path), device_map=target)
+        if quantize is not None:
+            dtype = _quantized_dtype(quantize, dtype, target, base_path)
+        llm, tokenizer = load_base(base_path, resolve_dtype(dtype, target, base_path), device_map=target,
+                                   quantize=quantize)
         if template == CHAT and chat_template is None:
             chat_template = tokenizer_chat_template(tokenizer, f"the tokenizer of {base_path}")
         options: dict[str, Any] = {"template": template, "strategy": strategy,
@@ -173,14 +182,22 @@ class MultimodalLLM(nn.Module):
         """Process raw inputs (paths or arrays) with each modality's processor into an `Example`."""
         return Example(prompt=prompt, inputs=process_inputs(self.processors, inputs, id), target=target, id=id)
 
+    def render_conversation(self, turns: list[dict[str, str]]) -> Formatted:
+        """`turns` in this model's template, every answer marked: the one place training and inference format."""
+        return render_conversation(turns, self.spec.template, self.tokenizer, self.spec.chat_template,
+                                   [spec.placeholder for spec in self.spec.modalities])
+
     def format_conversation(self, turns: list[dict[str, str]]) -> tuple[str, str | None]:
-        """`turns` as (prompt, target) in this model's template: the one place training and inference format."""
-        return format_conversation(turns, self.spec.template, self.tokenizer, self.spec.chat_template)
+        """`turns` as (prompt, last answer) in this model's template."""
+        rendered = self.render_conversation(turns)
+        return rendered.prompt, rendered.target
 
     def conversation_example(self, turns: list[dict[str, str]], inputs: dict[str, Sequence[Any]] | None = None,
                              id: str = "") -> Example:
-        prompt, target = self.format_conversation(turns)
-        return self.example(prompt, inputs, target, id)
+        rendered = self.render_conversation(turns)
+        example = self.example(rendered.prompt, inputs, rendered.target, id)
+        example.answers, example.eos = rendered.answers, rendered.eos
+        return example
 
     def assemble(self, examples: list[Example], padding_side: Literal["left", "right"] = "right",
                  encoded: Collection[str] = ()) -> Batch:
@@ -252,6 +269,11 @@ class MultimodalLLM(nn.Module):
         return [self.tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True) for row in tokens]
 
     # --- text-route folding --------------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """Whether routed layers sit over quantized (packed) base weights, which nothing can be folded into."""
+        return any(layer.packed for layer in self.routed.values())
+
     def fold_text_route(self) -> None:
         """Fold the text route's delta into the base weights (`W += D_text`, in place, layer by layer): generated
         tokens then cost what the base LLM costs, and each modality route applies `D_m` and `-D_text` to its own
@@ -262,8 +284,10 @@ class MultimodalLLM(nn.Module):
 
         A model with offloaded layers (weights on the disk, or on the CPU for a GPU model) is left unfolded: its
         hooks reload those weights from their files at every forward, so nothing added into them would last; the
-        text delta is then applied unfused, which is exact and costs its low-rank product per token."""
-        if self.routing.folded or any(layer.base.weight.device.type == "meta" for layer in self.routed.values()):
+        text delta is then applied unfused, which is exact and costs its low-rank product per token. So is a model
+        over a quantized base (`quantize`): nothing can be added into packed weights."""
+        if self.routing.folded or self.quantized or \
+                any(layer.base.weight.device.type == "meta" for layer in self.routed.values()):
             return
         text = self.routing.route_to_delta.get(TEXT_ROUTE)
         if text is not None:
@@ -350,7 +374,7 @@ class MultimodalLLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, *, base: str | Path | None = None,
                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                         device_map: str | dict[str, Any] | None = None, max_memory: str | dict[Any, Any] | None = None,
-                        offload_folder: str | Path | None = None) -> MultimodalLLM:
+                        offload_folder: str | Path | None = None, quantize: str | None = None) -> MultimodalLLM:
         """Rebuild a saved model: its base LLM (from `base`, else where the manifest points; its fingerprint must
         match), then its own tensors, strictly. Local files only.
 
@@ -378,7 +402,13 @@ class MultimodalLLM(nn.Module):
             raise CheckpointError(f"{directory}: the base LLM at {base_path} is not the one this checkpoint was "
                                   f"built on (fingerprint {fingerprint[:19]}..., expected "
                                   f"{manifest.base.fingerprint[:19]}...)")
-        dtype = resolve_dtype(dtype, resolve_device(device if device_map is None else "auto"), base_path)
+        if quantize is not None:
+            if device_map is not None:
+                raise MMComposeError(f"--quantize {quantize} with --device-map: not supported (device maps are planned "
+                                     f"on 16-bit sizes, and bitsandbytes layers cannot be offloaded); use --device")
+            dtype = _quantized_dtype(quantize, dtype, resolve_device(device), base_path)
+        else:
+            dtype = resolve_dtype(dtype, resolve_device(device if device_map is None else "auto"), base_path)
         skeleton = cls.skeleton(base_path, manifest.model, dtype)
         with TensorReader(checkpoint_files(directory, manifest.files)) as reader:
             check_layout(skeleton.checkpoint_tensors(), reader, manifest.model)
@@ -387,7 +417,7 @@ class MultimodalLLM(nn.Module):
                                        no_split=skeleton.no_split_modules())
             del skeleton
             llm, tokenizer = load_base(base_path, dtype, device_map=placement.submap("llm") or placement.device,
-                                       offload_folder=placement.offload_folder)
+                                       offload_folder=placement.offload_folder, quantize=quantize)
             remove_hook_from_submodules(llm)  # hooks of transformers' dispatch name the unwrapped linears
             model = cls(llm, tokenizer, manifest.model, base_path, fingerprint, empty=True)
             model.provenance = dict(manifest.provenance)
@@ -533,19 +563,36 @@ def _unwrapped_name(name: str, routed: dict[str, RoutedLinear]) -> str:
     return f"{owner}.{leaf}" if module.endswith(".base") and owner in routed else name
 
 
+def _quantized_dtype(quantize: str, dtype: str | torch.dtype | None, device: torch.device,
+                     base_path: str | Path) -> torch.dtype:
+    """The compute dtype of a quantized base on `device`: bfloat16 for None or `auto` (whatever the stored dtype),
+    else `dtype` checked as `--dtype` is; `check_quantize` refuses float32 and a bitsandbytes that cannot run
+    `quantize` there, before anything is loaded."""
+    explicit = None if dtype is None or dtype == "auto" else resolve_dtype(dtype, device, base_path)
+    return check_quantize(quantize, explicit, device)
+
+
 def load_base(base_path: str | Path, dtype: torch.dtype | str | None = None, *,
               device_map: torch.device | dict[str, Any] | None = None,
-              offload_folder: str | Path | None = None) -> tuple[PreTrainedModel, Any]:
+              offload_folder: str | Path | None = None, quantize: str | None = None) -> tuple[PreTrainedModel, Any]:
     """Load a local base LLM and its tokenizer (never from a hub), frozen: transformers' `from_pretrained`, which
     builds on the meta device and loads each weight in place, in `dtype` (None: the stored one), on `device_map`
-    (a device, or accelerate's map of the LLM's modules)."""
+    (a device, or accelerate's map of the LLM's modules). `quantize` ("8bit" | "4bit"): its linears quantized by
+    bitsandbytes as transformers loads them (the LM head and embeddings stay in `dtype`), placed on the device
+    as they are quantized (a bitsandbytes model cannot be moved after)."""
     path = Path(base_path)
     if not (path / "config.json").is_file():
         raise MMComposeError(f"{path}: not a base LLM directory (no config.json)")
-    if isinstance(device_map, torch.device):
+    options: dict[str, Any] = {}
+    if quantize is not None:
+        device = device_map if isinstance(device_map, torch.device) else torch.device("cpu")
+        dtype = check_quantize(quantize, dtype, device)
+        options["quantization_config"] = quantization_config(quantize, dtype)
+        device_map = device_map if isinstance(device_map, dict) else {"": device}
+    elif isinstance(device_map, torch.device):
         device_map = None if device_map.type == "cpu" else {"": device_map}
     llm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, device_map=device_map,
-                                               offload_folder=offload_folder)
+                                               offload_folder=offload_folder, **options)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     llm.requires_grad_(False)
     llm.eval()

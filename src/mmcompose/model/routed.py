@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcompose.errors import MMComposeError
+from mmcompose.model.quantize import DEFAULT_COMPUTE_DTYPE, routable_linear
+
 TEXT_ROUTE = 0
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,7 +52,12 @@ class LoRADelta(nn.Module):
     `out_features` (measured on one thread, 400 tokens x 768, rank 16: on the output it made a LoRA's forward
     and backward 16-24% slower than unscaled, on the intermediate ~3%). Any other scaling is applied to the
     output, as PEFT does.
+
+    `dropout` drops inputs of `A` in training mode (LoRA's `lora_dropout`, as PEFT applies it); a training
+    setting, set by the trainer and never saved.
     """
+
+    dropout: float = 0.0
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
@@ -61,6 +69,8 @@ class LoRADelta(nn.Module):
 
     def forward(self, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
         """`sign * D x`; the sign rides on the scaling (negation is exact)."""
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
         scaling = sign * self.scaling
         if _is_power_of_two(self.scaling):
             return F.linear(F.linear(x, self.lora_A) * scaling, self.lora_B)
@@ -256,10 +266,18 @@ class RouteContext:
 
 
 class RoutedLinear(nn.Module):
-    """A stock `nn.Linear` plus named deltas, applied per token according to the shared `RouteContext`."""
+    """A stock `nn.Linear` plus named deltas, applied per token according to the shared `RouteContext`.
 
-    def __init__(self, base: nn.Linear, context: RouteContext) -> None:
+    Over a quantized base (bitsandbytes, `packed`), deltas are made in `compute_dtype`, the base is always
+    called as a module and nothing is folded into it (`mmcompose.model.quantize`). Any other `nn.Linear`
+    subclass is refused here, naming the layer (`name`).
+    """
+
+    def __init__(self, base: nn.Linear, context: RouteContext, *, name: str = "",
+                 compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> None:
         super().__init__()
+        self.packed = routable_linear(base, name)
+        self._delta_dtype = compute_dtype if self.packed else None
         self.base = base
         self.deltas = nn.ModuleDict()
         self._context = context
@@ -274,9 +292,11 @@ class RoutedLinear(nn.Module):
 
     def add_delta(self, name: str, kind: str, rank: int | None = None, alpha: float | None = None, *,
                   device: torch.device | str | None = None) -> Delta:
-        """A new delta in the base weight's dtype, on the base weight's device unless `device` says otherwise
-        (`meta` when a loader fills it in place from a checkpoint: nothing is allocated or initialised)."""
-        factory = dict(dtype=self.base.weight.dtype, device=self.base.weight.device if device is None else device)
+        """A new delta in the base weight's dtype (the compute dtype over a packed one), on the base weight's device
+        unless `device` says otherwise (`meta` when a loader fills it in place from a checkpoint: nothing is
+        allocated or initialised)."""
+        factory = dict(dtype=self._delta_dtype or self.base.weight.dtype,
+                       device=self.base.weight.device if device is None else device)
         if kind == "lora":
             delta: Delta = LoRADelta(self.in_features, self.out_features, rank, alpha, **factory)
         else:
@@ -288,9 +308,12 @@ class RoutedLinear(nn.Module):
         plan = self._context.plan
         if plan is None:
             # F.linear on the base's weight rather than calling the base module: a folded model's decode step
-            # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py)
-            return F.linear(x, self.base.weight, self.base.bias)
+            # then costs one module call per linear, as the bare LLM's does (measured in benchmarks/routing.py);
+            # a packed (quantized) weight is only read by its own module
+            return self.base(x) if self.packed else F.linear(x, self.base.weight, self.base.bias)
         y = self.base(x)
+        if self.packed and torch.is_grad_enabled():
+            y = y.clone()  # bitsandbytes' matmuls are autograd Functions whose outputs may not be added into in place
         if plan.runs is not None and not torch.is_grad_enabled():
             flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             for run in plan.runs:
@@ -325,6 +348,8 @@ class RoutedLinear(nn.Module):
     def fold_refusal(self) -> str | None:
         """Why `W += D_text` cannot be done in place on this layer, or None."""
         weight = self.base.weight
+        if self.packed:
+            return f"its weight is quantized ({type(self.base).__name__}): the text delta stays unfused"
         if type(self.base) is not nn.Linear:
             return f"its base is a {type(self.base).__name__}, not a plain nn.Linear"
         if not weight.is_floating_point():
@@ -337,6 +362,9 @@ class RoutedLinear(nn.Module):
         accumulated in float32 and rounded once: in bf16, measured equal to the float64 sum rounded), which needs no
         `out x in` temporary; anything else adds its
         matrix cast to `W`'s dtype."""
+        refusal = self.fold_refusal()
+        if refusal is not None:
+            raise MMComposeError(f"cannot fold a delta into this layer: {refusal}")
         weight, delta = self.base.weight, self.deltas[text_delta]
         if isinstance(delta, LoRADelta) and delta.lora_A.dtype == weight.dtype:
             weight.addmm_(delta.lora_B, delta.lora_A, alpha=delta.scaling)
@@ -349,17 +377,22 @@ class RoutedLinear(nn.Module):
         exactly as loading cast it, so `W` is again what a fresh load in this dtype gives, bit for bit."""
         self.base.weight.copy_(stored)
 
-def wrap_linears(llm: nn.Module, target_modules: tuple[str, ...], context: RouteContext) -> dict[str, RoutedLinear]:
+def wrap_linears(llm: nn.Module, target_modules: tuple[str, ...], context: RouteContext,
+                 compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> dict[str, RoutedLinear]:
     """Replace every `nn.Linear` whose attribute name is in `target_modules` by a `RoutedLinear`.
 
     Module surgery by `setattr` on the parent, as PEFT's tuners do; the model's own code is untouched.
-    Returns the wrapped layers keyed by their path in `llm`.
+    Returns the wrapped layers keyed by their path in `llm`. `compute_dtype`: the deltas' dtype over a
+    quantized layer. An `nn.Linear` subclass a routed layer cannot handle is refused before any is wrapped.
     """
+    targets = [(path, module) for path, module in llm.named_modules()
+               if path.rpartition(".")[2] in target_modules and isinstance(module, nn.Linear)]
+    for path, module in targets:
+        routable_linear(module, path)
     wrapped: dict[str, RoutedLinear] = {}
-    for path, module in list(llm.named_modules()):
+    for path, module in targets:
         parent_path, _, attribute = path.rpartition(".")
-        if attribute in target_modules and isinstance(module, nn.Linear):
-            routed = RoutedLinear(module, context)
-            setattr(llm.get_submodule(parent_path), attribute, routed)
-            wrapped[path] = routed
+        routed = RoutedLinear(module, context, name=path, compute_dtype=compute_dtype)
+        setattr(llm.get_submodule(parent_path), attribute, routed)
+        wrapped[path] = routed
     return wrapped

@@ -57,7 +57,7 @@ class ModelSpec(Strict):
     modalities: list[ModalitySpec]
     deltas: list[DeltaSpec] = Field(default_factory=list)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    template: str = "plain"
+    template: str = "tagged"
     chat_template: str | None = None  # the Jinja text of template "chat", recorded so inference renders as training
     strategy: Strategy = "connector-only"
 

@@ -155,7 +155,7 @@ def _options_and_gold(sample: Sample) -> tuple[dict[str, str], str]:
 
 @torch.no_grad()
 def choice_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, samples: Sequence[Sample],
-                    template: str = "plain", batch_size: int = 64) -> float:
+                    template: str = "tagged", batch_size: int = 64) -> float:
     """Multiple-choice accuracy: the model picks the option whose text it finds most likely as the answer.
 
     The world's training data answers multiple choice with the option's text, so each option's text is
@@ -221,7 +221,7 @@ def pretrain_base(corpus_train: Path, corpus_valid: Path, out: Path, *,
     model = LlamaForCausalLM(config)
     optimizer = _optimizer(model, settings)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    dialogue = TEMPLATES["plain"].user.strip()
+    dialogue = TEMPLATES["tagged"].user.strip()
     repeats = [1 if document.startswith(dialogue) else settings.prose_repeats for document in documents]
     batches = _batches(encoded, repeats, settings, bos, eos, seed)
     curve: list[float] = []

@@ -6,7 +6,8 @@ parts (base LLM directory, data files, output directory, stage-1 checkpoint) to 
 also override any field:
 
     model:     {modalities: [image], strategy: decoupled, rank: 128, alpha: 256, target_modules: [...],
-                boundary_tokens: 5, encoder: {image: PATH-OR-NAME}, connector: mlp2x_gelu, template: vicuna_v1}
+                boundary_tokens: 5, encoder: {image: PATH-OR-NAME}, connector: mlp2x_gelu, template: vicuna_v1,
+                image_aspect_ratio: pad}
     train:     TrainConfig fields (stage, batch_size, grad_accum, lr, ...)
     launch:    the command that runs it (documentation)
     gpu_memory: an estimate and how it was made (documentation)
@@ -15,7 +16,7 @@ also override any field:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,15 @@ class RecipeModel(BaseModel):
     encoder: dict[str, str] = Field(default_factory=dict, description="modality -> encoder source")
     connector: str | None = Field(None, description="a registered connector (NAME or NAME:{json options})")
     template: str | None = None
+    image_aspect_ratio: Literal["square", "pad"] | None = Field(
+        None, description="pad: images are padded to a square of the processor's mean colour before resizing "
+                          "(LLaVA-1.5's and ModelCompose's image_aspect_ratio pad); None: the start checkpoint's")
+
+    def processor_options(self) -> dict[str, dict[str, Any]]:
+        """Options this recipe puts on the modalities' processors."""
+        if self.image_aspect_ratio is None or "image" not in self.modalities:
+            return {}
+        return {"image": {"pad_to_square": self.image_aspect_ratio == "pad"}}
 
 
 class Recipe(BaseModel):

@@ -14,9 +14,10 @@ from mmcompose.files import read_json
 from mmcompose.importers.encoders import named_component, parse_encoder_option
 from mmcompose.modalities import CONNECTORS
 from mmcompose.model.conversation import CHAT, TEMPLATE_NAMES
+from mmcompose.model.mllm import MultimodalLLM
 from mmcompose.model.spec import Component
 from mmcompose.train.recipe import Recipe, RecipeModel, load_recipe, with_overrides
-from mmcompose.train.trainer import TrainConfig, build_model, train
+from mmcompose.train.trainer import TrainConfig, build_model, describe_groups, parameter_groups, train
 
 STRATEGIES = ("connector-only", "shared", "decoupled", "full")
 
@@ -31,15 +32,15 @@ def parse_connector(text: str) -> Component:
 def default_template(base: Path) -> str:
     """`vicuna_v1` for a Vicuna base (by directory name or recorded `_name_or_path`: Vicuna's tokenizer has no
     chat template, and ModelCompose trained on it with this layout), else `chat` where the base tokenizer has a
-    chat template of its own (a Qwen2 or Mistral base), `plain` otherwise."""
+    chat template of its own (a Qwen2 or Mistral base), `tagged` otherwise."""
     config = read_json(base / "config.json") if (base / "config.json").is_file() else {}
     names = f"{base.name} {config.get('_name_or_path', '')}".lower()
     if "vicuna" in names:
         return "vicuna_v1"
     if not (base / "config.json").is_file():
-        return "plain"  # not a base directory: loading the model reports that
+        return "tagged"  # not a base directory: loading the model reports that
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    return CHAT if getattr(tokenizer, "chat_template", None) else "plain"
+    return CHAT if getattr(tokenizer, "chat_template", None) else "tagged"
 
 
 def resolve_run(recipe_path: Path | None, config_path: Path | None, model: dict[str, Any],
@@ -65,9 +66,8 @@ def resolve_run(recipe_path: Path | None, config_path: Path | None, model: dict[
     return Recipe(model=described, train=settings)
 
 
-def run_modality_training(*, base: Path, data: Sequence[Path], data_root: Path, out: Path, recipe: Recipe,
-                          start_from: Sequence[Path], resume: bool) -> dict[str, Any]:
-    """Build the recipe's model on `base` (branches from `start_from`) and train it on `data`."""
+def build_run_model(base: Path, recipe: Recipe, start_from: Sequence[Path]) -> MultimodalLLM:
+    """The recipe's model on `base`, its branches from `start_from`, ready to train."""
     described, settings = recipe.model, recipe.train
     strategy = described.strategy or ("connector-only" if settings.stage == "pretrain" else None)
     if strategy is None:
@@ -77,14 +77,28 @@ def run_modality_training(*, base: Path, data: Sequence[Path], data_root: Path, 
     if described.template is not None and described.template not in TEMPLATE_NAMES:
         raise MMComposeError(f"--template {described.template!r}: known templates: {', '.join(TEMPLATE_NAMES)}")
     encoders = dict(parse_encoder_option(f"{m}={spec}") for m, spec in described.encoder.items())
-    model = build_model(
+    return build_model(
         base, described.modalities, strategy=strategy, rank=described.rank,
         alpha=2.0 * described.rank if described.alpha is None else described.alpha, start_from=start_from,
         seed=settings.seed, template=described.template or (None if start_from else default_template(base)),
         encoders=encoders, connector=parse_connector(described.connector) if described.connector else None,
-        boundary_tokens=described.boundary_tokens, target_modules=described.target_modules)
-    loaded = load_training_samples(data, data_root, model, settings.data.on_bad_sample)
-    return train(model, loaded.samples, data_root, settings, out, resume=resume, skipped=loaded.skipped)
+        boundary_tokens=described.boundary_tokens, target_modules=described.target_modules,
+        processor_options=described.processor_options())
+
+
+def run_modality_training(*, base: Path, data: Sequence[Path], data_root: Path, out: Path, recipe: Recipe,
+                          start_from: Sequence[Path], resume: bool) -> dict[str, Any]:
+    """Build the recipe's model on `base` (branches from `start_from`) and train it on `data`."""
+    model = build_run_model(base, recipe, start_from)
+    loaded = load_training_samples(data, data_root, model, recipe.train.data.on_bad_sample)
+    return train(model, loaded.samples, data_root, recipe.train, out, resume=resume, skipped=loaded.skipped)
+
+
+def trained_groups(base: Path, recipe: Recipe, start_from: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """What a run of `recipe` would train, without training: each parameter group's peak learning rate and
+    parameter count (`train --dry-run`; a finished run records the same in its metrics)."""
+    model = build_run_model(base, recipe, start_from)
+    return describe_groups(parameter_groups(model, recipe.train))
 
 
 def model_overrides(modality: str | None, strategy: str | None, rank: int | None, alpha: float | None,
@@ -102,5 +116,5 @@ def model_overrides(modality: str | None, strategy: str | None, rank: int | None
             "connector": connector, "boundary_tokens": boundary_tokens, "template": template}
 
 
-__all__ = ["TrainConfig", "default_template", "model_overrides", "parse_connector", "resolve_run",
-           "run_modality_training"]
+__all__ = ["TrainConfig", "build_run_model", "default_template", "model_overrides", "parse_connector", "resolve_run",
+           "run_modality_training", "trained_groups"]

@@ -44,6 +44,7 @@ from mmcompose.files import atomic_directory, atomic_write_text
 from mmcompose.importers.encoders import EncoderSource, resolve_encoder
 from mmcompose.model.assembly import Example
 from mmcompose.model.mllm import MultimodalLLM, modality_spec
+from mmcompose.model.routed import LoRADelta
 from mmcompose.model.spec import Component, ModalitySpec, Strategy
 from mmcompose.train.encoder import caption_classes, pretrain_encoder
 from mmcompose.train.progress import progress_bar
@@ -89,6 +90,8 @@ class TrainConfig(BaseModel):
                                                     "(see train.encoder); at lr.encoder")
     lr: LearningRates = Field(default_factory=LearningRates)
     weight_decay: float = Field(0.0, ge=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA deltas' inputs while training "
+                                                             "(ModelCompose: 0.05)")
     batch_size: int = Field(16, gt=0, description="per process and micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
@@ -153,7 +156,8 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
                 rank: int = 16, alpha: float = 32.0, start_from: Sequence[str | Path] = (), seed: int = 0,
                 template: str | None = None, encoders: dict[str, EncoderSource] | None = None,
                 connector: Component | None = None, boundary_tokens: int | None = None,
-                target_modules: Sequence[str] | None = None) -> MultimodalLLM:
+                target_modules: Sequence[str] | None = None,
+                processor_options: dict[str, dict[str, Any]] | None = None) -> MultimodalLLM:
     """A model to train on `base`: new deltas per `strategy`, modality branches taken from `start_from`.
 
     Stage 2 starts from stage 1 this way: the modality specs (encoder and connector options) and branch
@@ -166,6 +170,8 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
     frozen too. `connector` overrides the registered default of modalities that do not come from `start_from`;
     `boundary_tokens` (prefix and suffix each) applies to every modality, and a `start_from` branch with
     another count gets fresh boundary tokens (ModelCompose's DAMC stage 2 adds 5 + 5 to a stage 1 without).
+    `processor_options` (modality -> options) go on top of each modality's processor options, e.g.
+    `{"image": {"pad_to_square": True}}` for LLaVA-1.5's `image_aspect_ratio: pad`.
     An encoder whose width does not fit the connector it is paired with is a one-line error here, before any
     step. `template` None keeps the start checkpoints' template, a `chat` one with the chat template text they
     recorded (not the base tokenizer's current one), so every stage formats conversations alike.
@@ -218,8 +224,11 @@ def build_model(base: str | Path, modalities: Sequence[str | ModalitySpec], *, s
             frozen.discard(name)
             if resolved[name].pretrained:
                 frozen.add(name)
+        if (processor_options or {}).get(name):
+            options = {**spec.processor.options, **processor_options[name]}
+            spec = spec.model_copy(update={"processor": spec.processor.model_copy(update={"options": options})})
         specs.append(spec)
-    recorded, chat_template = templates.pop() if templates else ("plain", None)
+    recorded, chat_template = templates.pop() if templates else ("tagged", None)
     torch.manual_seed(seed)
     try:
         model = MultimodalLLM.from_base(base, specs, strategy=strategy, rank=rank, alpha=alpha,
@@ -264,7 +273,7 @@ def trained_encoders(model: MultimodalLLM, config: TrainConfig) -> set[str]:
     return set(model.branches) - set(model.provenance.get("frozen_encoders", []))
 
 
-def _parameter_groups(model: MultimodalLLM, config: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(model: MultimodalLLM, config: TrainConfig) -> list[dict[str, Any]]:
     """Freeze everything, then unfreeze what the stage trains, as AdamW groups with their own learning rate.
     Weight decay applies to weight matrices only, never to boundary tokens, norms or biases."""
     model.requires_grad_(False)
@@ -297,6 +306,16 @@ def _parameter_groups(model: MultimodalLLM, config: TrainConfig) -> list[dict[st
     return groups
 
 
+def describe_groups(groups: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The trained parameter groups by name: peak learning rate and parameter count (weight-decay halves of a
+    group together)."""
+    described: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        entry = described.setdefault(group["name"], {"lr": group["lr"], "parameters": 0})
+        entry["parameters"] += sum(p.numel() for p in group["params"])
+    return described
+
+
 class _LossModule(nn.Module):
     """Assembly and LLM forward in one module, so DDP sees the branches and deltas used in one forward pass.
 
@@ -315,13 +334,9 @@ class _LossModule(nn.Module):
 
 
 def target_tokens(model: MultimodalLLM, examples: Sequence[Example]) -> int:
-    """The positions that carry a label in these examples, as the assembler lays them out: the target's
+    """The positions that carry a label in these examples, as the assembler lays them out: every answer's
     tokens plus the end-of-sequence token."""
-    eos = int(model.tokenizer.eos_token_id is not None)
-    targets = [example.target for example in examples if example.target is not None]
-    if not targets:
-        return 0
-    return sum(len(ids) + eos for ids in model.tokenizer(targets, add_special_tokens=False)["input_ids"])
+    return model.assembler.labelled_tokens(examples)
 
 
 def _accelerator(find_unused: bool, config: TrainConfig) -> Accelerator:
@@ -530,7 +545,11 @@ def _run(model: MultimodalLLM, data: SampleDataset, skipped: list[BadSample], co
             encoder_losses[modality] = pretrain_encoder(
                 model.branches[modality].encoder, inputs, labels, num_classes, steps=config.encoder_steps,
                 batch_size=config.batch_size, lr=config.lr.encoder, seed=config.seed)
-    groups = _parameter_groups(model, config)
+    groups = parameter_groups(model, config)
+    described_groups = describe_groups(groups)  # peak rates, before the schedule changes them
+    for delta in model.modules():
+        if isinstance(delta, LoRADelta):
+            delta.dropout = config.lora_dropout
     trainable = [p for group in groups for p in group["params"]]
     names = trained_tensor_names(model, trainable, pretrained)
     accelerator = _accelerator(len(data.modalities) > 1 or data.has_text_only, config)
@@ -634,6 +653,7 @@ def _run(model: MultimodalLLM, data: SampleDataset, skipped: list[BadSample], co
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from_step": start, "encoder_pretraining_loss": encoder_losses,
         "trained_encoders": sorted(trained_encoders(model, config)),
+        "parameter_groups": described_groups,
         "skipped_samples": {"invalid": len(skipped), "too_long": len(data.too_long)},
         "feature_cache": cache_report,
         "first_loss": records[0]["loss"] if records else None, "final_loss": records[-1]["loss"] if records else None,
