@@ -37,7 +37,9 @@ def test_the_one_command_writes_a_system_runs_every_check_and_prints_one_table()
     assert "requests/s" in found["(d) serve, 16 clients"]
     assert found["(e) peak memory"].startswith("peak RSS ")
     assert found["(f) device_map auto"].startswith("skipped") and "2 or more GPUs" in found["(f) device_map auto"]
-    assert found["(g) 4-bit"].startswith("skipped") or "tok/s" in found["(g) 4-bit"]
+    quantized = found["(g) 4-bit"]  # bitsandbytes runs NF4 on CPUs it has a kernel for; elsewhere a reason
+    assert (quantized.split()[1:2] == ["tok/s"] and "greedy tokens as the bf16 CPU reference" in quantized) or \
+        (quantized.startswith("skipped") and "bitsandbytes" in quantized), quantized
 
 
 @pytest.fixture(scope="module")
