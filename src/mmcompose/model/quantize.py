@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -65,7 +64,7 @@ def check_quantize(kind: str, dtype: torch.dtype | str | None = None,
                              f"base keeps its deltas and branches in 16-bit (bfloat16 or float16); float32 would "
                              f"double their memory")
     try:
-        bitsandbytes = _import_bitsandbytes()
+        import bitsandbytes  # its import-time kernel-fetch warning is silenced by `mmcompose/__init__.py`
     except ImportError:
         raise MMComposeError(f"--quantize {kind}: needs bitsandbytes, which is not installed "
                              f"(pip install 'mmcompose[quantize]')") from None
@@ -78,20 +77,6 @@ def check_quantize(kind: str, dtype: torch.dtype | str | None = None,
         raise MMComposeError(f"--quantize {kind}: bitsandbytes {bitsandbytes.__version__} cannot run {kind} "
                              f"layers on {target} ({reason})") from None
     return compute
-
-
-def _import_bitsandbytes() -> ModuleType:
-    """`import bitsandbytes`, without the warning its CPU backend logs at import on AVX512-BF16 CPUs when it
-    cannot fetch an optional faster 4-bit kernel from a model hub (it then uses its built-in one, which the
-    probe below runs; the warning's advice to install `kernels` does not apply)."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-    finally:
-        logger.setLevel(level)
-    return bitsandbytes
 
 
 @functools.cache
