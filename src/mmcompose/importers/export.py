@@ -63,13 +63,7 @@ def export_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
     """Write `out`: the checkpoint's base LLM with its text delta folded in, plus `out/mmcompose/`."""
     checkpoint, out = Path(checkpoint), Path(out)
     manifest = read_manifest(checkpoint)
-    base = resolve_base(checkpoint, manifest)
-    if not base.is_dir():
-        raise CheckpointError(f"{checkpoint}: base LLM not found at {base}")
-    if fingerprint_base(base) != manifest.base.fingerprint:
-        raise CheckpointError(f"{checkpoint}: the base LLM at {base} is not the one this checkpoint was built on")
-    source = skeleton(base, manifest.model, manifest.base.fingerprint)
-    source.load_checkpoint_tensors(read_tensors(checkpoint_files(checkpoint, manifest.files)))
+    base, source = _load_source(checkpoint, manifest)
     text = source.routing.route_to_delta.get(TEXT_ROUTE)
     spec, deltas = _corrections(source, text)
     branches = {name: value for name, value in source.checkpoint_tensors().items() if name.startswith("modalities.")}
@@ -188,13 +182,7 @@ def export_llava_hf(checkpoint: Path, out: Path, overwrite: bool = False) -> tup
     reason = llava_refusal(manifest.model)
     if reason is not None:
         raise CheckpointError(f"{checkpoint}: cannot be exported as a llava-hf LLaVA: {reason}")
-    base = resolve_base(checkpoint, manifest)
-    if not base.is_dir():
-        raise CheckpointError(f"{checkpoint}: base LLM not found at {base}")
-    if fingerprint_base(base) != manifest.base.fingerprint:
-        raise CheckpointError(f"{checkpoint}: the base LLM at {base} is not the one this checkpoint was built on")
-    model = skeleton(base, manifest.model, manifest.base.fingerprint)
-    model.load_checkpoint_tensors(read_tensors(checkpoint_files(checkpoint, manifest.files)))
+    base, model = _load_source(checkpoint, manifest)
     modality = manifest.model.modalities[0]
     delta = next((d.name for d in manifest.model.deltas if "text" in d.routes), None)
     llm_config = model.llm.config.to_dict()
@@ -339,3 +327,15 @@ def llava_chat_template(spec: ModelSpec, tokenizer_adds_bos: bool = True) -> str
             f"{{{{ {json.dumps(style.assistant)} }}}}"
             f"{{% elif message['role'] == 'assistant' %}}{{{{ ' ' }}}}{text}{{{{ {separator} }}}}"
             f"{{% endif %}}{{% endfor %}}")
+
+
+def _load_source(checkpoint: Path, manifest: Manifest) -> tuple[Path, MultimodalLLM]:
+    """The checkpoint's base LLM directory (present, fingerprint checked) and the model with its tensors loaded."""
+    base = resolve_base(checkpoint, manifest)
+    if not base.is_dir():
+        raise CheckpointError(f"{checkpoint}: base LLM not found at {base}")
+    if fingerprint_base(base) != manifest.base.fingerprint:
+        raise CheckpointError(f"{checkpoint}: the base LLM at {base} is not the one this checkpoint was built on")
+    model = skeleton(base, manifest.model, manifest.base.fingerprint)
+    model.load_checkpoint_tensors(read_tensors(checkpoint_files(checkpoint, manifest.files)))
+    return base, model
