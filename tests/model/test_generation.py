@@ -113,6 +113,28 @@ def test_feeding_in_chunks_continues_as_one_forward(llama_base: Path) -> None:
     assert (length, tokens) == (whole_length, whole_tokens)
 
 
+@torch.no_grad()
+def test_a_reserved_cache_decodes_in_place_as_a_growing_one(llama_base: Path) -> None:
+    """Room for the prompt and 8 tokens: the prefill (in chunks) and every step write into it, without a new
+    allocation, and give what concatenating gives; once rows leave, the layer concatenates again."""
+    model = _model(llama_base)
+    batch = model.assemble(_examples(), padding_side="left")
+    grown, grown_logits = prefill(model, batch, 5, reserve=0)
+    expected = decode(model, grown, grown_logits, 8)
+    state, logits = prefill(model, batch, 5, reserve=8)
+    layer = state.cache.layers[0]
+    room = layer.keys.data_ptr()
+    torch.testing.assert_close(logits, grown_logits, rtol=0, atol=0)
+    tokens = [logits.argmax(-1)]
+    for _ in range(7):
+        tokens.append(step(model, state, tokens[-1]).argmax(-1))
+    assert layer.keys.data_ptr() == room and layer.keys.shape[-2] == batch.embeds.shape[1] + 7
+    assert torch.stack(tokens, 1).tolist() == [row[:8] for row in expected]
+    state.keep(torch.tensor([0, 2]))
+    step(model, state, tokens[-1][[0, 2]])
+    assert layer.keys.data_ptr() != room and layer._room is None
+
+
 def test_the_lm_head_gets_the_last_position_with_ordinary_strides(llama_base: Path) -> None:
     """transformers slices the last position out of the whole sequence's hidden states; torch's CPU bfloat16
     `F.linear` of that slice against a frozen weight copies the weight first (seconds at a 32000-token vocabulary),

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from mmcompose.model.assembly import Batch
 
@@ -94,16 +95,66 @@ class DecodeState:
             layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
 
-def prefill(model: MultimodalLLM, batch: Batch,
-            chunk_size: int | None = PREFILL_CHUNK_SIZE) -> tuple[DecodeState, torch.Tensor]:
-    """Run a left-padded prompt batch with its routes into a fresh cache, at most `chunk_size` positions per forward
-    (None: all at once); return the state and the last position's logits `(rows, vocab)` in float32.
+class ReservedLayer(DynamicLayer):
+    """A cache layer that writes new positions into room reserved for `capacity` of them, where transformers'
+    `DynamicLayer` concatenates.
+
+    Concatenating copies the layer's whole cache at every update and frees the old copy: a prefill in chunks leaves
+    one freed, shorter copy of every layer's keys and values behind each chunk, holes between the layers' live
+    caches that the allocator keeps, and every decoded token copies the whole cache. Here the first update allocates
+    `capacity` positions and every later one writes into them; `keys` and `values` are views of the written part.
+    Once something else has replaced them (`DecodeState.keep` and `extend` make new tensors for other rows) or the
+    room is full, it concatenates as `DynamicLayer` does, and the room goes with the old tensors.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._room = tuple(states.new_empty(*states.shape[:2], self.capacity, states.shape[-1])
+                               for states in (key_states, value_states))
+            self.keys, self.values = (room[:, :, :0] for room in self._room)
+        length, count = self.keys.shape[-2], key_states.shape[-2]
+        room = self._room
+        if room is None or not _prefix_of(self.keys, room[0]) or length + count > self.capacity:
+            self._room = None
+            return super().update(key_states, value_states)
+        room[0][:, :, length:length + count] = key_states
+        room[1][:, :, length:length + count] = value_states
+        self.keys, self.values = room[0][:, :, :length + count], room[1][:, :, :length + count]
+        return self.keys, self.values
+
+
+def _prefix_of(tensor: torch.Tensor, room: torch.Tensor) -> bool:
+    """Whether `tensor` is `room[:, :, :n]` for some `n` (all rows, from the first position on)."""
+    return (tensor.untyped_storage().data_ptr() == room.untyped_storage().data_ptr()
+            and tensor.storage_offset() == room.storage_offset() and tensor.stride() == room.stride()
+            and tensor.shape[:2] == room.shape[:2])
+
+
+def reserved_cache(model: MultimodalLLM, capacity: int) -> DynamicCache:
+    """A `DynamicCache` whose layers reserve room for `capacity` positions (`ReservedLayer`)."""
+    cache = DynamicCache()
+    cache.layers = [ReservedLayer(capacity) for _ in range(model.llm.config.get_text_config().num_hidden_layers)]
+    return cache
+
+
+def prefill(model: MultimodalLLM, batch: Batch, chunk_size: int | None = PREFILL_CHUNK_SIZE,
+            reserve: int = 0) -> tuple[DecodeState, torch.Tensor]:
+    """Run a left-padded prompt batch with its routes into a fresh cache with room for the prompt and `reserve`
+    positions more, at most `chunk_size` positions per forward (None: all at once); return the state and the last
+    position's logits `(rows, vocab)` in float32.
 
     A chunk attends to the cache of the chunks before it and to itself, so chunks give the one-forward prefill up to
     rounding; what they bound is memory: a forward's activations grow with its positions, the cache does not."""
     length = batch.embeds.shape[1]
     size = chunk_size or length
-    cache = DynamicCache()
+    cache = reserved_cache(model, length + reserve)
     for start in range(0, length, size):
         stop = min(start + size, length)
         with model.routing.route(batch.routes[:, start:stop]):

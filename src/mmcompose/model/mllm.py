@@ -231,7 +231,7 @@ class MultimodalLLM(nn.Module):
             return self._generate_uncached(examples, max_new_tokens, temperature, generator, on_token)
         if max_new_tokens <= 0:
             return ["" for _ in examples]
-        state, logits = prefill(self, self.assemble(examples, padding_side="left"))
+        state, logits = prefill(self, self.assemble(examples, padding_side="left"), reserve=max_new_tokens)
         tokens = decode(self, state, logits, max_new_tokens, temperature=temperature, generator=generator,
                         on_token=on_token)
         return [self.answer_text(row) for row in tokens]
