@@ -52,11 +52,17 @@ def any_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return make_base(tmp_path_factory.mktemp(f"{request.param}-base"), request.param)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that read the quick demo go last: they wait for it, and every test before them runs while it
+    does (`quick_demo_run`)."""
+    items.sort(key=lambda item: "quick_demo" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def quick_demo_run(request: pytest.FixtureRequest,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun | None]:
     """The quick demo, started with the session's first test if any collected test reads it (`quick_demo` in
-    `tests/experiment/test_demo.py`), so that it runs beside the rest of the suite; None otherwise."""
+    `tests/experiment/test_demo.py`), so that the rest of the suite runs beside it; None otherwise."""
     if not any("quick_demo" in item.fixturenames for item in request.session.items):
         yield None
         return
