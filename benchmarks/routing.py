@@ -7,20 +7,22 @@ is measured in the same run, interleaved:
 * hf-generate - the reference: transformers' `model.generate` (greedy) on the bare base `LlamaForCausalLM`;
 * base        - our generation loop on the bare base LLM (no deltas);
 * routed      - mmcompose: text delta folded into W, each modality's `D_m` and `-D_text` on its own tokens only;
-* serving     - `routed` through the server's batcher (one request), as `mmcompose serve` decodes;
+* serving     - `routed` as `mmcompose serve` runs it: prefill is the batcher's (`generation.prefill`, into a KV
+                cache), decode goes through the server's batcher (one request);
 * masked      - the official code's approach: every delta computed on every token, then masked by route.
 
 Decode tok/s is 1 / the median interval between successive generated tokens (prefill excluded), from a
 timestamp per token (a stopping criterion for `generate`, `on_token` for our loop, the batcher's token
 times); prefill is one forward over the prompt. Ratios are to hf-generate; medians with the min-max spread
-over repeats. Run: `python benchmarks/routing.py --threads 1`.
+over repeats. Run: `python benchmarks/routing.py` (one torch thread by default).
 
 Each is measured twice: in wall time, and in the CPU time of the process (`time.process_time()`, taken with
 each timestamp above), which a machine loaded by other jobs disturbs much
 less (with one torch thread the process runs on one core at a time; waiting for a core is not counted).
-Prefill is also timed in `--pairs` pairs, each variant back to back with hf-generate's prefill (order
-alternating), and reported as the median of the per-pair ratios: a ratio of two runs a fraction of a second
-apart is what a load that changes over seconds disturbs least.
+Then in pairs, each variant back to back with hf-generate (order alternating), reported as the median of the
+per-pair CPU-time ratios with quartiles: a ratio of two runs a fraction of a second apart is what a load that
+changes over seconds disturbs least. Prefill: `--pairs` pairs for base, routed and serving; decode:
+`--decode-pairs` pairs of whole generations for routed and serving (the ratio of their CPU seconds per token).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from mmcompose.model import Example, MultimodalLLM, RoutedLinear, modality_spec
+from mmcompose.model.generation import prefill as serving_prefill
 from mmcompose.serve.batcher import Batcher, Job
 from mmcompose.train.tokenizer import train_tokenizer
 
@@ -127,13 +130,21 @@ def decode_seconds(times: list[tuple[float, float]], expected: int) -> tuple[flo
                  for i in (0, 1))
 
 
+def cpu_seconds(functions: tuple, phase: str):
+    """A call measuring one variant in CPU time: seconds of its prefill, or seconds per token of its decode."""
+    prefill, decode = functions
+    return (lambda: time_once(prefill)[1]) if phase == "prefill" else (lambda: decode()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is read as one core's)")
     parser.add_argument("--pairs", type=int, default=30, help="prefill pairs timed back to back (see the docstring)")
+    parser.add_argument("--decode-pairs", type=int, default=10,
+                        help="decode pairs (whole generations) timed back to back (see the docstring)")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -213,7 +224,7 @@ def main() -> None:
             "hf-generate": (hf_prefill, hf_decode),
             "base": (prefill(base), decode(base)),
             "routed": (prefill(composed), decode(composed)),
-            "serving": (prefill(composed), serving_decode),
+            "serving": (lambda: serving_prefill(composed, batch), serving_decode),
             "masked": (with_masks(prompt_masks, prefill(masked)), with_masks(text_masks, decode(masked))),
         }
         samples = {name: {"prefill": [], "decode": []} for name in variants}
@@ -226,12 +237,17 @@ def main() -> None:
                 for name, (first, second) in variants.items():
                     samples[name]["prefill"].append(time_once(first))
                     samples[name]["decode"].append(second())
-            paired: dict[str, list[float]] = {"base": [], "routed": []}
-            for index in range(args.pairs):  # back to back with the anchor, in alternating order
-                for name in paired:
-                    runs = [hf_prefill, variants[name][0]]
-                    cpu = [time_once(run)[1] for run in (runs if index % 2 else runs[::-1])]
-                    paired[name].append(cpu[1] / cpu[0] if index % 2 else cpu[0] / cpu[1])
+            paired = {"prefill": {name: [] for name in ("base", "routed", "serving")},
+                      "decode": {name: [] for name in ("routed", "serving")}}
+            for phase, count in (("prefill", args.pairs), ("decode", args.decode_pairs)):
+                for index in range(count):  # back to back with the anchor, in alternating order
+                    for name, ratios in paired[phase].items():
+                        run_anchor, run_own = (cpu_seconds(variants[key], phase) for key in ("hf-generate", name))
+                        if index % 2:
+                            anchor, own = run_anchor(), run_own()
+                        else:
+                            own, anchor = run_own(), run_anchor()
+                        ratios.append(own / anchor if phase == "prefill" else anchor / own)
         batcher.close()
 
     tokens = int(batch.attention_mask.sum())
@@ -239,7 +255,7 @@ def main() -> None:
         f"## routing ({date.today().isoformat()})",
         "",
         f"- command: `python benchmarks/routing.py --rank {args.rank} --new-tokens {args.new_tokens} "
-        f"--repeats {args.repeats} --threads {args.threads}`",
+        f"--repeats {args.repeats} --threads {args.threads} --pairs {args.pairs} --decode-pairs {args.decode_pairs}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
         f"thread(s); load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_start)} at the start, "
         f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} at the end; variants interleaved, medians",
@@ -265,11 +281,16 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(columns) + " |")
     lines += ["", "Ratios are of medians, all variants measured interleaved in this run; the machine is shared "
               "with other jobs, so absolute numbers move between runs and only the ratios compare.", ""]
-    for name, ratios in paired.items() if args.pairs > 1 else ():
-        quartiles = statistics.quantiles(ratios, n=4)
-        lines.append(f"- prefill CPU time of {name} / hf-generate, {len(ratios)} pairs timed back to back: median "
-                     f"{statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
-                     f"min-max {min(ratios):.3f}-{max(ratios):.3f})")
+    measures = {"prefill": "prefill CPU time of {} / hf-generate's",
+                "decode": "decode tok/s of CPU of {} / hf-generate's"}
+    for phase, by_variant in paired.items():
+        for name, ratios in by_variant.items():
+            if len(ratios) < 2:
+                continue
+            quartiles = statistics.quantiles(ratios, n=4)
+            lines.append(f"- {measures[phase].format(name)}, {len(ratios)} pairs timed back to back: median "
+                         f"{statistics.median(ratios):.3f}x (quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+                         f"min-max {min(ratios):.3f}-{max(ratios):.3f})")
     publish(lines, args.results)
 
 

@@ -604,7 +604,9 @@ def serve(
         help="Media may be given as paths (or file: URLs) inside this directory; without it, only data: URLs.")]
     = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
-    request_timeout: Annotated[float, typer.Option(min=1.0, help="Seconds a request may take in all.")] = 120.0,
+    request_timeout: Annotated[float, typer.Option(min=1.0, help=(
+        "Seconds a request may take in all (queue, prefill and answer); raise it for a model offloaded to the "
+        "disk, where one answer takes minutes."))] = 120.0,
     max_media: Annotated[int, typer.Option(min=0, help="Most media parts in one request.")] = 8,
     max_media_mb: Annotated[float, typer.Option(min=0.01, help="Largest media part, in MiB.")] = 20.0,
     base: Annotated[Path | None, typer.Option(help="The base LLM directory, if not where the checkpoint says.")]

@@ -1,4 +1,5 @@
-"""Step-wise decoding: rows joining and leaving a running batch decode exactly as alone; no warnings."""
+"""Step-wise decoding: rows joining and leaving a running batch decode exactly as alone; a prefill in chunks gives
+the one-forward prefill; no warnings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import torch
 
 from mmcompose.model import Example, MultimodalLLM
-from mmcompose.model.generation import choose, prefill, step
+from mmcompose.model.assembly import Batch
+from mmcompose.model.generation import choose, decode, feed, prefill, step
 from tests.model.helpers import random_input, randomize_deltas, tiny_modality
 
 
@@ -66,6 +68,66 @@ def test_rows_joining_and_leaving_between_steps_decode_as_alone(llama_base: Path
     assert tokens[0] == expected[0][:6]
     assert tokens[1][:10] == expected[1]
     assert tokens[2][:10] == expected[2]
+
+
+@torch.no_grad()
+def test_a_prefill_in_chunks_continues_as_one_forward(llama_base: Path) -> None:
+    """Chunks of 1, 3 and 5 positions cut through the modality inputs (routes split across chunks) and through
+    the left padding of the shorter rows (a chunk of padding alone included), folded and not."""
+    model = _model(llama_base)
+    batch = model.assemble(_examples(), padding_side="left")
+    for folded in (False, True):
+        if folded:
+            model.fold_text_route()
+        whole, whole_logits = prefill(model, batch, None)
+        expected = decode(model, whole, whole_logits, 8)
+        for size in (1, 3, 5):
+            forwards: list[int] = []
+            counting = model.llm.register_forward_pre_hook(lambda module, args, seen=forwards: seen.append(1))
+            state, logits = prefill(model, batch, size)
+            counting.remove()
+            assert len(forwards) == -(-batch.embeds.shape[1] // size)
+            torch.testing.assert_close(logits, whole_logits, rtol=1e-5, atol=1e-5)
+            assert state.length == batch.embeds.shape[1]
+            assert decode(model, state, logits, 8) == expected
+
+
+@torch.no_grad()
+def test_feeding_in_chunks_continues_as_one_forward(llama_base: Path) -> None:
+    """A chat turn's new positions (here: the rest of a prompt after its first 4, the two modality inputs among
+    them) fed in chunks of 2 give the logits and the continuation of feeding them at once."""
+    model = _model(llama_base)
+    batch = model.assemble(_examples()[:1], padding_side="left")
+    head = Batch(batch.embeds[:, :4], batch.attention_mask[:, :4], batch.position_ids[:, :4], batch.routes[:, :4],
+                 None)
+    results, forwards = [], []
+    model.llm.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    for size in (None, 2):
+        state, _ = prefill(model, head)
+        forwards.clear()
+        logits = feed(model, state, batch.embeds[:, 4:], batch.routes[:, 4:], size)
+        assert len(forwards) == (1 if size is None else -(-(batch.embeds.shape[1] - 4) // size))
+        results.append((logits, state.length, decode(model, state, logits, 8)))
+    (whole, whole_length, whole_tokens), (chunked, length, tokens) = results
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert (length, tokens) == (whole_length, whole_tokens)
+
+
+def test_the_lm_head_gets_the_last_position_with_ordinary_strides(llama_base: Path) -> None:
+    """transformers slices the last position out of the whole sequence's hidden states; torch's CPU bfloat16
+    `F.linear` of that slice against a frozen weight copies the weight first (seconds at a 32000-token vocabulary),
+    so the LM head must be handed the rows with the strides of a tensor of their own shape."""
+    model = MultimodalLLM.from_base(llama_base, [tiny_modality(m) for m in ("image", "point")],
+                                    dtype=torch.bfloat16).eval()
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    model.llm.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append((tuple(args[0].shape), args[0].stride())))
+    with torch.no_grad():
+        prefill(model, model.assemble(_examples()[:1], padding_side="left"))
+    (shape, stride), = seen
+    hidden = model.llm.config.hidden_size
+    assert shape == (1, 1, hidden)
+    assert stride == (hidden, hidden, 1)
 
 
 def test_generation_emits_no_warning(llama_base: Path) -> None:

@@ -4,6 +4,7 @@ or hostile manifest refused in one line before anything large is allocated."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import resource
 from pathlib import Path
@@ -60,9 +61,14 @@ OFFLOAD_MAP = {"llm.model.embed_tokens": "cpu", "llm.model.rotary_emb": "cpu", "
                "llm.lm_head": "disk", "branches.image": "disk", "branches.audio": "cpu"}
 
 
-def test_disk_offload_gives_the_in_memory_output(saved: tuple[MultimodalLLM, Path], tmp_path: Path) -> None:
+def test_disk_offload_gives_the_in_memory_output(saved: tuple[MultimodalLLM, Path], tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     model, path = saved
-    offloaded = load_checkpoint(path, device_map=OFFLOAD_MAP, offload_folder=tmp_path / "offload").eval()
+    with caplog.at_level(logging.WARNING, logger="accelerate.big_modeling"):
+        offloaded = load_checkpoint(path, device_map=OFFLOAD_MAP, offload_folder=tmp_path / "offload").eval()
+    # accelerate says once (not once for the base LLM and once for the whole model) that weights were offloaded
+    notices = [r for r in caplog.records if r.getMessage().startswith("Some parameters are on the meta device")]
+    assert len(notices) == 1
     # really offloaded: the disk layers' base weights, deltas and the image branch hold no memory
     params = dict(offloaded.named_parameters())
     for name in ("llm.model.layers.0.self_attn.q_proj.base.weight", "llm.model.layers.2.mlp.down_proj.deltas.image"
