@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 PREFILL_CHUNK_SIZE = 1024
 """Positions per forward of a prefill (transformers' `prefill_chunk_size`, which defaults to no chunks). Measured on
 one decoder layer at vicuna-7b's widths in bfloat16 over an MCUB-4 prompt of 3,404 positions: the prefill's peak
-above the loaded model falls from 0.58 GiB in one forward to 0.45 GiB in chunks of 2048 and 0.36 GiB in chunks of
-1024; its CPU time rises by 2-10% (noisy: a loaded machine)."""
+above the loaded model falls from 0.55 GiB in one forward to 0.43 GiB in chunks of 2048 and 0.35 GiB in chunks of
+1024 (16 layers: `mmcompose eval` of two such items peaked at 1.133x the model's bytes with chunks, 1.194x before
+them and the LM head's fix in `mmcompose.model.mllm`); its CPU time rises by 2-10% (noisy: a loaded machine)."""
 
 
 @dataclass
