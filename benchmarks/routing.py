@@ -79,6 +79,17 @@ def make_base(directory: Path) -> Path:
     return directory
 
 
+def four_input_example() -> Example:
+    """The measured prompt: one random input per modality and an MCUB-4-style question (seeded, so every variant
+    and script sees the same one)."""
+    generator = torch.Generator().manual_seed(2)
+    return Example(
+        prompt="USER: " + "\n".join(f"<{m}>" for m in MODALITIES) + "\nWhat do these four have in common? "
+        "A. desert B. forest C. sea D. cave. Answer with the letter. ASSISTANT:",
+        inputs={m: [torch.randn(INPUTS[m], generator=generator)] for m in MODALITIES},
+    )
+
+
 def build(base: Path, strategy: str, rank: int) -> MultimodalLLM:
     specs = [modality_spec(m, num_prefix_tokens=5, num_suffix_tokens=5) for m in MODALITIES]
     model = MultimodalLLM.from_base(base, specs, strategy=strategy, rank=rank, alpha=2.0 * rank)
@@ -154,12 +165,7 @@ def main() -> None:
         base = build(base_path, "connector-only", args.rank)
         composed = build(base_path, "decoupled", args.rank)
         parameters = sum(p.numel() for p in base.llm.parameters())
-        generator = torch.Generator().manual_seed(2)
-        example = Example(
-            prompt="USER: " + "\n".join(f"<{m}>" for m in MODALITIES) + "\nWhat do these four have in common? "
-            "A. desert B. forest C. sea D. cave. Answer with the letter. ASSISTANT:",
-            inputs={m: [torch.randn(INPUTS[m], generator=generator)] for m in MODALITIES},
-        )
+        example = four_input_example()
         with torch.no_grad():
             batch = composed.assemble([example], padding_side="left")
         base.branches.load_state_dict(composed.branches.state_dict())

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from report import publish
-from routing import INPUTS, MODALITIES, build, make_base
+from routing import build, four_input_example, make_base
 from transformers import LlamaForCausalLM
 
-from mmcompose.model import Example
 from mmcompose.model.routed import LoRADelta
 
 
@@ -103,12 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         base_path = make_base(Path(scratch) / "base")
         model = build(base_path, "decoupled", args.rank)
-        generator = torch.Generator().manual_seed(2)
-        example = Example(
-            prompt="USER: " + "\n".join(f"<{m}>" for m in MODALITIES) + "\nWhat do these four have in common? "
-            "A. desert B. forest C. sea D. cave. Answer with the letter. ASSISTANT:",
-            inputs={m: [torch.randn(INPUTS[m], generator=generator)] for m in MODALITIES},
-        )
+        example = four_input_example()
         with torch.no_grad():
             batch = model.assemble([example], padding_side="left")
         model.fold_text_route()

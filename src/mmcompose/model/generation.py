@@ -11,8 +11,9 @@ so a chat session prefills only what a new turn adds to the conversation already
 
 Compared with transformers' `generate`: no logits processors, stopping criteria or per-step input preparation
 (each step is one embedding lookup, one mask column and one forward); routes apply to the prefill (and `feed`)
-only, since every generated token is text. The cache is built without the model config, so every layer is a plain
-`DynamicLayer` (full attention, position-aligned across rows), which is what joining and trimming rows need;
+only, since every generated token is text. The cache is built without the model config, so every layer is a
+`DynamicLayer` (full attention, position-aligned across rows; here `ReservedLayer`, which writes into room reserved
+for the prompt and the answer), which is what joining and trimming rows need;
 a sliding-window model still attends within its window, because the mask, not the cache, enforces it. Prompts
 are prefilled in chunks of `PREFILL_CHUNK_SIZE` positions, where transformers prefills in one forward unless
 `prefill_chunk_size` is set: a multimodal prompt runs to thousands of positions (an MCUB-4 item of the released
@@ -105,7 +106,10 @@ class ReservedLayer(DynamicLayer):
     caches that the allocator keeps, and every decoded token copies the whole cache. Here the first update allocates
     `capacity` positions and every later one writes into them; `keys` and `values` are views of the written part.
     Once something else has replaced them (`DecodeState.keep` and `extend` make new tensors for other rows) or the
-    room is full, it concatenates as `DynamicLayer` does, and the room goes with the old tensors.
+    room is full, it concatenates as `DynamicLayer` does, and the room goes with the old tensors. transformers'
+    `StaticLayer` reserves as well, but never grows past its size and has the mask padded to it. Measured: `mmcompose
+    eval` of two MCUB-4 items on 16 layers at vicuna-7b's widths peaked at 1.133x the model's bytes with a growing
+    cache, 1.098x with this one.
     """
 
     def __init__(self, capacity: int) -> None:
