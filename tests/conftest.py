@@ -1,9 +1,7 @@
-"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads); the quick
-demo, started in the background when a collected test reads it."""
+"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mmcompose.train.tokenizer import train_tokenizer
-from tests.experiment.quick_demo import DemoRun
 
 CORPUS = [
     "USER: what is this? ASSISTANT: This is a blorvin. It lives in the desert and it is red.",
@@ -51,21 +48,3 @@ def any_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     """The same tests on two LLaMA-family architectures."""
     return make_base(tmp_path_factory.mktemp(f"{request.param}-base"), request.param)
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that read the quick demo go last: they wait for it, and every test before them runs while it
-    does (`quick_demo_run`)."""
-    items.sort(key=lambda item: "quick_demo" in getattr(item, "fixturenames", ()))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def quick_demo_run(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun | None]:
-    """The quick demo, started with the session's first test if any collected test reads it (`quick_demo` in
-    `tests/experiment/test_demo.py`), so that the rest of the suite runs beside it; None otherwise."""
-    if not any("quick_demo" in item.fixturenames for item in request.session.items):
-        yield None
-        return
-    run = DemoRun.start(tmp_path_factory.mktemp("demo"))
-    yield run
-    run.stop()
