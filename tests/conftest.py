@@ -47,4 +47,3 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def any_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tests on two LLaMA-family architectures."""
     return make_base(tmp_path_factory.mktemp(f"{request.param}-base"), request.param)
-
