@@ -3,7 +3,8 @@
 Its stdout and stderr go to files of their own, so that a test can require an empty stderr (any library's warning
 lands there, whatever its wording). It runs alone: started beside the rest of the suite, `.ci/run` on a fresh
 clone took 720 s on a quiet 2-core machine against 670 s with the demo after the other tests (its two training
-processes and the tests' contended for the cores more than the base LLM's single-process step left idle).
+processes and the tests competed for the two cores, which cost more than the core its single-process base LLM
+step leaves idle gave).
 """
 
 from __future__ import annotations
