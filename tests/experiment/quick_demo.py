@@ -49,7 +49,7 @@ class DemoRun:
         return code, self.stdout.read_text(), self.stderr.read_text()
 
     def stop(self) -> None:
-        """End it, and its workers, if it still runs (the session ended first: a failure, `-x`, Ctrl-C)."""
+        """End it, and its workers, if it still runs (its wait timed out or was interrupted)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
