@@ -32,6 +32,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from fixtures import randomize_deltas
 from report import publish
 
 MODALITIES = ["image", "audio", "video", "point"]
@@ -80,12 +81,8 @@ def measure(base: Path, rank: int) -> dict:
     model = MultimodalLLM.from_base(base, specs, strategy="decoupled", rank=rank, alpha=2.0 * rank,
                                     dtype=torch.bfloat16).eval()
     model.branches.to(torch.bfloat16)
+    randomize_deltas(model)
     generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.routed.values():
-            for delta in layer.deltas.values():
-                for parameter in delta.parameters():
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
     example = Example(prompt="USER: " + "\n".join(f"<{m}>" for m in MODALITIES) + "\nWhat is common? ASSISTANT:",
                       inputs={m: [torch.randn(INPUTS[m], generator=generator)] for m in MODALITIES})

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fixtures import randomize_deltas
 from report import publish
 from routing import decode_seconds
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,12 +71,7 @@ def build(base: Path, rank: int, quantize: str | None, deltas: bool = True, devi
                                     rank=rank, alpha=float(rank), device=device, dtype=torch.bfloat16,
                                     quantize=quantize)
     model.tokenizer.eos_token_id = None  # decode exactly the tokens asked for
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.routed.values():
-            for delta in layer.deltas.values():
-                for parameter in delta.parameters():
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator).to(parameter.device) * 0.02)
+    randomize_deltas(model)
     return model.eval()
 
 

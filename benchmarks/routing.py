@@ -39,6 +39,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from fixtures import randomize_deltas
 from report import publish
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
@@ -93,12 +94,7 @@ def four_input_example() -> Example:
 def build(base: Path, strategy: str, rank: int) -> MultimodalLLM:
     specs = [modality_spec(m, num_prefix_tokens=5, num_suffix_tokens=5) for m in MODALITIES]
     model = MultimodalLLM.from_base(base, specs, strategy=strategy, rank=rank, alpha=2.0 * rank)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.routed.values():
-            for delta in layer.deltas.values():
-                for parameter in delta.parameters():
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    randomize_deltas(model)
     return model.eval()
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fixtures import randomize_deltas
 from PIL import Image
 from report import publish
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,11 +56,7 @@ def make_checkpoint(directory: Path) -> Path:
     tokenizer.save_pretrained(directory / "base")
     model = MultimodalLLM.from_base(directory / "base", [modality_spec(m) for m in ("image", "audio", "point")],
                                     strategy="decoupled", rank=16, alpha=32.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".deltas." in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    randomize_deltas(model)
     return save_checkpoint(model, directory / "composed")
 
 
