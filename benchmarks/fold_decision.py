@@ -185,13 +185,15 @@ def calibrate() -> list[str]:
         rates = []
         for rows in (1024, 1):
             x, y = torch.randn(rows, inputs, dtype=dtype), torch.randn(rows, outputs, dtype=dtype)
-            seconds = seconds_per_call(lambda x=x, y=y: y.addmm_(F.linear(x, a), b.t()), 3 if inputs > 1000 else 50)
+            seconds = seconds_per_call(lambda x=x, y=y, a=a, b=b: y.addmm_(F.linear(x, a), b.t()),
+                                       3 if inputs > 1000 else 50)
             rates.append(rows * rank * (inputs + outputs) / seconds)
         source = torch.randn(4096, outputs, dtype=dtype)
         rows = torch.randperm(4096)[:2048].sort().values
         update = torch.randn(2048, outputs, dtype=dtype)
-        gather = seconds_per_call(lambda: source.index_select(0, rows), 20) / update.numel()
-        scatter = seconds_per_call(lambda: source.index_put_((rows,), update, accumulate=True), 20) / update.numel()
+        gather = seconds_per_call(lambda s=source, r=rows: s.index_select(0, r), 20) / update.numel()
+        scatter = seconds_per_call(lambda s=source, r=rows, u=update: s.index_put_((r,), u, accumulate=True),
+                                   20) / update.numel()
         lines.append(f"| {str(dtype).removeprefix('torch.')} | {inputs} -> {outputs}, {rank} | {rates[0] / 1e9:.1f} | "
                      f"{rates[1] / 1e9:.1f} | {rates[0] / rates[1]:.1f} | {op * 1e6:.1f} | {gather * 1e9:.2f} | "
                      f"{scatter * 1e9:.2f} |")
@@ -204,9 +206,9 @@ def calibrate() -> list[str]:
         context.plan = RoutePlan.everywhere((("text", 1),))
         routed = seconds_per_call(lambda: layer(x), 2000)
         context.plan = None
-    lines += ["", f"A routed linear (8 -> 8, rank 1, one row) with the text delta's plan costs {(routed - bare) * 1e6:.1f}"
-              f" us more than without a plan: {(routed - bare) / op:.1f} ops of {op * 1e6:.1f} us, two of them the "
-              "delta's."]
+    lines += ["", "A routed linear (8 -> 8, rank 1, one row) with the text delta's plan costs "
+              f"{(routed - bare) * 1e6:.1f} us more than without a plan: {(routed - bare) / op:.1f} ops of "
+              f"{op * 1e6:.1f} us, two of them the delta's."]
     return lines
 
 

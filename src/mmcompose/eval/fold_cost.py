@@ -12,9 +12,14 @@ the number of positions of each kind (benchmarks/fold_decision.py):
 * a fixed overhead per tensor op (Python, dispatch, kernel launch), which at small widths outweighs the FLOPs.
 
 The base matmuls are the same in both forms and left out. So is folding itself (one `W += B A` per layer at the
-start of a run, undone after): `eval` decides on the first batch of a run that answers many. The estimate is a
-function of the model's shapes and the batch only, never of a timing: folded and unfolded answers differ in
-rounding, and an eval's answers must not depend on the machine's load.
+start of a run, undone after): `eval` decides on the first batch of a run that answers many. Every row is taken
+to decode all its tokens: rows that stop earlier at EOS make the unfolded form cheaper than estimated. The
+estimate is a function of the model's shapes and the batch only, never of a timing: folded and unfolded answers
+differ in rounding, and an eval's answers must not depend on the machine's load.
+
+The constants (`COSTS`) are per device type and dtype. The CPU's were measured on this project's machine (an
+AVX2 CPU without native bfloat16, where bfloat16 products are compute-bound even over one row); the CUDA ones are
+estimates for an A100-class card, not measured here (there is no GPU on this machine).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mmcompose.model.generation import PREFILL_CHUNK_SIZE
-from mmcompose.model.routed import LoRADelta, RouteContext, RoutedLinear, RoutePlan
+from mmcompose.model.routed import TEXT_ROUTE, LoRADelta, RouteContext, RoutedLinear, RoutePlan
 
 
 @dataclass(frozen=True)
@@ -67,15 +72,13 @@ COSTS: dict[tuple[str, torch.dtype], DeviceCosts] = {
                                           scatter=4e-12),
     ("cuda", torch.float32): DeviceCosts(multiply_add=5e-14, floor_rows=32, op=10e-6, gather=4e-12, scatter=8e-12),
 }
-"""Per (device type, dtype). Another dtype takes its device's bfloat16 entry (float16 runs alike), another
-device type the CPU's float32 one."""
+"""Per (device type, dtype). Another dtype takes its device's bfloat16 entry (float16 runs alike); another device
+type (`meta` included: a model built without weights) the CPU's."""
 
 
 def device_costs(device: torch.device, dtype: torch.dtype) -> DeviceCosts:
-    key = (device.type, dtype)
-    if key in COSTS:
-        return COSTS[key]
-    return COSTS.get((device.type, torch.bfloat16), COSTS["cpu", torch.float32])
+    kind = device.type if any(kind == device.type for kind, _ in COSTS) else "cpu"
+    return COSTS.get((kind, dtype)) or COSTS[kind, torch.bfloat16]
 
 
 class LinearCost:
@@ -137,3 +140,13 @@ def generation_seconds(layers: Sequence[RoutedLinear], route_to_delta: dict[int,
         with context.route(None):
             seconds += (max_new_tokens - 1) * sum(cost(context.plan, routes.shape[0]) for cost in costs)
     return seconds
+
+
+def folding_pays(layers: Sequence[RoutedLinear], route_to_delta: dict[int, str], routes: torch.Tensor,
+                 max_new_tokens: int) -> bool:
+    """Whether `generation_seconds` is lower folded. Without a text delta there is nothing to fold (False); when
+    every modality shares the text's delta (NaiveMC) a folded model applies no delta at all, which always pays."""
+    if route_to_delta.get(TEXT_ROUTE) is None:
+        return False
+    return generation_seconds(layers, route_to_delta, routes, max_new_tokens, True) < \
+        generation_seconds(layers, route_to_delta, routes, max_new_tokens, False)

@@ -19,7 +19,7 @@ import torch
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import Similarity
 from mmcompose.eval.benchmark import Sample
-from mmcompose.eval.fold_cost import generation_seconds
+from mmcompose.eval.fold_cost import folding_pays
 from mmcompose.modalities import get_modality
 from mmcompose.model import Example, MultimodalLLM
 from mmcompose.model.conversation import format_conversation
@@ -118,20 +118,18 @@ class ModelPredictor:
 
         Folding removes `D_text` from every text position and every decode step, but every position of a modality
         with its own delta then applies `D_m` and `-D_text`. Measured (benchmarks/fold_decision.py): at the demo's
-        widths folding pays even for a one-letter answer (per-op overhead outweighs the FLOPs, and an unfolded
-        batch gathers and scatters every position); at vicuna-7b's widths in bfloat16 on a CPU a media-heavy
-        MCUB-4 item (~3,200 modality positions) pays only for answers of thousands of tokens, a text-heavy chat
-        prompt for a few hundred. Without a text delta there is nothing to fold (False); when every modality
-        shares the text's delta (NaiveMC's single delta) folding leaves nothing to correct and always pays.
+        widths folding is faster for 32-token answers and within noise for one-letter ones (per-op overhead
+        weighs as much as the FLOPs, and an unfolded batch gathers and scatters every position); at vicuna-7b's
+        widths in bfloat16 on a CPU a media-heavy MCUB-4 item (~3,200 modality positions) pays only for answers
+        of thousands of tokens, a text-heavy chat prompt for a few hundred. Without a text delta there is nothing
+        to fold (False); when every modality shares the text's delta (NaiveMC's single delta) folding leaves
+        nothing to correct and always pays.
         """
-        routing = self.model.routing
-        if routing.route_to_delta.get(TEXT_ROUTE) is None:
+        route_to_delta = self.model.routing.route_to_delta
+        if route_to_delta.get(TEXT_ROUTE) is None:
             return False
-        routes = self._routes(examples)
-        layers = list(self.model.routed.values())
-        folded, unfolded = (generation_seconds(layers, routing.route_to_delta, routes, self.max_new_tokens, form)
-                            for form in (True, False))
-        return folded < unfolded
+        return folding_pays(list(self.model.routed.values()), route_to_delta, self._routes(examples),
+                            self.max_new_tokens)
 
     def _routes(self, examples: Sequence[Example]) -> torch.Tensor:
         """The batch's routes `(rows, positions)`, left-padded with text as `generate` assembles them, from the
