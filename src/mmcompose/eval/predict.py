@@ -121,9 +121,9 @@ class ModelPredictor:
         widths folding is faster for 32-token answers and within noise for one-letter ones (per-op overhead
         weighs as much as the FLOPs, and an unfolded batch gathers and scatters every position); at vicuna-7b's
         widths in bfloat16 on a CPU a media-heavy MCUB-4 item (~3,200 modality positions) pays only for answers
-        of thousands of tokens, a text-heavy chat prompt for a few hundred. Without a text delta there is nothing
-        to fold (False); when every modality shares the text's delta (NaiveMC's single delta) folding leaves
-        nothing to correct and always pays.
+        of thousands of tokens, a text-heavy chat prompt for a few hundred (within noise at 16 and 512). Without
+        a text delta there is nothing to fold (False); when every modality shares the text's delta (NaiveMC's
+        single delta) folding leaves nothing to correct and always pays.
         """
         route_to_delta = self.model.routing.route_to_delta
         if route_to_delta.get(TEXT_ROUTE) is None:
