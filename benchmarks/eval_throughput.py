@@ -17,7 +17,8 @@ older code, e.g. `git archive <commit> src | tar -x -C /tmp/before`); runs alter
 variant must agree (the same greedy answers), else the script fails.
 
 The newer code is also measured with the text route always folded (`--forced-fold`), since `eval` folds it only
-where that pays (`ModelPredictor.folding_pays`), which a media-heavy MCUB-4 item with a short answer does not.
+where its cost estimate says that pays (`ModelPredictor.folding_pays`; checked against measurements by
+benchmarks/fold_decision.py).
 
 Run: `python benchmarks/eval_throughput.py --before /tmp/before/src --repeats 3`.
 """

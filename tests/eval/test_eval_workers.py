@@ -225,31 +225,31 @@ def test_bad_worker_settings_and_the_default() -> None:
     assert 0 <= default_num_workers() <= 4
 
 
-def test_the_text_route_is_folded_only_where_that_pays(model: MultimodalLLM, llama_base: Path) -> None:
-    """Folding trades the text delta on text positions for `D_text` on top of `D_m` on modality positions."""
+def test_the_text_route_is_folded_when_the_estimate_says_so(model: MultimodalLLM, llama_base: Path) -> None:
+    """`folding_pays` estimates from the batch's routes as `generate` assembles them (the decisions themselves, as
+    measured, are in test_fold_cost.py); `evaluating` applies it, or the forced choice, and unfolds after."""
     generator = torch.Generator().manual_seed(0)
-    images = [torch.randn(3, 16, 16, generator=generator) for _ in range(12)]
-    heavy = Example(prompt="USER: " + "<image>" * 12 + " same? ASSISTANT:", inputs={"image": images})
+    images = [torch.randn(3, 16, 16, generator=generator) for _ in range(3)]
+    heavy = Example(prompt="USER: " + "<image>" * 3 + " same? ASSISTANT:", inputs={"image": images})
     chatty = Example(prompt="USER: <image> " + "tell me about it, " * 6 + "ASSISTANT:", inputs={"image": images[:1]})
-    positions = model.input_length("image", images[0])
-    text_only = len(model.tokenizer(heavy.prompt.replace("<image>", ""), add_special_tokens=False)["input_ids"])
-    assert 12 * positions > text_only + 1 + 2  # so the first case is media-heavy, even with 2 new tokens
     predictor = ModelPredictor(model, max_new_tokens=2)
-    assert not predictor.folding_pays([heavy]) and predictor.folding_pays([chatty])
-    assert ModelPredictor(model, max_new_tokens=200).folding_pays([heavy])  # long answers pay for it
+    assert torch.equal(predictor._routes([heavy, chatty]), model.assemble([heavy, chatty], padding_side="left").routes)
+    bad = Example(prompt="USER: <image> ASSISTANT:")  # a placeholder without its input: no positions, no error
+    assert torch.equal(predictor._routes([bad, chatty])[1], predictor._routes([chatty])[0])
 
     shared = MultimodalLLM.from_base(llama_base, [tiny_modality("image")], strategy="shared", rank=2)
     assert ModelPredictor(shared, max_new_tokens=2).folding_pays([heavy])  # no correction is left
-    assert not ModelPredictor(MultimodalLLM.from_base(llama_base, [tiny_modality("image")]), 2).folding_pays([chatty])
+    connector_only = MultimodalLLM.from_base(llama_base, [tiny_modality("image")])
+    assert not ModelPredictor(connector_only, 2).folding_pays([chatty])  # no text delta to fold
 
     folded: list[bool] = []
-    for fold in (None, True, False):
-        predictor = ModelPredictor(model, max_new_tokens=2, fold=fold)
+    for fold, subject in ((None, shared), (None, connector_only), (True, model), (False, shared)):
+        predictor = ModelPredictor(subject, max_new_tokens=2, fold=fold)
         with predictor.evaluating():
             predictor.answer([heavy])
-            folded.append(model.routing.folded)
-        assert not model.routing.folded
-    assert folded == [False, True, False]
+            folded.append(subject.routing.folded)
+        assert not subject.routing.folded
+    assert folded == [True, False, True, False]
 
 
 def test_the_eval_command_takes_num_workers(model: MultimodalLLM, benchmark: tuple[Path, Path],

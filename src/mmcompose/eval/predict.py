@@ -19,6 +19,7 @@ import torch
 from mmcompose.errors import MMComposeError
 from mmcompose.eval.answers import Similarity
 from mmcompose.eval.benchmark import Sample
+from mmcompose.eval.fold_cost import folding_pays
 from mmcompose.modalities import get_modality
 from mmcompose.model import Example, MultimodalLLM
 from mmcompose.model.conversation import format_conversation
@@ -112,29 +113,41 @@ class ModelPredictor:
                 for count, prompt in zip(counts, prompts, strict=True)]
 
     def folding_pays(self, examples: Sequence[Example]) -> bool:
-        """Whether folding the text route makes `examples` cheaper to answer.
+        """Whether folding the text route makes `examples` cheaper to answer, by the deterministic estimate of
+        `mmcompose.eval.fold_cost` (never a timing, so that the answers do not depend on the machine's load).
 
-        Folding moves the text delta `D_text` into the base weights: every text position (the prompt's text and
-        each generated token) no longer applies it, but every position of a modality whose route has its own
-        delta now applies `D_m - D_text`, i.e. `D_text` on top of `D_m`. So it pays when text positions
-        (counting all `max_new_tokens` per row) outnumber those modality positions. A media-heavy benchmark with
-        short answers does not pay: an MCUB-4 item of the demo has ~146 modality positions against ~58 of text
-        and a one-letter answer. Without a text delta there is nothing to fold; when every modality shares the
-        text's delta (NaiveMC's single delta) folding leaves no correction and always pays.
+        Folding removes `D_text` from every text position and every decode step, but every position of a modality
+        with its own delta then applies `D_m` and `-D_text`. Measured (benchmarks/fold_decision.py): at the demo's
+        widths folding is faster for 32-token answers and within noise for one-letter ones (per-op overhead
+        weighs as much as the FLOPs, and an unfolded batch gathers and scatters every position); at vicuna-7b's
+        widths in bfloat16 on a CPU a media-heavy MCUB-4 item (~3,200 modality positions) pays only for answers
+        of thousands of tokens, a text-heavy chat prompt for a few hundred (within noise at 16 and 512). Without
+        a text delta there is nothing to fold (False); when every modality shares the text's delta (NaiveMC's
+        single delta) folding leaves nothing to correct and always pays.
         """
-        routing = self.model.routing
-        text = routing.route_to_delta.get(TEXT_ROUTE)
-        if text is None:
+        route_to_delta = self.model.routing.route_to_delta
+        if route_to_delta.get(TEXT_ROUTE) is None:
             return False
-        route_ids = self.model.spec.route_ids()
-        corrected = {m.name for m in self.model.spec.modalities
-                     if routing.route_to_delta.get(route_ids[m.name]) != text}
-        modality = sum(self._positions(name, inputs[0]) * len(inputs)
-                       for example in examples for name, inputs in example.inputs.items()
-                       if name in corrected and inputs)
-        prompts = [Example(prompt=example.prompt) for example in examples]
-        text_positions = sum(self.model.assembler.sequence_lengths(prompts, {m: 0 for m in self.model.processors}))
-        return text_positions + len(examples) * self.max_new_tokens > modality
+        return folding_pays(list(self.model.routed.values()), route_to_delta, self._routes(examples),
+                            self.max_new_tokens)
+
+    def _routes(self, examples: Sequence[Example]) -> torch.Tensor:
+        """The batch's routes `(rows, positions)`, left-padded with text as `generate` assembles them, from the
+        prompts and the positions one input of each modality takes (no medium is encoded twice). An example the
+        assembler would refuse counts as no positions: answering it fails on its own."""
+        lengths = {name: self._positions(name, inputs[0]) for example in examples
+                   for name, inputs in example.inputs.items() if inputs and name in self.model.processors}
+        rows = []
+        for example in examples:
+            try:
+                rows.append(self.model.assembler.layout(example, lengths)[1])
+            except MMComposeError:
+                rows.append([])
+        routes = torch.full((len(rows), max(map(len, rows), default=0)), TEXT_ROUTE, dtype=torch.long)
+        for index, row in enumerate(rows):
+            if row:
+                routes[index, routes.shape[1] - len(row):] = torch.tensor(row)
+        return routes
 
     def _positions(self, modality: str, processed: torch.Tensor) -> int:
         if modality not in self._input_positions:
