@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from multiprocessing import get_context
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import av
@@ -166,3 +168,23 @@ def test_bad_files(tmp_path: Path) -> None:
         with pytest.raises(InputError) as info:
             load_video(path)
         assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
+
+
+def _load_in_child(path: Path, sender: Connection) -> None:
+    sender.send(load_video(path, num_frames=4))
+
+
+def test_a_process_forked_after_decoding_decodes_too(tmp_path: Path) -> None:
+    """Eval's DataLoader workers are forked from a process that has decoded videos already; PyAV's own cached
+    scaler would leave such a child waiting forever for slice threads that exist only in the parent."""
+    path = encode_video(tmp_path / "ramp.mp4", "libx264", 30)
+    in_parent = load_video(path, num_frames=4)
+    receiver, sender = get_context("fork").Pipe(duplex=False)
+    child = get_context("fork").Process(target=_load_in_child, args=(path, sender))
+    child.start()
+    try:
+        assert receiver.poll(60), "the forked child did not decode the video within 60 s"
+        np.testing.assert_array_equal(receiver.recv(), in_parent)
+    finally:
+        child.kill()
+        child.join()

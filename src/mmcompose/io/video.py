@@ -9,6 +9,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from mmcompose.errors import InputError
@@ -203,29 +204,36 @@ def _stated_seconds(container: av.container.InputContainer | None, stream: av.Vi
 
 
 def _decoded_frames(path: Path, name: str, max_pixels: int) -> Iterator[tuple[int, _LazyRGB]]:
-    """Yield (timestamp, frame) for every decoded frame; RGB conversion waits until a frame is picked."""
+    """Yield (timestamp, frame) for every decoded frame; RGB conversion waits until a frame is picked.
+
+    Conversion goes through a scaler made for this video, not PyAV's (18 and later) per-thread cached one,
+    `frame.to_ndarray`'s: that scaler runs its own pool of slice threads, and a process forked after using it
+    (a DataLoader worker preparing eval items) inherits the scaler without the threads and waits for them
+    forever on its first frame. Measured: every forked eval worker hung so; with a scaler per video none does.
+    """
     container, stream = _open(path, name, max_pixels)
     with container:
         stream.thread_type = "AUTO"
+        scaler = VideoReformatter()
         size = None
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
             _check_pixels(frame.width, frame.height, name, max_pixels)
             size = size or (frame.width, frame.height)
-            yield frame.pts, _LazyRGB(frame, size)
+            yield frame.pts, _LazyRGB(frame, size, scaler)
 
 
 class _LazyRGB:
     """A decoded frame converted to RGB only if it is selected: conversion costs more than decoding."""
 
-    def __init__(self, frame: av.VideoFrame, size: tuple[int, int]) -> None:
-        self.frame, self.size, self.array = frame, size, None
+    def __init__(self, frame: av.VideoFrame, size: tuple[int, int], scaler: VideoReformatter) -> None:
+        self.frame, self.size, self.scaler, self.array = frame, size, scaler, None
 
     def rgb(self) -> np.ndarray:
         if self.array is None:
             width, height = self.size
-            array = self.frame.to_ndarray(format="rgb24", width=width, height=height)
+            array = self.scaler.reformat(self.frame, format="rgb24", width=width, height=height).to_ndarray()
             quarter_turns = round((self.frame.rotation or 0) / 90) % 4
             self.array = np.ascontiguousarray(np.rot90(array, k=quarter_turns))
         return self.array
