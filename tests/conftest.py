@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads)."""
+"""Shared fixtures: tiny base LLMs with random weights and a locally trained tokenizer (no downloads); the quick
+demo, started in the background when a collected test reads it."""
 
 from __future__ import annotations
 
+# isort: off
+import mmcompose  # noqa: F401  (first: it sets OpenMP's wait policy, which torch reads once when it loads)
+# isort: on
+
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mmcompose.train.tokenizer import train_tokenizer
+from tests.experiment.quick_demo import DemoRun
 
 CORPUS = [
     "USER: what is this? ASSISTANT: This is a blorvin. It lives in the desert and it is red.",
@@ -47,3 +54,22 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def any_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tests on two LLaMA-family architectures."""
     return make_base(tmp_path_factory.mktemp(f"{request.param}-base"), request.param)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that read the quick demo go last: they wait for it, and every test before them runs while it
+    does (`quick_demo_run`)."""
+    items.sort(key=lambda item: "quick_demo" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_demo_run(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun | None]:
+    """The quick demo, started with the session's first test if any collected test reads it (`quick_demo` in
+    `tests/experiment/test_demo.py`), so that the rest of the suite runs beside it; None otherwise."""
+    if not any("quick_demo" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    run = DemoRun.start(tmp_path_factory.mktemp("demo"))
+    yield run
+    run.stop()

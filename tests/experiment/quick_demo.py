@@ -1,10 +1,13 @@
 """The quick demo as a user runs it (`mmcompose demo --profile quick --jobs 2`), in a subprocess of its own.
 
-Its stdout and stderr go to files of their own, so that a test can require an empty stderr (any library's warning
-lands there, whatever its wording). It runs alone: started beside the rest of the suite, `.ci/run` on a fresh
-clone took 720 s on a quiet 2-core machine against 670 s with the demo after the other tests (its two training
-processes and the tests competed for the two cores, which cost more than the core its single-process base LLM
-step leaves idle gave).
+The test session starts it with its first test (`tests/conftest.py`) whenever a collected test needs it, and the
+tests that read it wait for it; the rest of the suite runs beside it. Its stdout and stderr go to files of their
+own, so that a test can require an empty stderr (any library's warning lands there, whatever its wording).
+
+Beside the suite it used to make `.ci/run` slower, not faster (720 s against 670 s alone): OpenMP's threads spun
+at every barrier, and a spinning thread whose partner's core another process holds waits a whole time slice.
+With them sleeping (`import mmcompose` sets OMP_WAIT_POLICY=PASSIVE), `.ci/run` on a fresh clone took 574 s
+beside against 700 s alone on the same quiet 2-core machine.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class DemoRun:
         return code, self.stdout.read_text(), self.stderr.read_text()
 
     def stop(self) -> None:
-        """End it, and its workers, if it still runs (its wait timed out or was interrupted)."""
+        """End it, and its workers, if it still runs (the session ended first: a failure, `-x`, Ctrl-C)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:

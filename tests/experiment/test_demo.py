@@ -44,15 +44,11 @@ def test_noise_is_any_stderr_line_and_warnings_on_stdout() -> None:
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str, str]:
-    """The run directory, results, stdout and stderr of the quick demo, run once for this module."""
-    run = DemoRun.start(tmp_path_factory.mktemp("demo"))
-    try:
-        code, stdout, stderr = run.wait()
-    finally:
-        run.stop()
+def quick_demo(quick_demo_run: DemoRun) -> tuple[Path, dict, str, str]:
+    """The run directory, results, stdout and stderr of the quick demo the session started."""
+    code, stdout, stderr = quick_demo_run.wait()
     assert code == 0, (stdout + stderr)[-3000:]
-    return run.out, json.loads((run.out / "results.json").read_text()), stdout, stderr
+    return quick_demo_run.out, json.loads((quick_demo_run.out / "results.json").read_text()), stdout, stderr
 
 
 @pytest.mark.e2e

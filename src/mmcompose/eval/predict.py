@@ -22,6 +22,7 @@ from mmcompose.eval.benchmark import Sample
 from mmcompose.eval.fold_cost import folding_pays
 from mmcompose.modalities import get_modality
 from mmcompose.model import Example, MultimodalLLM
+from mmcompose.model.assembly import pad_rows
 from mmcompose.model.conversation import format_conversation
 from mmcompose.model.mllm import process_inputs
 from mmcompose.model.routed import TEXT_ROUTE
@@ -143,11 +144,7 @@ class ModelPredictor:
                 rows.append(self.model.assembler.layout(example, lengths)[1])
             except MMComposeError:
                 rows.append([])
-        routes = torch.full((len(rows), max(map(len, rows), default=0)), TEXT_ROUTE, dtype=torch.long)
-        for index, row in enumerate(rows):
-            if row:
-                routes[index, routes.shape[1] - len(row):] = torch.tensor(row)
-        return routes
+        return pad_rows(rows, TEXT_ROUTE, "left")
 
     def _positions(self, modality: str, processed: torch.Tensor) -> int:
         if modality not in self._input_positions:

@@ -15,8 +15,20 @@ from typing import Literal
 import torch
 
 from mmcompose.errors import InputError
+from mmcompose.model.routed import TEXT_ROUTE
 
 IGNORE_INDEX = -100
+
+
+def pad_rows(rows: Sequence[Sequence[int]], fill: int, padding_side: Literal["left", "right"]) -> torch.Tensor:
+    """Rows of token ids (or routes, labels) as one `(len(rows), longest)` tensor, `fill` on the padding side:
+    a batch as the assembler lays it out."""
+    width = max(map(len, rows), default=0)
+    padded = torch.full((len(rows), width), fill, dtype=torch.long)
+    for index, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        padded[index, span] = torch.tensor(row, dtype=torch.long)
+    return padded
 
 
 @dataclass
@@ -93,12 +105,12 @@ class Assembler:
     def _layout(self, example: Example, lengths: dict[str, int]) -> _Layout:
         bos = self.tokenizer.bos_token_id
         layout = _Layout(ids=[] if bos is None else [bos], routes=[], labels=[], spans=[])
-        layout.routes, layout.labels = [0] * len(layout.ids), [IGNORE_INDEX] * len(layout.ids)
+        layout.routes, layout.labels = [TEXT_ROUTE] * len(layout.ids), [IGNORE_INDEX] * len(layout.ids)
         for piece, labelled in self._pieces(example):
             modality = None if labelled else self.modality_of.get(piece)
             if modality is None:
                 tokens = self._tokens(piece)
-                route, length = 0, len(tokens)
+                route, length = TEXT_ROUTE, len(tokens)
             else:
                 length, route = lengths[modality], self.route_ids[modality]
                 tokens = [0] * length
@@ -108,7 +120,7 @@ class Assembler:
             layout.labels += tokens if labelled else [IGNORE_INDEX] * length
         if self._ends_with_eos(example):
             layout.ids.append(self.tokenizer.eos_token_id)
-            layout.routes.append(0)
+            layout.routes.append(TEXT_ROUTE)
             layout.labels.append(self.tokenizer.eos_token_id)
         return layout
 
@@ -189,19 +201,10 @@ class Assembler:
         layouts = [self._layout(example, lengths) for example in examples]
         for index, (example, layout) in enumerate(zip(examples, layouts, strict=True)):
             self._check_length(index, example, layout)
-        width = max(len(layout.ids) for layout in layouts)
-        shape = (len(examples), width)
-        ids = torch.zeros(shape, dtype=torch.long)
-        routes = torch.zeros(shape, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(shape, dtype=torch.long)
-        for row, layout in enumerate(layouts):
-            n = len(layout.ids)
-            span = slice(width - n, width) if padding_side == "left" else slice(0, n)
-            ids[row, span] = torch.tensor(layout.ids, dtype=torch.long)
-            routes[row, span] = torch.tensor(layout.routes, dtype=torch.long)
-            labels[row, span] = torch.tensor(layout.labels, dtype=torch.long)
-            mask[row, span] = 1
+        ids = pad_rows([layout.ids for layout in layouts], 0, padding_side)
+        routes = pad_rows([layout.routes for layout in layouts], TEXT_ROUTE, padding_side)
+        labels = pad_rows([layout.labels for layout in layouts], IGNORE_INDEX, padding_side)
+        mask = pad_rows([[1] * len(layout.ids) for layout in layouts], 0, padding_side)
         embeds = embed_tokens(ids)
         ids, routes, labels, mask = (t.to(embeds.device) for t in (ids, routes, labels, mask))
         for modality, values in features.items():
