@@ -3,9 +3,13 @@ demo, started in the background when a collected test reads it."""
 
 from __future__ import annotations
 
-# isort: off
-import mmcompose  # noqa: F401  (first: it sets OpenMP's wait policy, which torch reads once when it loads)
-# isort: on
+import os
+
+# Before torch loads its OpenMP runtime, which reads this once: the session runs the quick demo beside the other
+# tests, and OpenMP's threads by default spin at every barrier, where one whose partner's core the other process
+# holds waits a time slice. Alone, sleeping threads are slower, so the package leaves the policy to its users
+# (the figures: `tests/experiment/quick_demo.py`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from collections.abc import Iterator
 from pathlib import Path

@@ -3,12 +3,6 @@
 import logging
 import os
 
-# Before torch loads its OpenMP runtime, which reads this once. By default its threads spin at every barrier; when
-# another process holds one of the cores a spinning thread waits for, the whole op waits a time slice. Measured on
-# 2 cores, the demo's base LLM at 2 threads (60 steps): 239 s with a one-core job beside it against 21 s with
-# threads that sleep at once; quiet, 200 steps took 38.7 s spinning and 37.4 s sleeping. A user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 from mmcompose.errors import CheckpointError, CompositionError, InputError, MMComposeError
