@@ -7,7 +7,7 @@ own, so that a test can require an empty stderr (any library's warning lands the
 Beside the suite it used to make `.ci/run` slower, not faster (720 s against 670 s alone): OpenMP's threads spun
 at every barrier, and a spinning thread whose partner's core another process holds waits a whole time slice.
 The session makes them sleep (OMP_WAIT_POLICY=PASSIVE, set in `tests/conftest.py` and inherited by the demo):
-`.ci/run` on a fresh clone then took 557-574 s beside against 700 s alone, on the same quiet 2-core machine.
+`.ci/run` on a fresh clone then took 557-601 s beside against 700 s alone, on the same quiet 2-core machine.
 The setting is the session's, not the package's: alone, the demo's base LLM step (2 threads) took 161 s with
 sleeping threads against 118 s with spinning ones on that machine.
 """
