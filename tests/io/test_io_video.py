@@ -179,8 +179,9 @@ def test_a_process_forked_after_decoding_decodes_too(tmp_path: Path) -> None:
     scaler would leave such a child waiting forever for slice threads that exist only in the parent."""
     path = encode_video(tmp_path / "ramp.mp4", "libx264", 30)
     in_parent = load_video(path, num_frames=4)
-    receiver, sender = get_context("fork").Pipe(duplex=False)
-    child = get_context("fork").Process(target=_load_in_child, args=(path, sender))
+    fork = get_context("fork")
+    receiver, sender = fork.Pipe(duplex=False)
+    child = fork.Process(target=_load_in_child, args=(path, sender))
     child.start()
     try:
         assert receiver.poll(60), "the forked child did not decode the video within 60 s"
