@@ -12,23 +12,23 @@ from typer.testing import CliRunner
 
 from mmcompose.cli import app
 from mmcompose.errors import MMComposeError
-from mmcompose.experiment.demo import seed_directories
+from mmcompose.experiment.demo import Demo, seed_directories
 from mmcompose.experiment.plan import CLAIM_METHODS, TASKS, demo_plan
 from mmcompose.experiment.report import print_whole, results_table
 from mmcompose.world import MODALITIES
 
 
 def _runs(recipe: str) -> dict:
-    return {run.id: run for wave in demo_plan("quick", recipe).waves for run in wave}
+    return {run.id: run for run in demo_plan("quick", recipe).runs}
 
 
 @pytest.mark.parametrize("recipe", ["official", "one-rate"])
-def test_every_id_resolves_and_every_run_starts_from_an_earlier_wave(recipe: str) -> None:
+def test_every_id_resolves_and_every_run_starts_from_an_earlier_run(recipe: str) -> None:
     plan = demo_plan("default", recipe)
     finished: set[str] = set()
-    for wave in plan.waves:
-        assert all(set(run.start_from) <= finished for run in wave)
-        finished |= {run.id for run in wave}
+    for run in plan.runs:
+        assert set(run.start_from) <= finished
+        finished.add(run.id)
     composed = {c.id for c in plan.compositions} | {s.id for s in plan.searches}
     for method in plan.methods:
         for source in method.sources:
@@ -103,12 +103,35 @@ def test_claims_only_keeps_what_the_claims_read_and_the_runs_behind_it(recipe: s
     assert [m.id for m in plan.methods] == list(CLAIM_METHODS)
     assert [c.id for c in plan.compositions] == ["naive-linear", "damc-linear"]
     assert [s.id for s in plan.searches] == ["damc-search-val"]
-    runs = {run.id for wave in plan.waves for run in wave}
+    runs = {run.id for run in plan.runs}
     assert runs == {f"{m}-{kind}" for m in MODALITIES for kind in ("stage1", "shared", "decoupled")}
     finished: set[str] = set()
-    for wave in plan.waves:
-        assert all(set(run.start_from) <= finished for run in wave)
-        finished |= {run.id for run in wave}
+    for run in plan.runs:
+        assert set(run.start_from) <= finished
+        finished.add(run.id)
+
+
+@pytest.mark.parametrize("recipe", ["official", "boundary-stage1"])
+def test_the_demo_starts_each_step_after_the_steps_whose_outputs_it_reads(recipe: str, tmp_path: Path) -> None:
+    plan = demo_plan("default", recipe)
+    demo = Demo(tmp_path, plan, 0, Console(file=io.StringIO()))
+    steps = [*plan.runs, *plan.compositions, *plan.searches, *plan.methods]
+    needs = {demo.label(step): demo.needs(step) for step in steps}
+    assert len(needs) == len(steps) and set().union(*needs.values()) <= needs.keys()
+    stage1 = "stage1-boundary" if recipe == "boundary-stage1" else "stage1"
+    assert needs["train image-stage1"] == set()
+    assert needs["train image-shared"] == {"train image-stage1"}
+    assert needs["train image-decoupled"] == {f"train image-{stage1}"}
+    assert needs["train joint-decoupled"] == {f"train {m}-{stage1}" for m in MODALITIES}
+    assert needs["compose naive-linear"] == needs["compose naive-dare"] == {f"train {m}-shared" for m in MODALITIES}
+    assert needs["compose damc-ties"] == needs["search damc-search-agree"] == {
+        f"train {m}-decoupled" for m in MODALITIES}
+    assert needs["evaluate image-single"] == {"train image-decoupled"}
+    assert needs["evaluate naive-ties"] == {"compose naive-ties"}
+    assert needs["evaluate damc-search-val"] == {"search damc-search-val"}
+    assert needs["evaluate joint"] == {"train joint-decoupled"}
+    assert needs["evaluate tool"] == {f"train {m}-decoupled" for m in MODALITIES}
+    assert needs["evaluate text-oracle"] == set()  # the base LLM, built before every step
 
 
 def test_world_and_base_replace_the_profiles_and_name_the_plan() -> None:

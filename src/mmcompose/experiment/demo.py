@@ -8,7 +8,8 @@ table, claims, JSON, PNG. With several seeds, every seed's pipeline runs (or is 
 also checked on all seeds' items pooled.
 
 Every step writes its output atomically and is skipped when that output exists, so an interrupted demo
-resumes, and a second run only re-renders the report.
+resumes, and a second run only re-renders the report. After the base LLM, the steps run side by side, each as
+soon as the outputs it reads exist.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,24 @@ def search_run(out: Path, settings: DemoProfile, seed: int, search: Search) -> N
         {"lambdas": result.lambdas, "score": result.score, "uniform_score": result.uniform_score,
          "trials": len(result.trials)}, indent=2) + "\n")
     compose(config.model_copy(update={"lambdas": result.lambdas}), out / "composed" / search.id, progress=False)
+
+
+Step = TrainingRun | Composition | Search | Method
+"""A step of the plan after the base LLM; `run_step` carries it out."""
+STEP_KINDS = {"train": "training runs", "compose": "compositions", "search": "lambda searches",
+              "evaluate": "evaluations"}
+
+
+def run_step(out: Path, settings: DemoProfile, seed: int, step: Step) -> None:
+    """Carry out one step (in a worker process, or in this one)."""
+    if isinstance(step, TrainingRun):
+        train_run(out, settings, seed, step)
+    elif isinstance(step, Composition):
+        compose(parse_config(composition_config(out, step, seed)), out / "composed" / step.id, progress=False)
+    elif isinstance(step, Search):
+        search_run(out, settings, seed, step)
+    else:
+        evaluate_method(out, step)
 
 
 def _human_only(samples: list[Sample]) -> list[Sample]:
@@ -196,46 +216,58 @@ class Demo:
     def run_path(self, run: str) -> Path:
         return self.out / "train" / run / FINAL_MODEL
 
-    def train_models(self) -> None:
-        """Run every training run not yet finished, `jobs` at a time (one process each)."""
-        for wave in self.plan.waves:
-            pending = [run for run in wave if not self.run_path(run.id).exists()]
-            if not pending:
-                continue
-            self.console.print(f"[bold]train[/bold] {', '.join(run.id for run in pending)} ({self.jobs} at a time)")
-            task = functools.partial(train_run, self.out, self.settings, self.seed)
-            with self.board():
-                for run, _, seconds in run_parallel(task, pending, self.jobs):
-                    self.timings[f"train {run.id}"] = seconds
-                    self.console.print(f"  train {run.id}: {seconds:.1f}s")
+    def label(self, step: Step) -> str:
+        """The step's name in the log and in `timings` (`train image-stage1`, `evaluate naive-linear`)."""
+        verb = {TrainingRun: "train", Composition: "compose", Search: "search", Method: "evaluate"}[type(step)]
+        return f"{verb} {step.id}"
 
-    def compose_all(self) -> None:
-        for composition in self.plan.compositions:
-            out = self.out / "composed" / composition.id
-            config = parse_config(composition_config(self.out, composition, self.seed))
-            self.step(f"compose {composition.id}", out, lambda c=config, o=out: compose(c, o, progress=False))
+    def _finished(self, step: Step) -> bool:
+        if isinstance(step, TrainingRun):
+            return self.run_path(step.id).exists()
+        if isinstance(step, Method):
+            return all((_eval_dir(self.out, step, task) / "metrics.json").exists() for task in step.tasks)
+        return (self.out / "composed" / step.id).exists()  # a search writes its composed model last
 
-    def search_all(self) -> None:
-        """Every lambda search (validation accuracy, label-free agreement), side by side."""
-        pending = [s for s in self.plan.searches if not (self.out / "composed" / s.id).exists()]
-        if pending:
-            self.console.print(f"[bold]search[/bold] lambda: {', '.join(s.id for s in pending)} "
-                               f"({self.jobs} at a time)")
-            task = functools.partial(search_run, self.out, self.settings, self.seed)
-            for search, _, seconds in run_parallel(task, pending, self.jobs):
-                self.timings[f"search {search.id}"] = round(seconds, 1)
-                self.console.print(f"  search {search.id}: {seconds:.1f}s")
+    def needs(self, step: Step) -> set[str]:
+        """The labels of the steps whose outputs `step` reads."""
+        searched = {search.id for search in self.plan.searches}
+        if isinstance(step, TrainingRun):
+            return {f"train {run}" for run in step.start_from}
+        if isinstance(step, Search):
+            return {f"train {m}-decoupled" for m in MODALITIES}
+        if isinstance(step, Composition):
+            return {f"train {m}-{step.strategy}" for m in MODALITIES}
+        sources = [source.split("/")[:2] for source in step.sources]  # train/RUN/model, composed/ID
+        return {f"train {name}" if kind == "train" else f"{'search' if name in searched else 'compose'} {name}"
+                for kind, name in sources}
 
-    def evaluate_all(self) -> dict[str, dict[str, float | None]]:
-        """Accuracy per method id and task (None: a task the method does not take)."""
-        methods = self.plan.methods
-        pending = [m for m in methods if not all((_eval_dir(self.out, m, t) / "metrics.json").exists()
-                                                 for t in m.tasks)]
-        if pending:
-            self.console.print(f"[bold]evaluate[/bold] {len(pending)} methods ({self.jobs} at a time)")
-            for method, _, seconds in run_parallel(functools.partial(evaluate_method, self.out), pending, self.jobs):
-                self.timings[f"evaluate {method.id}"] = round(seconds, 1)
-        scores = {method.id: evaluate_method(self.out, method) for method in methods}  # all cached by now
+    def run_steps(self) -> None:
+        """Every training run, composition, lambda search and evaluation not yet finished, `jobs` at a time, one
+        process each; each starts as soon as the steps it reads have finished, in the plan's order otherwise.
+
+        One pool of workers serves them all: a barrier after each stage left a core idle while the stage's last
+        run finished, and the compositions waited for every training run."""
+        plan = self.plan
+        steps = [*plan.runs, *plan.compositions, *plan.searches, *plan.methods]
+        pending = [step for step in steps if not self._finished(step)]
+        if not pending:
+            return
+        labels = [self.label(step) for step in pending]
+        index = {label: i for i, label in enumerate(labels)}
+        after = [{index[label] for label in self.needs(step) if label in index} for step in pending]
+        counts = Counter(label.split()[0] for label in labels)
+        kinds = ", ".join(f"{count} {STEP_KINDS[kind]}" for kind, count in counts.items())
+        self.console.print(f"[bold]run[/bold] {kinds} ({self.jobs} at a time, each once its inputs exist)")
+        task = functools.partial(run_step, self.out, self.settings, self.seed)
+        with self.board():
+            for step, _, seconds in run_parallel(task, pending, self.jobs, after):
+                label = self.label(step)
+                self.timings[label] = round(seconds, 1)
+                self.console.print(f"  {label}: {seconds:.1f}s")
+
+    def scores(self) -> dict[str, dict[str, float | None]]:
+        """Accuracy per method id and task (None: a task the method does not take), from the cached predictions."""
+        scores = {method.id: evaluate_method(self.out, method) for method in self.plan.methods}
         return {method: {task: found.get(task) for task in TASKS} for method, found in scores.items()}
 
     def outcomes(self) -> MethodOutcomes:
@@ -254,10 +286,8 @@ def run_demo(out: Path, plan: Plan, seed: int = 0, console: Console | None = Non
     started = time.perf_counter()
     demo.build_world()
     demo.build_base()
-    demo.train_models()
-    demo.compose_all()
-    demo.search_all()
-    results = demo.evaluate_all()
+    demo.run_steps()
+    results = demo.scores()
     outcomes = demo.outcomes()
     checks = paper_claims(outcomes)
 
