@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from mmcompose.experiment.demo import run_demo
@@ -61,6 +62,10 @@ def test_every_method_on_every_task_and_a_cached_rerun(quick_demo: tuple[Path, d
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
     assert (out / "results.png").stat().st_size > 0
     assert {c["verdict"] for c in first["claims"]} <= {"holds", "does not hold", "undecided"}
+    # what the numbers depend on besides code and seed: the CPU and the numerical libraries' versions
+    assert first["environment"]["torch"] == torch.__version__ and first["environment"]["cpu"]
+    # every evaluation is timed, under its method id
+    assert {f"evaluate {m.id}" for m in demo_plan("quick").methods} <= first["timings"].keys()
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a cached rerun must not load any model")

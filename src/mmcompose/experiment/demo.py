@@ -47,7 +47,7 @@ from mmcompose.experiment.plan import (
     Search,
     TrainingRun,
 )
-from mmcompose.experiment.report import plot_results, print_whole, results_table, write_results
+from mmcompose.experiment.report import environment, plot_results, print_whole, results_table, write_results
 from mmcompose.experiment.search import search_lambdas, source_agreement, validation_accuracy
 from mmcompose.experiment.tool import tool_predictor
 from mmcompose.files import atomic_write_text
@@ -296,7 +296,7 @@ def run_demo(out: Path, plan: Plan, seed: int = 0, console: Console | None = Non
     extra = {"labels": plan.labels(), "profile": plan.name, "recipe": plan.recipe, "seed": seed, "claims": checks,
              "searches": searches,
              "base_llm": {k: base_metrics.get(k) for k in ("valid_perplexity", "text_qa_accuracy", "parameters")},
-             "timings": demo.timings, "seconds": round(time.perf_counter() - started, 1)}
+             "timings": demo.timings, "seconds": round(time.perf_counter() - started, 1), "environment": environment()}
     write_results(results, list(TASKS), out / RESULTS_FILE, extra)
     labelled = {plan.labels()[method]: scores for method, scores in results.items()}
     plot_results(labelled, {"MCUB (multi-modality)": MCUB_TASKS, "single-modality": list(MODALITIES)},
