@@ -1,7 +1,7 @@
-"""Run independent jobs side by side, one process each, sharing the CPU's threads between them.
+"""Run jobs side by side, one process each, sharing the CPU's threads between them; a job may wait for others.
 
 Small models train and evaluate faster as several single-threaded processes than as one process with many
-threads (a tiny matmul gains little from a second thread), so the demo runs its independent steps this way.
+threads (a tiny matmul gains little from a second thread), so the demo runs its steps after the base LLM this way.
 """
 
 from __future__ import annotations
