@@ -171,7 +171,7 @@ def main() -> None:
         f"- command: `python benchmarks/serve.py --seconds {args.seconds:g} --max-tokens {args.max_tokens} "
         f"--max-batch {args.max_batch}`" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else ""),
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
-        f"{os.getloadavg()[0]:.1f} at the end (shared with other jobs); server and clients on loopback",
+        f"{os.getloadavg()[0]:.1f} at the end; server and clients on loopback",
         "- model: " + ("the given checkpoint" if args.checkpoint else
                        "demo-sized LLaMA (hidden 128, 3 layers, vocabulary 480), image+audio+point DAMC, random "
                        "weights") + "; each request a 64x64 PNG and a question, greedy",

@@ -290,7 +290,7 @@ def main() -> None:
         f"- command: `python benchmarks/train.py --repeats {args.repeats} --steps {args.steps} --batch {args.batch} "
         f"--parts {args.parts}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; shared with other jobs: load average "
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; load average "
         f"{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end",
         *([model_line] if model_line else []),
         f"- values: median (min-max) over {args.repeats} repeats",
