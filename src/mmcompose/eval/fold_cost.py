@@ -17,13 +17,20 @@ to decode all its tokens: rows that stop earlier at EOS make the unfolded form c
 estimate is a function of the model's shapes and the batch only, never of a timing: folded and unfolded answers
 differ in rounding, and an eval's answers must not depend on the machine's load.
 
-The constants (`COSTS`) are per device type and dtype. The CPU's were measured on this project's machine (an
-AVX2 CPU without native bfloat16, where bfloat16 products are compute-bound even over one row); the CUDA ones are
-estimates for an A100-class card, not measured here (there is no GPU on this machine).
+The constants (`COSTS`) are per kind of device and dtype. CPUs come in two kinds, measured on this project's
+machines: `cpu` (an AMD EPYC with AVX2 and no native bfloat16, where bfloat16 products are compute-bound even over
+one row) and `cpu-bf16` (an Intel Xeon with AVX512-BF16 and AMX, where they run ~100x faster over many rows and a
+decode step is bound by reading the factors, as on a GPU). The two disagree where it matters: on the Xeon, a
+vicuna-scale MCUB-4 item generates 1.09x faster folded at 128 new tokens and 1.13x at 512, where the `cpu` constants
+choose unfolded. A CPU with AVX512-BF16 but no AMX (AMD's Zen 4) takes `cpu-bf16`, unmeasured: its bfloat16
+products are native too. The CUDA constants are estimates for an A100-class card, not measured (no GPU here).
+The kind of CPU changes which form runs, so answers may differ in rounding from one kind to the other, as any
+computation's do across CPUs; on one machine they never depend on its load.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +72,15 @@ COSTS: dict[tuple[str, torch.dtype], DeviceCosts] = {
     # compute-bound here, unlike on a CPU with AVX512-BF16/AMX or a GPU); index_put_ ~2.2 ns per element.
     ("cpu", torch.bfloat16): DeviceCosts(multiply_add=1 / 3.5e9, floor_rows=1, op=3e-6, gather=1e-9,
                                          scatter=2.2e-9),
+    # CPU with native bfloat16 (Intel Xeon, AVX512-BF16 and AMX), one thread, `--calibrate` of 2026-12-08
+    # (RESULTS.md): float32 61-76 GMAC/s over 1024 rows and 3.9-5.0 over one row (15 rows' worth), an op ~1.7 us,
+    # index_select 0.2-2 ns per element, index_put_ 0.7-1.2 ns.
+    ("cpu-bf16", torch.float32): DeviceCosts(multiply_add=1 / 70e9, floor_rows=15, op=1.7e-6, gather=1e-9,
+                                             scatter=1e-9),
+    # bfloat16 224-502 GMAC/s over 1024 rows but 3.5-4.7 over one row: a product over fewer than ~65-105 rows
+    # costs what reading its factors does; index_put_ 1.4-2.0 ns per element.
+    ("cpu-bf16", torch.bfloat16): DeviceCosts(multiply_add=1 / 300e9, floor_rows=80, op=1.7e-6, gather=1e-9,
+                                              scatter=1.7e-9),
     # CUDA: estimates, NOT measured (this machine has no GPU): an A100-class card, ~100 TMAC/s in 16-bit and
     # ~2 TB/s, so a product over fewer than ~128 rows is bound by reading its factors; ~10 us per op (launch plus
     # Python) and a few ps per element moved. Both the floor and the overhead favour folding.
@@ -72,12 +88,22 @@ COSTS: dict[tuple[str, torch.dtype], DeviceCosts] = {
                                           scatter=4e-12),
     ("cuda", torch.float32): DeviceCosts(multiply_add=5e-14, floor_rows=32, op=10e-6, gather=4e-12, scatter=8e-12),
 }
-"""Per (device type, dtype). Another dtype takes its device's bfloat16 entry (float16 runs alike); another device
-type (`meta` included: a model built without weights) the CPU's."""
+"""Per (kind of device, dtype). Another dtype takes its kind's bfloat16 entry (float16 runs alike); a device other
+than CUDA (`meta` included: a model built without weights) takes this machine's kind of CPU."""
+
+
+@functools.cache
+def cpu_kind() -> str:
+    """`cpu-bf16` where oneDNN runs bfloat16 products natively (AMX tiles or AVX512-BF16), else `cpu`.
+
+    torch has no public query for it: its private `torch.cpu._is_*_supported` read the cpuinfo library that
+    oneDNN's dispatch reads; a torch without them counts as a CPU without."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return "cpu-bf16" if any(check is not None and check() for check in checks) else "cpu"
 
 
 def device_costs(device: torch.device, dtype: torch.dtype) -> DeviceCosts:
-    kind = device.type if any(kind == device.type for kind, _ in COSTS) else "cpu"
+    kind = "cuda" if device.type == "cuda" else cpu_kind()
     return COSTS.get((kind, dtype)) or COSTS[kind, torch.bfloat16]
 
 
