@@ -47,6 +47,7 @@ from fixtures import randomize_deltas
 from report import publish
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mmcompose.eval.fold_cost import cpu_kind
 from mmcompose.model import Component, DeltaSpec, Example, ModelSpec, MultimodalLLM, load_base, modality_spec
 from mmcompose.tensorfiles import fingerprint_base
 from mmcompose.train.tokenizer import train_tokenizer
@@ -227,7 +228,7 @@ def main() -> None:
                             text=True, check=False).stdout.strip() or "unknown"
     affinity = sorted(os.sched_getaffinity(0))
     machine = (f"{platform.machine()}, {os.cpu_count()} cores (this process on {affinity}), torch {torch.__version__}, "
-               f"1 torch thread")
+               f"1 torch thread, `{cpu_kind()}` constants (`mmcompose.eval.fold_cost.cpu_kind`)")
     if args.calibrate:
         body = calibrate()
         end = os.getloadavg()
