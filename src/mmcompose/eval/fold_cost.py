@@ -21,9 +21,10 @@ The constants (`COSTS`) are per kind of device and dtype. CPUs come in two kinds
 machines: `cpu` (an AMD EPYC with AVX2 and no native bfloat16, where bfloat16 products are compute-bound even over
 one row) and `cpu-bf16` (an Intel Xeon with AVX512-BF16 and AMX, where they run ~100x faster over many rows and a
 decode step is bound by reading the factors, as on a GPU). The two disagree where it matters: on the Xeon, a
-vicuna-scale MCUB-4 item generates 1.09x faster folded at 128 new tokens and 1.13x at 512, where the `cpu` constants
-choose unfolded. A CPU with AVX512-BF16 but no AMX (AMD's Zen 4) takes `cpu-bf16`, unmeasured: its bfloat16
-products are native too. The CUDA constants are estimates for an A100-class card, not measured (no GPU here).
+vicuna-scale MCUB-4 item generates 1.01-1.09x faster folded at 128 new tokens and 1.04-1.13x at 512 (two runs),
+where the `cpu` constants choose unfolded. A CPU with AVX512-BF16 but no AMX (AMD's Zen 4) takes `cpu-bf16`,
+unmeasured: its bfloat16 products are native too. The CUDA constants are estimates for an A100-class card, not
+measured (no GPU here).
 The kind of CPU changes which form runs, so answers may differ in rounding from one kind to the other, as any
 computation's do across CPUs; on one machine they never depend on its load.
 """
