@@ -52,7 +52,8 @@ def run_parallel(task: Callable[[Job], Result], jobs: Sequence[Job], workers: in
     further job and is raised once the running ones end.
     """
     waits = [set(needed) for needed in after] if after is not None else [set() for _ in jobs]
-    if len(waits) != len(jobs) or any(not needed <= set(range(len(jobs))) - {i} for i, needed in enumerate(waits)):
+    named = ((i, j) for i, needed in enumerate(waits) for j in needed)
+    if len(waits) != len(jobs) or any(j == i or not 0 <= j < len(jobs) for i, j in named):
         raise ValueError("after must name, for each job, indices of other jobs")
     unstarted, unfinished = list(range(len(jobs))), set(range(len(jobs)))
 
